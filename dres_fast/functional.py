@@ -1,0 +1,116 @@
+r"""``dres_loss``: the DReS discrepancy of any callable on one batch.
+
+For a batch :math:`x_1..x_K` at points :math:`\alpha` and coded points :math:`\beta_1..\beta_N`:
+
+.. math::
+
+    \tilde x = E x,\quad \tilde y = f(\tilde x),\quad \hat y = D \tilde y,\qquad
+    L = \operatorname{reduce}_k \lVert f(x_k) - \hat y_k \rVert^2 ,
+
+with :math:`E = W(\alpha\to\beta, \lambda_{enc})` and :math:`D = W(\beta\to\alpha, \lambda_{dec})`
+(:func:`dres_fast.spline_weights`). If :math:`f` is affine and the batch lies on a line through
+:math:`\alpha`, :math:`L = 0`; curvature of :math:`f` along the batch's spline curve makes it grow.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import ops
+from .cache import default_cache
+
+__all__ = ["dres_loss", "check_num_coded", "coding_weights"]
+
+
+def check_num_coded(num_coded, num_samples: int) -> int:
+    if num_coded is None:
+        return num_samples
+    if isinstance(num_coded, bool) or not isinstance(num_coded, numbers.Integral):
+        raise TypeError(f"num_coded must be an int or None, got {type(num_coded).__name__}")
+    if num_coded < 3:
+        raise ValueError(f"num_coded must be at least 3 (a cubic spline needs 3 knots), got {num_coded}")
+    return int(num_coded)
+
+
+def coding_weights(num_samples, num_coded, device, dtype, smoothing):
+    """(encoder, decoder) from the shared cache; ``smoothing`` holds lam_*/dof_*/alpha/beta."""
+    return default_cache.get(num_samples, num_coded, device=device, dtype=dtype, **smoothing)
+
+
+if hasattr(torch.compiler, "assume_constant_result"):
+    # Under torch.compile the weights are constants of the graph (built eagerly at trace time) rather
+    # than numpy/scipy code that would break the graph.
+    coding_weights = torch.compiler.assume_constant_result(coding_weights)
+
+
+def dres_loss(
+    fn,
+    x: torch.Tensor,
+    *,
+    num_coded=None,
+    lam_enc=None,
+    lam_dec=None,
+    dof_enc=None,
+    dof_dec=None,
+    alpha="chebyshev",
+    beta="lobatto",
+    reduction: str = "mean",
+    y=None,
+    return_decoded: bool = False,
+    backend: str = "auto",
+):
+    r"""DReS discrepancy of ``fn`` on the batch ``x`` (module docstring).
+
+    Args:
+        fn: callable (e.g. an ``nn.Module``) mapping ``(B, *in)`` to ``(B, *out)``; run on the coded
+            batch with its own parameters (nothing new to train).
+        x: the batch, ``(K, *in)`` with ``K >= 3``.
+        num_coded: ``N``, the number of coded samples (default ``K``).
+        lam_enc, lam_dec: smoothing of the encoder / decoder spline in scipy's convention
+            (``0`` interpolates, ``math.inf`` fits a line). Sensitive to ``K``, ``N`` and the points.
+        dof_enc, dof_dec: the same smoothing given as effective degrees of freedom (trace of the
+            smoother at that spline's knots): between 2 and ``K`` (encoder) or ``N`` (decoder). Give
+            ``lam_*`` or ``dof_*``, not both; with neither, ``0.75 * knots`` degrees of freedom.
+        alpha, beta: the ``K`` sample points and ``N`` coded points: ``"chebyshev"``, ``"lobatto"``,
+            ``"uniform"`` or an explicit ascending 1-D tensor.
+        reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (per sample, ``(K,)``).
+        y: ``fn(x)`` if already computed (the main branch), so it is not run twice.
+        return_decoded: also return ``y_hat = D fn(E x)``, the DReS reconstruction of ``fn(x)``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``loss``, or ``(loss, y_hat)`` when ``return_decoded``.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a module or function), got {type(fn).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 3:
+        raise ValueError(f"x must hold a batch of at least 3 samples along dim 0, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if reduction not in ops.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
+    num_samples = x.shape[0]
+    num_coded = check_num_coded(num_coded, num_samples)
+    smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
+
+    encoder, _ = coding_weights(num_samples, num_coded, x.device, x.dtype, smoothing)
+    x_coded = ops.spline_mix(encoder, x, backend=backend)
+    if y is None:
+        y = fn(x)
+    y_coded = fn(x_coded)
+    for name, value, count in (("y", y, num_samples), ("fn(x_coded)", y_coded, num_coded)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor (fn must return one tensor), got {type(value).__name__}")
+        if value.dim() < 1 or value.shape[0] != count:
+            raise ValueError(f"{name} must have {count} samples along dim 0, got shape {tuple(value.shape)}")
+    dtype = torch.promote_types(y.dtype, y_coded.dtype)
+    y, y_coded = y.to(dtype), y_coded.to(dtype)
+    _, decoder = coding_weights(num_samples, num_coded, y.device, dtype, smoothing)
+    loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
+    if return_decoded:
+        return loss, ops.spline_mix(decoder, y_coded, backend=backend)
+    return loss

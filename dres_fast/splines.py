@@ -154,6 +154,13 @@ def _reinsch_bands(t: np.ndarray):
     return h, a, b, c, r_diag, r_off
 
 
+def _solve_banded_spd(upper: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Banded Cholesky solve; with a single interior knot (n = 3) the system is a scalar."""
+    if upper.shape[1] == 1:
+        return rhs / upper[-1, 0]
+    return solveh_banded(upper, rhs, lower=False, check_finite=False)
+
+
 def _penalized_bands(a, b, c, r_diag, r_off, lam: float) -> np.ndarray:
     """(R + lam Q^T Q) / (1 + lam) in the banded upper storage of scipy.linalg.solveh_banded."""
     scale = 1.0 / (1.0 + lam)
@@ -202,7 +209,7 @@ def _fit_operators(t_key: tuple, lam: float):
         smoother = _line_projection(t)
     else:
         # Dividing the system by (1 + lam) keeps the entries O(1/h^2) for any lam.
-        gamma = solveh_banded(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam), lower=False, check_finite=False)
+        gamma = _solve_banded_spd(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam))
         smoother = np.eye(n) - lam * _apply_q(a, b, c, gamma)
     # g'' at the knots from the fitted values (gamma = R^{-1} Q^T g holds for any natural cubic spline);
     # for lam = inf this gives the line's g'' = 0.
@@ -219,7 +226,7 @@ def _interpolating_gamma(a, b, c, r_diag, r_off) -> np.ndarray:
     upper = np.zeros((2, m))
     upper[1] = r_diag
     upper[0, 1:] = r_off
-    return solveh_banded(upper, _q_transpose_identity(a, b, c), lower=False, check_finite=False)
+    return _solve_banded_spd(upper, _q_transpose_identity(a, b, c))
 
 
 def _evaluation_matrix(t: np.ndarray, s: np.ndarray, smoother: np.ndarray, gamma_full: np.ndarray) -> np.ndarray:
@@ -319,7 +326,7 @@ def _dof_uncached(t: np.ndarray, lam: float) -> float:
     n = t.shape[0]
     h, a, b, c, r_diag, r_off = _reinsch_bands(t)
     qt = _q_transpose_identity(a, b, c)
-    gamma = solveh_banded(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam), lower=False, check_finite=False)
+    gamma = _solve_banded_spd(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam))
     # trace(Q gamma) = sum_ij Q_ij gamma_ji = sum(Q^T * gamma)
     return float(n - lam * np.sum(qt * gamma))
 

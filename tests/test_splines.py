@@ -1,0 +1,203 @@
+"""Spline weights against scipy, a 60-digit mpmath reference, and the invariants of DESIGN.md 1."""
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.interpolate import CubicSpline, make_smoothing_spline
+
+import dres_fast
+from dres_fast.splines import degrees_of_freedom, lam_for_dof
+
+
+def chebyshev(n):
+    return dres_fast.points(n, "chebyshev").numpy()
+
+
+def rel_err(a, b, scale):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / scale)
+
+
+# -- points ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [3, 8, 33])
+def test_points_formulas(n):
+    k = np.arange(1, n + 1)
+    np.testing.assert_allclose(dres_fast.points(n, "chebyshev").numpy(), np.sort(np.cos((2 * k - 1) * np.pi / (2 * n))))
+    np.testing.assert_allclose(dres_fast.points(n, "lobatto").numpy(), np.sort(np.cos(np.arange(n) * np.pi / (n - 1))))
+    np.testing.assert_allclose(dres_fast.points(n, "uniform").numpy(), np.linspace(-1, 1, n))
+    for kind in ("chebyshev", "lobatto", "uniform"):
+        p = dres_fast.points(n, kind)
+        assert p.dtype == torch.float64 and torch.all(p[1:] > p[:-1])
+
+
+def test_points_bad_input():
+    with pytest.raises(ValueError, match="kind"):
+        dres_fast.points(5, "gauss")
+    with pytest.raises(ValueError, match="n must be at least 2"):
+        dres_fast.points(1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        dres_fast.points(5.0)
+
+
+# -- against scipy (same lambda convention) ------------------------------------------------------
+@pytest.mark.parametrize("n", [5, 16, 64])
+@pytest.mark.parametrize("lam", [0.0, 1e-12, 1e-6, 1e-4])
+def test_matches_scipy_inside_knots(n, lam):
+    rng = np.random.default_rng(n)
+    t = chebyshev(n)
+    y = rng.standard_normal(n) + 2 * t
+    s = np.concatenate([t, rng.uniform(t[0], t[-1], 50)])
+    ours = dres_fast.spline_weights(t, s, lam).numpy() @ y
+    ref = make_smoothing_spline(t, y, lam=lam)(s)
+    assert rel_err(ours, ref, np.max(np.abs(y))) < 1e-10
+
+
+def test_interpolation_matches_natural_cubic_spline_at_1024_knots():
+    # near-coincident Chebyshev knots at the ends: spacing ~ 1e-6 against ~3e-3 in the middle
+    t = chebyshev(1024)
+    y = np.sin(5 * t) + 0.1 * np.random.default_rng(1).standard_normal(1024)
+    s = np.random.default_rng(2).uniform(t[0], t[-1], 300)
+    ours = dres_fast.spline_weights(t, s, 0.0).numpy() @ y
+    ref = CubicSpline(t, y, bc_type="natural")(s)
+    assert rel_err(ours, ref, np.max(np.abs(y))) < 1e-10
+
+
+def _mpmath_smoothing_fit(t, y, lam, digits=60):
+    """g = y - lam Q (R + lam Q^T Q)^{-1} Q^T y in `digits`-digit arithmetic (dense)."""
+    with mpmath.workdps(digits):
+        n = len(t)
+        tt = [mpmath.mpf(float(v)) for v in t]
+        h = [tt[i + 1] - tt[i] for i in range(n - 1)]
+        Q = mpmath.zeros(n, n - 2)
+        R = mpmath.zeros(n - 2, n - 2)
+        for j in range(n - 2):
+            Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
+            R[j, j] = (h[j] + h[j + 1]) / 3
+            if j + 1 < n - 2:
+                R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+        Y = mpmath.matrix([mpmath.mpf(float(v)) for v in y])
+        gamma = mpmath.lu_solve(R + lam * Q.T * Q, Q.T * Y)
+        g = Y - lam * Q * gamma
+        return np.array([float(v) for v in g])
+
+
+@pytest.mark.parametrize("n", [7, 40])
+@pytest.mark.parametrize("lam", [1e-12, 1.0, 1e6])
+def test_matches_high_precision_reference(n, lam):
+    # scipy itself loses digits at large lambda (1.8e-4 relative at n=64, lam=1e6), so extreme
+    # smoothing is checked against exact arithmetic instead.
+    rng = np.random.default_rng(n)
+    t = chebyshev(n)
+    y = rng.standard_normal(n) + 3 * t
+    ours = dres_fast.spline_weights(t, t, lam).numpy() @ y
+    ref = _mpmath_smoothing_fit(t, y, mpmath.mpf(lam))
+    assert rel_err(ours, ref, np.max(np.abs(y))) < 1e-10
+
+
+# -- invariants -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [3, 4, 17, 256, 1024])
+@pytest.mark.parametrize("lam", [0.0, 1e-12, 1e-3, 1e6, math.inf])
+def test_constants_and_lines_reproduced_inside_and_outside(n, lam):
+    t = chebyshev(n)
+    s = np.concatenate([np.linspace(-1.5, 1.5, 41), dres_fast.points(9, "lobatto").numpy()])
+    W = dres_fast.spline_weights(t, s, lam).numpy()
+    assert W.shape == (len(s), n)
+    np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-11)
+    np.testing.assert_allclose(W @ t, s, atol=1e-11)
+
+
+@pytest.mark.parametrize("n", [3, 10, 100])
+def test_interpolation_is_identity_at_knots(n):
+    t = chebyshev(n)
+    np.testing.assert_allclose(dres_fast.spline_weights(t, t, 0.0).numpy(), np.eye(n), atol=1e-12)
+
+
+def test_huge_lambda_tends_to_least_squares_line():
+    t = chebyshev(30)
+    y = np.random.default_rng(3).standard_normal(30)
+    s = np.linspace(-2, 2, 11)
+    line = np.polyval(np.polyfit(t, y, 1), s)
+    exact = dres_fast.spline_weights(t, s, math.inf).numpy() @ y
+    np.testing.assert_allclose(exact, line, atol=1e-12)
+    errors = [np.max(np.abs(dres_fast.spline_weights(t, s, lam).numpy() @ y - line)) for lam in (1e0, 1e3, 1e6)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
+
+
+def test_linear_beyond_end_knots():
+    t = chebyshev(12)
+    y = np.random.default_rng(4).standard_normal(12)
+    s = np.array([-3.0, -2.0, -1.5, 1.5, 2.0, 3.0])
+    g = dres_fast.spline_weights(t, s, 1e-3).numpy() @ y
+    # equal steps outside the knots give equal increments on each side
+    assert abs((g[1] - g[0]) - 2 * (g[2] - g[1])) < 1e-10
+    assert abs((g[5] - g[4]) - 2 * (g[4] - g[3])) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(3, 40),
+    log_lam=st.floats(-12, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_weights_reproduce_lines(n, log_lam, seed):
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(-1, 1, n))
+    if np.min(np.diff(t)) < 1e-6:
+        t = np.linspace(-1, 1, n)
+    s = rng.uniform(-1.3, 1.3, 7)
+    W = dres_fast.spline_weights(t, s, 10.0**log_lam).numpy()
+    assert np.all(np.isfinite(W))
+    np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-8)
+    np.testing.assert_allclose(W @ t, s, atol=1e-8)
+
+
+# -- degrees of freedom ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [5, 64, 300])
+def test_dof_round_trip_and_monotone(n):
+    t = chebyshev(n)
+    assert degrees_of_freedom(t, 0.0) == pytest.approx(n)
+    assert degrees_of_freedom(t, math.inf) == pytest.approx(2.0)
+    targets = [2.5, 0.6 * n, 0.9 * n]
+    lams = [lam_for_dof(t, d) for d in targets]
+    assert lams[0] > lams[1] > lams[2] > 0
+    for d, lam in zip(targets, lams):
+        assert degrees_of_freedom(t, lam) == pytest.approx(d, rel=1e-8)
+    assert lam_for_dof(t, n) == 0.0 and lam_for_dof(t, 2) == math.inf
+
+
+def test_dof_is_trace_of_smoother():
+    t = chebyshev(20)
+    lam = 1e-3
+    assert degrees_of_freedom(t, lam) == pytest.approx(np.trace(dres_fast.spline_weights(t, t, lam).numpy()), rel=1e-12)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "src, dst, lam, err, match",
+    [
+        ([0.0, 1.0], [0.5], 0.0, ValueError, "src needs at least 3"),
+        ([0.0, 2.0, 1.0], [0.5], 0.0, ValueError, "src must be strictly ascending"),
+        ([0.0, 1.0, 1.0], [0.5], 0.0, ValueError, "src must be strictly ascending"),
+        ([0.0, float("nan"), 1.0], [0.5], 0.0, ValueError, "src must be finite"),
+        ([0.0, 1.0, 2.0], [float("inf")], 0.0, ValueError, "dst must be finite"),
+        ([0.0, 1.0, 2.0], [0.5], -1.0, ValueError, "lam must be >= 0"),
+        ([0.0, 1.0, 2.0], [0.5], float("nan"), ValueError, "lam must be >= 0"),
+        ([0.0, 1.0, 2.0], [0.5], "big", TypeError, "lam must be a real number"),
+        ([[0.0, 1.0, 2.0]], [0.5], 0.0, ValueError, "src must be 1-D"),
+    ],
+)
+def test_spline_weights_bad_input(src, dst, lam, err, match):
+    with pytest.raises(err, match=match):
+        dres_fast.spline_weights(src, dst, lam)
+
+
+def test_lam_for_dof_bad_input():
+    t = chebyshev(8)
+    with pytest.raises(ValueError, match="dof must be between 2 and the number of knots"):
+        lam_for_dof(t, 9)
+    with pytest.raises(ValueError, match="dof must be between 2"):
+        lam_for_dof(t, 1.5)

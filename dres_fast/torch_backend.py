@@ -60,11 +60,10 @@ def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool
     else:
         loss = per_sample.sum() / residual.numel()
     loss = loss.to(loss_dtype(y.dtype))
-    empty = y.new_empty(0)
     if not compute_grads:
-        return loss, empty, empty
+        return loss, y.new_empty(0), y.new_empty(0)  # two tensors: op outputs may not alias
     grad_y = residual * reduction_scale(reduction, residual.numel())
     if reduction == "none":
-        return loss, grad_y.to(y.dtype), empty
+        return loss, grad_y.to(y.dtype), y.new_empty(0)
     grad_y_coded = -_mix(decoder.t(), grad_y)
     return loss, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)

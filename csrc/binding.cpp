@@ -1,0 +1,245 @@
+// Torch binding of the dres_fast CUDA kernels: the ops dres_fast_C::spline_mix and
+// dres_fast_C::reconstruction_loss (CUDA and Meta implementations), registered with TORCH_LIBRARY so
+// that they are torch ops (visible to torch.compile as ops, not opaque Python calls).
+//
+// This is the only file that includes torch. It validates the inputs with messages that name the
+// argument, allocates outputs and scratch buffers, and calls the raw-pointer launchers declared in
+// dres_kernels.h on the current CUDA stream. Semantics: docs/ARCHITECTURE.md, "The backend contract".
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "dres_kernels.h"
+
+namespace {
+
+constexpr const char* kWho = "dres_fast cuda backend: ";
+
+DresDType to_dres_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DRES_F32;
+    case at::kDouble: return DRES_F64;
+    case at::kHalf: return DRES_F16;
+    case at::kBFloat16: return DRES_BF16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, kWho, name, " must be float32, float64, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+// float64 inputs compute in float64, everything else in float32.
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_2d(const at::Tensor& t, const char* name, bool need_cuda) {
+  TORCH_CHECK(!need_cuda || t.is_cuda(), kWho, name, " must be a CUDA tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.dim() == 2, kWho, name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), kWho, a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// The small weight matrices are converted to the compute dtype and made contiguous (a no-op for
+// what the ops layer passes); a non-floating matrix is an error.
+at::Tensor weights_in_compute_dtype(const at::Tensor& w, const char* name, at::ScalarType acc) {
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), kWho, name,
+              " must be a floating-point tensor, got ", w.scalar_type());
+  return w.to(acc).contiguous();
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, kWho, what, " failed: ", cudaGetErrorString(err));
+}
+
+int parse_reduction(const std::string& reduction) {
+  if (reduction == "mean") return DRES_REDUCTION_MEAN;
+  if (reduction == "sum") return DRES_REDUCTION_SUM;
+  if (reduction == "none") return DRES_REDUCTION_NONE;
+  TORCH_CHECK(false, kWho, "reduction must be \"mean\", \"sum\" or \"none\", got \"", reduction,
+              "\"");
+  return -1;
+}
+
+// Shape checks use symbolic sizes so that the Meta implementations also work under torch.compile
+// with dynamic shapes (concrete sizes on real tensors).
+void check_spline_mix(const at::Tensor& weights, const at::Tensor& x, bool need_cuda) {
+  check_2d(weights, "weights", need_cuda);
+  check_2d(x, "x", need_cuda);
+  check_same_device(weights, "weights", x, "x");
+  to_dres_dtype(x, "x");
+  TORCH_CHECK(weights.sym_size(1) == x.sym_size(0), kWho,
+              "weights (M, K) and x (K, d) disagree on K: weights ", weights.sym_sizes(), ", x ",
+              x.sym_sizes());
+}
+
+at::Tensor spline_mix_cuda(const at::Tensor& weights_arg, const at::Tensor& x) {
+  check_spline_mix(weights_arg, x, /*need_cuda=*/true);
+  const DresDType dtype = to_dres_dtype(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor weights =
+      weights_in_compute_dtype(weights_arg, "weights", compute_dtype(x.scalar_type()));
+  const int64_t M = weights.size(0), K = x.size(0), d = x.size(1);
+  at::Tensor out = at::empty({M, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || d == 0) return out;
+  if (K == 0) return out.zero_();  // empty sum
+  check_cuda(dres_spline_mix(weights.data_ptr(), x.data_ptr(), out.data_ptr(), M, K, d,
+                             x.stride(0), x.stride(1), dtype,
+                             c10::cuda::getCurrentCUDAStream().stream()),
+             "spline_mix kernel launch");
+  return out;
+}
+
+at::Tensor spline_mix_meta(const at::Tensor& weights, const at::Tensor& x) {
+  check_spline_mix(weights, x, /*need_cuda=*/false);
+  return at::empty_symint({weights.sym_size(0), x.sym_size(1)}, x.options());
+}
+
+void check_reconstruction(const at::Tensor& y, const at::Tensor& y_coded,
+                          const at::Tensor& decoder, bool need_cuda) {
+  check_2d(y, "y", need_cuda);
+  check_2d(y_coded, "y_coded", need_cuda);
+  check_2d(decoder, "decoder", need_cuda);
+  check_same_device(y, "y", y_coded, "y_coded");
+  check_same_device(y, "y", decoder, "decoder");
+  to_dres_dtype(y, "y");
+  TORCH_CHECK(y_coded.scalar_type() == y.scalar_type(), kWho,
+              "y_coded must have the dtype of y (", y.scalar_type(), "), got ",
+              y_coded.scalar_type());
+  TORCH_CHECK(y_coded.sym_size(1) == y.sym_size(1), kWho,
+              "y (K, d) and y_coded (N, d) disagree on d: y ", y.sym_sizes(), ", y_coded ",
+              y_coded.sym_sizes());
+  TORCH_CHECK(decoder.sym_size(0) == y.sym_size(0) && decoder.sym_size(1) == y_coded.sym_size(0),
+              kWho, "decoder must be (K, N) = (", y.sym_size(0), ", ", y_coded.sym_size(0),
+              "), got ", decoder.sym_sizes());
+}
+
+struct LossShapes {
+  at::Tensor loss, grad_y, grad_y_coded;
+};
+
+// Outputs with the contract's shapes and dtypes (also used for fake/meta tensors).
+LossShapes allocate_outputs(const at::Tensor& y, const at::Tensor& y_coded, int reduction,
+                            bool compute_grads) {
+  const c10::SymInt K = y.sym_size(0), N = y_coded.sym_size(0), d = y.sym_size(1);
+  const auto loss_options = y.options().dtype(compute_dtype(y.scalar_type()));
+  LossShapes out;
+  out.loss = reduction == DRES_REDUCTION_NONE ? at::empty_symint({K}, loss_options)
+                                              : at::empty(c10::IntArrayRef{}, loss_options);
+  out.grad_y = compute_grads ? at::empty_symint({K, d}, y.options())
+                             : at::empty({0}, y.options());
+  out.grad_y_coded = (compute_grads && reduction != DRES_REDUCTION_NONE)
+                         ? at::empty_symint({N, d}, y.options())
+                         : at::empty({0}, y.options());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_cuda(
+    const at::Tensor& y, const at::Tensor& y_coded, const at::Tensor& decoder_arg,
+    c10::string_view reduction_name, bool compute_grads) {
+  check_reconstruction(y, y_coded, decoder_arg, /*need_cuda=*/true);
+  const int reduction = parse_reduction(std::string(reduction_name));
+  const DresDType dtype = to_dres_dtype(y, "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::ScalarType acc = compute_dtype(y.scalar_type());
+  const at::Tensor decoder = weights_in_compute_dtype(decoder_arg, "decoder", acc);
+  const int64_t K = y.size(0), N = y_coded.size(0), d = y.size(1);
+  LossShapes out = allocate_outputs(y, y_coded, reduction, compute_grads);
+
+  if (K == 0 || d == 0) {  // no elements: r is empty, every sum is 0 (mean: 0 / 0 = nan)
+    if (reduction == DRES_REDUCTION_NONE) out.loss.zero_();
+    else out.loss.fill_(reduction == DRES_REDUCTION_MEAN ? NAN : 0.0);
+    if (compute_grads) {
+      out.grad_y.zero_();
+      if (reduction != DRES_REDUCTION_NONE) out.grad_y_coded.zero_();
+    }
+    return {out.loss, out.grad_y, out.grad_y_coded};
+  }
+
+  int64_t partial_elems = 0, scratch_elems = 0;
+  check_cuda(dres_reconstruction_loss_workspace(K, N, d, dtype, reduction, compute_grads ? 1 : 0,
+                                                &partial_elems, &scratch_elems),
+             "reconstruction_loss workspace query");
+  const at::Tensor partials = at::empty({partial_elems}, y.options().dtype(acc));
+  const at::Tensor scratch =
+      scratch_elems > 0 ? at::empty({scratch_elems}, y.options().dtype(at::kFloat)) : at::Tensor();
+
+  check_cuda(dres_reconstruction_loss(
+                 y.data_ptr(), y.stride(0), y.stride(1), y_coded.data_ptr(), y_coded.stride(0),
+                 y_coded.stride(1), decoder.data_ptr(), K, N, d, dtype, reduction,
+                 compute_grads ? 1 : 0, out.loss.data_ptr(),
+                 compute_grads ? out.grad_y.data_ptr() : nullptr,
+                 (compute_grads && reduction != DRES_REDUCTION_NONE) ? out.grad_y_coded.data_ptr()
+                                                                     : nullptr,
+                 partials.data_ptr(), partial_elems,
+                 scratch.defined() ? scratch.data_ptr() : nullptr,
+                 c10::cuda::getCurrentCUDAStream().stream()),
+             "reconstruction_loss kernel launch");
+  return {out.loss, out.grad_y, out.grad_y_coded};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_meta(
+    const at::Tensor& y, const at::Tensor& y_coded, const at::Tensor& decoder,
+    c10::string_view reduction_name, bool compute_grads) {
+  check_reconstruction(y, y_coded, decoder, /*need_cuda=*/false);
+  const int reduction = parse_reduction(std::string(reduction_name));
+  LossShapes out = allocate_outputs(y, y_coded, reduction, compute_grads);
+  return {out.loss, out.grad_y, out.grad_y_coded};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dres_fast_C, m) {
+  m.def("spline_mix(Tensor weights, Tensor x) -> Tensor");
+  m.def(
+      "reconstruction_loss(Tensor y, Tensor y_coded, Tensor decoder, str reduction, "
+      "bool compute_grads) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dres_fast_C, CUDA, m) {
+  m.impl("spline_mix", &spline_mix_cuda);
+  m.impl("reconstruction_loss", &reconstruction_loss_cuda);
+}
+
+TORCH_LIBRARY_IMPL(dres_fast_C, Meta, m) {
+  m.impl("spline_mix", &spline_mix_meta);
+  m.impl("reconstruction_loss", &reconstruction_loss_meta);
+}
+
+// `import dres_fast._C` (the install-time build) needs a Python module init; the ops are registered
+// by the static initialisers above when the library is loaded. TORCH_EXTENSION_NAME is defined by
+// torch's build helpers (_C for setup.py, dres_fast_C_jit for the first-use build).
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define DRES_CONCAT_INNER(a, b) a##b
+#define DRES_CONCAT(a, b) DRES_CONCAT_INNER(a, b)
+#define DRES_STRINGIFY_INNER(a) #a
+#define DRES_STRINGIFY(a) DRES_STRINGIFY_INNER(a)
+
+PyMODINIT_FUNC DRES_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      DRES_STRINGIFY(TORCH_EXTENSION_NAME),
+      "dres_fast CUDA kernels; the ops live in torch.ops.dres_fast_C",
+      -1,       // m_size: no per-module state
+      nullptr,  // m_methods
+      nullptr,  // m_slots
+      nullptr,  // m_traverse
+      nullptr,  // m_clear
+      nullptr,  // m_free
+  };
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,340 @@
+// reconstruction_loss: r = y - D @ y_coded, per-sample sums of r^2, loss and (optionally) gradients.
+//
+//   y (K, d), y_coded (N, d), D (K, N) in the compute type Acc.
+//   per_sample[k] = sum_j r[k, j]^2;   loss = sum_k per_sample[k] / (K d)  (mean), sum (sum),
+//   per_sample (none).  Gradients for an incoming gradient of 1:
+//     grad_y = c r,  c = 2 / (K d) (mean) or 2 (sum, none);
+//     grad_y_coded = -D^T grad_y  (mean and sum; for none it depends on the per-sample incoming
+//     gradient and is computed by the caller with spline_mix).
+//
+// Kernel 1 (persistent grid, one column tile of BD columns at a time per block):
+//   for each row tile of D: acc = y[rows, tile], then acc -= D[rows] @ y_coded[:, tile] (tile GEMM
+//   with negated products), so acc ends as r; per-row
+//   partial sums of r^2 reduced across the threads sharing a row (fixed shuffle tree), added to the
+//   block's own row of `partials` (block b owns partials[b, :]: no atomics); grad_y = c r written.
+//   Then for each row tile of D^T: grad_y_coded[:, tile] = -(D^T @ grad_y[:, tile]), reading back the
+//   grad_y tile this block has just written (L2-resident; for float16/bfloat16 inputs a float32 copy
+//   in grad_scratch, so that grad_y_coded sees c r before rounding to the input dtype).
+// Kernel 2: per_sample[k] = sum_b partials[b, k] in a fixed order.
+// Kernel 3 (mean/sum): loss = (fixed-order tree sum of per_sample) / divisor.
+// The order of every floating-point sum depends only on the shapes and the device's multiprocessor
+// count, so repeated calls give bitwise-identical results.
+#include "dres_kernels.h"
+#include "tile_gemm.cuh"
+
+#include <climits>
+#include <type_traits>
+
+namespace dres {
+namespace {
+
+constexpr int kRowSumRows = 32;    // rows of per_sample per block of the row-sum kernel
+constexpr int kRowSumGroups = 8;   // partial-block groups summed in parallel per row
+constexpr int kTotalThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(256, 2)
+reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const T* y_coded,
+                      int64_t yc_stride_n, int64_t yc_stride_d,
+                      const typename Elem<T>::Acc* decoder, int64_t K, int64_t N, int64_t d,
+                      int64_t num_tiles, typename Elem<T>::Acc grad_scale, bool write_grad_y,
+                      bool write_grad_y_coded, T* grad_y, T* grad_y_coded,
+                      typename Elem<T>::Acc* grad_scratch, typename Elem<T>::Acc* partials,
+                      bool y_vec_ok, bool yc_vec_ok, bool grad_vec_ok, bool grad_src_vec_ok) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  constexpr int kHalf = C::TD / 2;
+  __shared__ SmemTiles<Acc> smem;
+
+  const int tid = threadIdx.x;
+  const int tx = tid % C::NTX, ty = tid / C::NTX;
+  Acc* block_partials = partials + static_cast<int64_t>(blockIdx.x) * K;
+  for (int64_t k = tid; k < K; k += C::THREADS) block_partials[k] = Acc(0);
+  // (the barrier at the start of gemm_tile orders these stores before the owners' updates)
+
+  // What the grad_y_coded GEMM reads: grad_y itself when it is stored in Acc, else the fp32 copy.
+  const Acc* grad_source =
+      grad_scratch != nullptr ? grad_scratch : reinterpret_cast<const Acc*>(grad_y);
+
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t col0 = tile * C::BD;
+    for (int64_t m0 = 0; m0 < K; m0 += C::BM) {
+      // acc starts at y and the GEMM subtracts D @ y_coded from it: acc ends as r, and y needs no
+      // registers of its own in the epilogue. Rows/columns outside the matrices stay 0.
+      Acc acc[C::TM][C::TD];
+#pragma unroll
+      for (int i = 0; i < C::TM; ++i) {
+        const int64_t row = m0 + tile_row<Acc>(ty, i);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Acc y_vals[kHalf];
+          if (row < K) {
+            load_segment<T, kHalf>(y + row * y_stride_k, col0 + tile_col<Acc>(tx, h), d,
+                                   y_stride_d, y_vec_ok, y_vals);
+          } else {
+#pragma unroll
+            for (int v = 0; v < kHalf; ++v) y_vals[v] = Acc(0);
+          }
+#pragma unroll
+          for (int v = 0; v < kHalf; ++v) acc[i][h * kHalf + v] = y_vals[v];
+        }
+      }
+      ALoader<Acc, false> a_loader(decoder, /*lda=*/N, /*rows=*/K, /*depth=*/N, m0);
+      BLoader<T> b_loader(y_coded, yc_stride_n, yc_stride_d, /*depth=*/N, /*cols=*/d, col0,
+                          yc_vec_ok);
+      gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, N, smem, tx, ty, acc);
+
+#pragma unroll
+      for (int i = 0; i < C::TM; ++i) {
+        const int64_t row = m0 + tile_row<Acc>(ty, i);
+        const bool row_inside = row < K;
+        Acc row_sq = Acc(0);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Acc grads[kHalf];
+#pragma unroll
+          for (int v = 0; v < kHalf; ++v) {
+            const Acc r = acc[i][h * kHalf + v];
+            row_sq = fma(r, r, row_sq);
+            grads[v] = grad_scale * r;
+          }
+          if (write_grad_y && row_inside) {
+            const int64_t c = col0 + tile_col<Acc>(tx, h);
+            store_segment<T, kHalf>(grad_y + row * d, c, d, grad_vec_ok, grads);
+            if (grad_scratch != nullptr)
+              store_segment<Acc, kHalf>(grad_scratch + row * d, c, d, grad_vec_ok, grads);
+          }
+        }
+        // Sum over the NTX threads holding this row (same warp, lanes differing in tx): a fixed
+        // butterfly, identical in every lane and on every run.
+#pragma unroll
+        for (int offset = C::NTX / 2; offset > 0; offset /= 2)
+          row_sq += __shfl_xor_sync(0xffffffffu, row_sq, offset);
+        // Row `row` of this row tile always belongs to the same thread: no race across tiles.
+        if (tx == 0 && row_inside) block_partials[row] += row_sq;
+      }
+    }
+
+    if (write_grad_y_coded) {
+      // gemm_tile's opening barrier makes this block's grad_y stores visible to all its threads.
+      for (int64_t n0 = 0; n0 < N; n0 += C::BM) {
+        ALoader<Acc, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
+        BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0,
+                              grad_src_vec_ok);
+        // grad_y_coded = -(D^T @ grad_y): accumulate with negated products from 0.
+        Acc acc[C::TM][C::TD];
+#pragma unroll
+        for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+          for (int j = 0; j < C::TD; ++j) acc[i][j] = Acc(0);
+        gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
+#pragma unroll
+        for (int i = 0; i < C::TM; ++i) {
+          const int64_t row = n0 + tile_row<Acc>(ty, i);
+          if (row >= N) continue;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            Acc vals[kHalf];
+#pragma unroll
+            for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
+            store_segment<T, kHalf>(grad_y_coded + row * d, col0 + tile_col<Acc>(tx, h), d,
+                                    grad_vec_ok, vals);
+          }
+        }
+      }
+    }
+  }
+}
+
+// per_sample[k] = sum over b < blocks of partials[b, k]: each of kRowSumGroups warps sums the
+// blocks b = group, group + kRowSumGroups, ... in order, then one thread adds the groups in order.
+template <typename Acc>
+__global__ void __launch_bounds__(kRowSumRows * kRowSumGroups)
+row_sum_kernel(const Acc* partials, int64_t blocks, int64_t K, Acc* per_sample) {
+  __shared__ Acc group_sums[kRowSumGroups][kRowSumRows];
+  const int lane = threadIdx.x % kRowSumRows, group = threadIdx.x / kRowSumRows;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowSumRows + lane;
+  Acc sum = Acc(0);
+  if (k < K)
+    for (int64_t b = group; b < blocks; b += kRowSumGroups) sum += partials[b * K + k];
+  group_sums[group][lane] = sum;
+  __syncthreads();
+  if (group == 0 && k < K) {
+    Acc total = Acc(0);
+#pragma unroll
+    for (int g = 0; g < kRowSumGroups; ++g) total += group_sums[g][lane];
+    per_sample[k] = total;
+  }
+}
+
+// loss[0] = (sum_k per_sample[k]) / divisor with a fixed-order tree; one block.
+template <typename Acc>
+__global__ void __launch_bounds__(kTotalThreads)
+total_kernel(const Acc* per_sample, int64_t K, Acc divisor, Acc* loss) {
+  __shared__ Acc sums[kTotalThreads];
+  Acc sum = Acc(0);
+  for (int64_t k = threadIdx.x; k < K; k += kTotalThreads) sum += per_sample[k];
+  sums[threadIdx.x] = sum;
+  __syncthreads();
+  for (int width = kTotalThreads / 2; width > 0; width /= 2) {
+    if (static_cast<int>(threadIdx.x) < width) sums[threadIdx.x] += sums[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) loss[0] = sums[0] / divisor;
+}
+
+#ifndef DRES_HOST_EMULATION  // launchers: nvcc only
+// Blocks of the persistent grid: as many as fit on the device at once, at most one per tile.
+template <typename T>
+cudaError_t grid_blocks(int64_t num_tiles, int64_t* blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reconstruction_kernel<T>,
+                                                      Cfg<typename Elem<T>::Acc>::THREADS, 0);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  *blocks = num_tiles < resident ? num_tiles : resident;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t workspace(int64_t K, int64_t N, int64_t d, int reduction, int compute_grads,
+                      int64_t* partial_elems, int64_t* grad_scratch_elems) {
+  using Acc = typename Elem<T>::Acc;
+  *partial_elems = 0;
+  *grad_scratch_elems = 0;
+  if (K <= 0 || d <= 0) return cudaSuccess;
+  const int64_t num_tiles = (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD;
+  int64_t blocks = 0;
+  cudaError_t err = grid_blocks<T>(num_tiles, &blocks);
+  if (err != cudaSuccess) return err;
+  *partial_elems = (blocks + 1) * K;  // blocks rows of partials, then per_sample
+  const bool needs_copy = !std::is_same<T, Acc>::value && compute_grads &&
+                          reduction != DRES_REDUCTION_NONE && N > 0;
+  if (needs_copy) *grad_scratch_elems = K * d;
+  (void)N;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const void* yc_,
+                   int64_t yc_stride_n, int64_t yc_stride_d, const void* decoder_, int64_t K,
+                   int64_t N, int64_t d, int reduction, int compute_grads, void* loss_,
+                   void* grad_y_, void* grad_y_coded_, void* partials_, int64_t partial_elems,
+                   void* grad_scratch_, cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  constexpr int kHalf = C::TD / 2;
+  if (reduction != DRES_REDUCTION_MEAN && reduction != DRES_REDUCTION_SUM &&
+      reduction != DRES_REDUCTION_NONE)
+    return cudaErrorInvalidValue;
+  // Empty inputs (no rows or no columns) are handled by the caller; 32-bit index math for D.
+  if (K <= 0 || d <= 0 || N < 0 || K * N >= INT_MAX || K >= INT_MAX - C::BM ||
+      N >= INT_MAX - C::BM)
+    return cudaErrorInvalidValue;
+  const int64_t num_tiles = (d + C::BD - 1) / C::BD;
+  const int64_t blocks = partial_elems / K - 1;
+  if (blocks < 1 || blocks > num_tiles || blocks > INT_MAX) return cudaErrorInvalidValue;
+
+  const T* y = static_cast<const T*>(y_);
+  const T* y_coded = static_cast<const T*>(yc_);
+  const Acc* decoder = static_cast<const Acc*>(decoder_);
+  Acc* loss = static_cast<Acc*>(loss_);
+  T* grad_y = static_cast<T*>(grad_y_);
+  T* grad_y_coded = static_cast<T*>(grad_y_coded_);
+  Acc* partials = static_cast<Acc*>(partials_);
+  Acc* per_sample = reduction == DRES_REDUCTION_NONE ? loss : partials + blocks * K;
+
+  const bool write_grad_y = compute_grads != 0;
+  const bool write_grad_y_coded = write_grad_y && reduction != DRES_REDUCTION_NONE && N > 0;
+  Acc* grad_scratch = nullptr;
+  if (write_grad_y_coded && !std::is_same<T, Acc>::value) {
+    if (grad_scratch_ == nullptr) return cudaErrorInvalidValue;
+    grad_scratch = static_cast<Acc*>(grad_scratch_);
+  }
+  const double kd = static_cast<double>(K) * static_cast<double>(d);
+  const Acc grad_scale = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0);
+
+  constexpr int kVec = 16 / sizeof(T);
+  const bool y_vec_ok = y_stride_d == 1 && y_stride_k % kHalf == 0 &&
+                        is_aligned(y, sizeof(Pack<T, kHalf>));
+  const bool yc_vec_ok = yc_stride_d == 1 && yc_stride_n % kVec == 0 && is_aligned(y_coded, 16);
+  const bool grad_vec_ok = d % kHalf == 0 && is_aligned(grad_y, sizeof(Pack<T, kHalf>)) &&
+                           (grad_y_coded == nullptr ||
+                            is_aligned(grad_y_coded, sizeof(Pack<T, kHalf>))) &&
+                           (grad_scratch == nullptr ||
+                            is_aligned(grad_scratch, sizeof(Pack<Acc, kHalf>)));
+  constexpr int kAccVec = 16 / sizeof(Acc);
+  const void* grad_source = grad_scratch != nullptr ? static_cast<const void*>(grad_scratch)
+                                                    : static_cast<const void*>(grad_y);
+  const bool grad_src_vec_ok = d % kAccVec == 0 && is_aligned(grad_source, 16);
+
+  reconstruction_kernel<T><<<static_cast<unsigned>(blocks), C::THREADS, 0, stream>>>(
+      y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, d, num_tiles,
+      grad_scale, write_grad_y, write_grad_y_coded, grad_y, grad_y_coded, grad_scratch, partials,
+      y_vec_ok, yc_vec_ok, grad_vec_ok, grad_src_vec_ok);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  const int64_t row_blocks = (K + kRowSumRows - 1) / kRowSumRows;
+  if (row_blocks > INT_MAX) return cudaErrorInvalidValue;
+  row_sum_kernel<Acc><<<static_cast<unsigned>(row_blocks), kRowSumRows * kRowSumGroups, 0,
+                        stream>>>(partials, blocks, K, per_sample);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || reduction == DRES_REDUCTION_NONE) return err;
+
+  const Acc divisor = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? kd : 1.0);
+  total_kernel<Acc><<<1, kTotalThreads, 0, stream>>>(per_sample, K, divisor, loss);
+  return cudaGetLastError();
+}
+
+#endif  // DRES_HOST_EMULATION
+}  // namespace
+}  // namespace dres
+#ifndef DRES_HOST_EMULATION
+
+extern "C" cudaError_t dres_reconstruction_loss_workspace(int64_t K, int64_t N, int64_t d,
+                                                          DresDType dtype, int reduction,
+                                                          int compute_grads,
+                                                          int64_t* partial_elems,
+                                                          int64_t* grad_scratch_elems) {
+  switch (dtype) {
+    case DRES_F32:
+      return dres::workspace<float>(K, N, d, reduction, compute_grads, partial_elems,
+                                    grad_scratch_elems);
+    case DRES_F64:
+      return dres::workspace<double>(K, N, d, reduction, compute_grads, partial_elems,
+                                     grad_scratch_elems);
+    case DRES_F16:
+      return dres::workspace<__half>(K, N, d, reduction, compute_grads, partial_elems,
+                                     grad_scratch_elems);
+    case DRES_BF16:
+      return dres::workspace<__nv_bfloat16>(K, N, d, reduction, compute_grads, partial_elems,
+                                            grad_scratch_elems);
+  }
+  return cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t dres_reconstruction_loss(
+    const void* y, int64_t y_stride_k, int64_t y_stride_d, const void* y_coded,
+    int64_t yc_stride_n, int64_t yc_stride_d, const void* decoder, int64_t K, int64_t N,
+    int64_t d, DresDType dtype, int reduction, int compute_grads, void* loss, void* grad_y,
+    void* grad_y_coded, void* partials, int64_t partial_elems, void* grad_scratch,
+    cudaStream_t stream) {
+#define DRES_LAUNCH(T)                                                                        \
+  dres::launch<T>(y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, \
+                  d, reduction, compute_grads, loss, grad_y, grad_y_coded, partials,          \
+                  partial_elems, grad_scratch, stream)
+  switch (dtype) {
+    case DRES_F32: return DRES_LAUNCH(float);
+    case DRES_F64: return DRES_LAUNCH(double);
+    case DRES_F16: return DRES_LAUNCH(__half);
+    case DRES_BF16: return DRES_LAUNCH(__nv_bfloat16);
+  }
+#undef DRES_LAUNCH
+  return cudaErrorInvalidValue;
+}
+#endif  // DRES_HOST_EMULATION

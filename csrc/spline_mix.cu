@@ -1,0 +1,99 @@
+// spline_mix: out (M, d) = W (M, K) @ x (K, d), mixing along the batch axis.
+//
+// One block per (row tile of W, column tile of x); blocks are numbered row tile fastest, so the
+// blocks sharing a column tile of x run together and all but the first read it from L2. x is read
+// once from DRAM and out written once; W chunks live in shared memory. Accumulation in Acc (float32,
+// float64 for float64), results converted to x's dtype once, at the store.
+#include "dres_kernels.h"
+#include "tile_gemm.cuh"
+
+#include <climits>
+
+namespace dres {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(256, 2)
+spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int64_t M, int64_t K,
+                  int64_t d, int64_t x_stride_k, int64_t x_stride_d, int64_t num_row_tiles,
+                  bool x_vec_ok, bool out_vec_ok) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  constexpr int kHalf = C::TD / 2;
+  __shared__ SmemTiles<Acc> smem;
+
+  const int tid = threadIdx.x;
+  const int tx = tid % C::NTX, ty = tid / C::NTX;
+  const int64_t block = blockIdx.x;
+  const int64_t m0 = (block % num_row_tiles) * C::BM;
+  const int64_t col0 = (block / num_row_tiles) * C::BD;
+
+  ALoader<Acc, false> a_loader(weights, /*lda=*/K, /*rows=*/M, /*depth=*/K, m0);
+  BLoader<T> b_loader(x, x_stride_k, x_stride_d, /*depth=*/K, /*cols=*/d, col0, x_vec_ok);
+  Acc acc[C::TM][C::TD];
+#pragma unroll
+  for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < C::TD; ++j) acc[i][j] = Acc(0);
+  gemm_tile<Acc, false>(a_loader, b_loader, K, smem, tx, ty, acc);
+
+#pragma unroll
+  for (int i = 0; i < C::TM; ++i) {
+    const int64_t row = m0 + tile_row<Acc>(ty, i);
+    if (row >= M) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      Acc vals[kHalf];
+#pragma unroll
+      for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
+      store_segment<T, kHalf>(out + row * d, col0 + tile_col<Acc>(tx, h), d, out_vec_ok, vals);
+    }
+  }
+}
+
+#ifndef DRES_HOST_EMULATION  // launchers: nvcc only
+template <typename T>
+cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int64_t K, int64_t d,
+                   int64_t x_stride_k, int64_t x_stride_d, cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  if (M <= 0 || d <= 0) return cudaSuccess;  // nothing to write
+  if (K < 0) return cudaErrorInvalidValue;
+  const int64_t row_tiles = (M + C::BM - 1) / C::BM;
+  const int64_t col_tiles = (d + C::BD - 1) / C::BD;
+  const int64_t blocks = row_tiles * col_tiles;
+  // 32-bit index math inside the kernels: weights and the reduction depth must fit.
+  if (blocks > INT_MAX || M * K >= INT_MAX || K >= INT_MAX - C::BK) return cudaErrorInvalidValue;
+
+  constexpr int kVec = 16 / sizeof(T);
+  const bool x_vec_ok = x_stride_d == 1 && x_stride_k % kVec == 0 && is_aligned(x, 16);
+  constexpr int kHalf = C::TD / 2;
+  const bool out_vec_ok = d % kHalf == 0 && is_aligned(out, sizeof(Pack<T, kHalf>));
+
+  spline_mix_kernel<T><<<static_cast<unsigned>(blocks), C::THREADS, 0, stream>>>(
+      static_cast<const Acc*>(weights), static_cast<const T*>(x), static_cast<T*>(out), M, K, d,
+      x_stride_k, x_stride_d, row_tiles, x_vec_ok, out_vec_ok);
+  return cudaGetLastError();
+}
+
+#endif  // DRES_HOST_EMULATION
+}  // namespace
+}  // namespace dres
+#ifndef DRES_HOST_EMULATION
+
+extern "C" cudaError_t dres_spline_mix(const void* weights, const void* x, void* out, int64_t M,
+                                       int64_t K, int64_t d, int64_t x_stride_k,
+                                       int64_t x_stride_d, DresDType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DRES_F32:
+      return dres::launch<float>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+    case DRES_F64:
+      return dres::launch<double>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+    case DRES_F16:
+      return dres::launch<__half>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+    case DRES_BF16:
+      return dres::launch<__nv_bfloat16>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+#endif  // DRES_HOST_EMULATION

@@ -49,14 +49,27 @@ def register_backend(name: str, impl, op_factory: Optional[Callable] = None) -> 
         return ops
 
 
+def _register_fake(op, fake, factory_derives_fake: bool) -> None:
+    try:
+        op.register_fake(fake)
+    except RuntimeError:
+        # torch.library.triton_op derives a fake kernel from the launcher; should a torch version
+        # refuse a second one, that derived kernel is the one in use.
+        if not factory_derives_fake:
+            raise
+
+
 def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
+    factory_derives_fake = op_factory is getattr(torch.library, "triton_op", None)
+
     @op_factory(f"dres_fast::spline_mix_{name}", mutates_args=())
     def spline_mix_op(weights: Tensor, x: Tensor) -> Tensor:
         return impl.spline_mix(weights, x)
 
-    @spline_mix_op.register_fake
     def _spline_mix_fake(weights, x):
         return x.new_empty((weights.shape[0], x.shape[1]))
+
+    _register_fake(spline_mix_op, _spline_mix_fake, factory_derives_fake)
 
     def _spline_mix_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -75,13 +88,14 @@ def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
         loss, grad_y, grad_y_coded = impl.reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)
         return loss, grad_y, grad_y_coded
 
-    @reconstruction_loss_op.register_fake
     def _reconstruction_loss_fake(y, y_coded, decoder, reduction, compute_grads):
         loss_shape = (y.shape[0],) if reduction == "none" else ()
         loss = y.new_empty(loss_shape, dtype=_loss_dtype(y.dtype))
         grad_y = y.new_empty(y.shape) if compute_grads else y.new_empty(0)
         grad_y_coded = y_coded.new_empty(y_coded.shape) if compute_grads and reduction != "none" else y.new_empty(0)
         return loss, grad_y, grad_y_coded
+
+    _register_fake(reconstruction_loss_op, _reconstruction_loss_fake, factory_derives_fake)
 
     def _reconstruction_loss_setup(ctx, inputs, output):
         _, _, decoder, reduction, compute_grads = inputs

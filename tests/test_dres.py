@@ -218,6 +218,18 @@ def test_cache_is_bounded_and_reuses_tensors():
     assert enc64.dtype == torch.float64 and enc16.dtype == torch.float32  # half data accumulates in fp32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_weights_have_no_subnormals(dtype):
+    # far-from-diagonal spline weights underflow; subnormal operands make CPU matmuls 10-35x slower
+    E, D = WeightCache().get(256, 256, lam_enc=0.0, lam_dec=0.0, dtype=dtype)
+    info = torch.finfo(E.dtype)
+    for w in (E, D):
+        tiny = (w != 0) & (w.abs() < info.tiny / info.eps)
+        assert not tiny.any()
+    E64, _ = build_weights(256, 256, 0.0, 0.0, None, None, "chebyshev", "lobatto")
+    assert (E.double() - E64).abs().max() < (1e-7 if dtype == torch.float32 else 1e-300) * 1.0
+
+
 def test_cache_thread_safe():
     cache = WeightCache(maxsize=4)
     results, errors = [], []

@@ -1,6 +1,8 @@
 """DReS inside DistributedDataParallel: 2 CPU processes over gloo, a BatchNorm model, the coded
 branch local to each rank; the replicas must stay identical."""
 
+import datetime
+import json
 import os
 import socket
 
@@ -29,47 +31,49 @@ class Net(nn.Module):
         return self.head(self.features(x))
 
 
-def _worker(rank, world, port, mode, queue):
+def _worker(rank, world, port, mode, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(Net())
-        reg = dres_fast.SubmoduleDReS(model.module, "features", mode=mode, num_coded=10)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-        for _ in range(4):
-            x = torch.randn(12, 6, generator=gen)
-            target = torch.randint(0, 3, (12,), generator=gen)
-            with reg:
-                out = model(x)
-            loss = nn.functional.cross_entropy(out, target) + 0.5 * reg.loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        queue.put((rank, float((gathered[0] - gathered[1]).abs().max()), float(reg.loss), bool(torch.isfinite(flat).all())))
-    finally:
-        dist.destroy_process_group()
+    # a bounded timeout: a broken collective fails the test instead of hanging CI
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(Net())
+    reg = dres_fast.SubmoduleDReS(model.module, "features", mode=mode, num_coded=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(4):
+        x = torch.randn(12, 6, generator=gen)
+        target = torch.randint(0, 3, (12,), generator=gen)
+        with reg:
+            out = model(x)
+        loss = nn.functional.cross_entropy(out, target) + 0.5 * reg.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    result = {
+        "max_diff": float((gathered[0] - gathered[1]).abs().max()),
+        "reg_loss": float(reg.loss.detach()),
+        "finite": bool(torch.isfinite(flat).all()),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    dist.barrier()
+    # Skip interpreter teardown: destroying the DDP reducer joins gloo's worker thread while holding
+    # the GIL, and that thread may need the GIL to free the all_gather's tensors (a deadlock seen
+    # here with torch 2.13). The results are on disk; exit code 0 is all mp.spawn checks.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["separate", "concat"])
-def test_ddp_replicas_stay_identical(mode):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, 2, port, mode, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, max_diff, reg_loss, finite in results:
-        assert finite
-        assert max_diff == 0.0, f"rank {rank}: replicas differ by {max_diff}"
-        assert reg_loss > 0.0
+def test_ddp_replicas_stay_identical(mode, tmp_path):
+    # mp.spawn re-raises a worker's exception here, so a crash fails the test at once
+    mp.spawn(_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["finite"]
+        assert result["max_diff"] == 0.0, f"rank {rank}: replicas differ by {result['max_diff']}"
+        assert result["reg_loss"] > 0.0

@@ -10,8 +10,9 @@ Environment variables (as torchvision's ``FORCE_CUDA``):
                     (e.g. a build container without a GPU); the build then fails loudly if the
                     toolkit really is missing.
 Otherwise the extension is built when torch is a CUDA build and torch finds a CUDA toolkit (nvcc).
-A GPU is not needed at build time; without TORCH_CUDA_ARCH_LIST and without a visible GPU, torch
-compiles for the architectures of its own build.
+A GPU is not needed at build time; without TORCH_CUDA_ARCH_LIST and without a visible GPU the
+extension is built for sm_80 and sm_90 (torch's own list can name architectures that a newer nvcc
+no longer accepts).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import glob
 import os
 
 EXTENSION_NAME = "dres_fast._C"
+DEFAULT_ARCH_LIST = "8.0;9.0"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -67,8 +69,11 @@ def cuda_extensions() -> list:
     build, _why = cuda_build_decision()
     if not build:
         return []
+    import torch
     from torch.utils.cpp_extension import CUDAExtension
 
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     try:
         extension = CUDAExtension(
             name=EXTENSION_NAME,

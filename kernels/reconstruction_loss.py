@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .spline_mix import (INTERPRET, autotuning, check_device, compute_dtype, d_bucket, dot_mode, launch,
-                         mix_dot, spline_mix_into)
+from .spline_mix import (INTERPRET, autotuning, check_device, compute_dtype, d_bucket, device_guard, dot_mode,
+                         launch, mix_dot, spline_mix_into)
 
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N.
 N_RESIDENT_MAX = 256
@@ -100,7 +100,7 @@ def _reconstruction_loss_kernel(
 
         # masked rows / columns / n are loaded as 0, so r is exactly 0 there
         r = y_tile - decoded
-        tl.store(partial_ptr + pid_d * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
+        tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
 
         if WRITE_GRAD_Y:
             grad_r = r * grad_scale
@@ -129,8 +129,11 @@ FIXED_GPU_RECON_CONFIG = {"BLOCK_K": 16, "num_warps": 8, "num_stages": 2}
 if INTERPRET:
     _reconstruction_loss_tuned = None
 else:
-    _reconstruction_loss_tuned = triton.autotune(configs=_RECON_CONFIGS, key=["K", "N", "D_BUCKET"])(
-        _reconstruction_loss_kernel)
+    # the constexpr variants are part of the key: a config tuned for the forward-only kernel (or for one
+    # dot mode) must not be reused for the kernel that also writes both gradients
+    _reconstruction_loss_tuned = triton.autotune(
+        configs=_RECON_CONFIGS,
+        key=["K", "N", "D_BUCKET", "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])(_reconstruction_loss_kernel)
 
 
 def _column_block(n_block, resident):
@@ -186,17 +189,18 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, N_RESIDENT=resident, WRITE_GRAD_Y=write_grad_y,
                     WRITE_GRAD_YC=want_grad_yc and resident, DOT_MODE=mode, GRAD_DOT_MODE=grad_mode)
         grid = (num_col_tiles,)
-        if autotuning():
-            launch(_reconstruction_loss_tuned, grid, *args, **meta)
-        elif INTERPRET:
-            launch(_reconstruction_loss_kernel, grid, *args, BLOCK_K=INTERPRETER_RECON_TILE["BLOCK_K"], **meta)
-        else:
-            launch(_reconstruction_loss_kernel, grid, *args, **FIXED_GPU_RECON_CONFIG, **meta)
-        if want_grad_yc and not resident:
-            # N too large to keep the accumulator on-chip: grad_y_coded = -D^T grad_y, W^T by strides
-            spline_mix_into(decoder.t(), grad_r, grad_yc, scale=-1.0)
-            if chunked_half:
-                grad_y = grad_r.to(y.dtype)
+        with device_guard(y):
+            if autotuning():
+                launch(_reconstruction_loss_tuned, grid, *args, **meta)
+            elif INTERPRET:
+                launch(_reconstruction_loss_kernel, grid, *args, BLOCK_K=INTERPRETER_RECON_TILE["BLOCK_K"], **meta)
+            else:
+                launch(_reconstruction_loss_kernel, grid, *args, **FIXED_GPU_RECON_CONFIG, **meta)
+            if want_grad_yc and not resident:
+                # N too large to keep the accumulator on-chip: grad_y_coded = -D^T grad_y, W^T by strides
+                spline_mix_into(decoder.t(), grad_r, grad_yc, scale=-1.0)
+                if chunked_half:
+                    grad_y = grad_r.to(y.dtype)
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.

@@ -33,6 +33,7 @@ Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9
 deprecated spelling). The interpreter ignores ``input_precision`` (it multiplies with numpy).
 """
 
+import contextlib
 import os
 
 import torch
@@ -67,6 +68,14 @@ def check_device(*tensors):
     for t in tensors:
         if t.device.type == "cpu" and not INTERPRET:
             raise RuntimeError(CPU_WITHOUT_INTERPRETER)
+
+
+def device_guard(tensor):
+    """Make ``tensor``'s GPU the current device while launching: Triton launches on the *current* device
+    and stream, so tensors on ``cuda:1`` with ``cuda:0`` current would be read from the wrong device."""
+    if INTERPRET or tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -195,7 +204,8 @@ FIXED_GPU_SPLINE_MIX_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_D": 64, "num
 if INTERPRET:
     _spline_mix_tuned = None
 else:
-    _spline_mix_tuned = triton.autotune(configs=_SPLINE_MIX_CONFIGS, key=["M", "K", "D_BUCKET"])(
+    # DOT_MODE is part of the key: "ieee" and "tf32x3" fp32 dots have different best tiles
+    _spline_mix_tuned = triton.autotune(configs=_SPLINE_MIX_CONFIGS, key=["M", "K", "D_BUCKET", "DOT_MODE"])(
         _spline_mix_kernel)
 
 
@@ -235,4 +245,5 @@ def spline_mix(weights, x):
                          f"and {tuple(x.shape)}")
     weights = weights.to(compute_dtype(x.dtype))
     out = torch.empty((weights.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-    return spline_mix_into(weights, x, out)
+    with device_guard(x):
+        return spline_mix_into(weights, x, out)

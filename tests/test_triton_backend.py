@@ -422,6 +422,46 @@ class TestGPU:
         out = K_MOD.spline_mix(decoder, y_coded)
         torch.testing.assert_close(out.double(), decoder.double() @ y_coded.double(), rtol=ulp, atol=1e-6)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_every_autotune_config(self, dtype, monkeypatch):
+        """The other GPU tests run one fixed tile (DRES_TRITON_AUTOTUNE=0 in bench/gpu_check.sh) and the
+        autotuner only ever checks the tile it picks: run every autotune config once, at ragged shapes."""
+        sm = sys.modules["dres_fast.kernels.spline_mix"]
+        rl = sys.modules["dres_fast.kernels.reconstruction_loss"]
+        monkeypatch.setenv("DRES_TRITON_AUTOTUNE", "0")
+        ulp = 2.0 ** -7
+
+        def check(got, torch_fp32, ref, what):
+            if dtype == torch.float32:
+                assert_fp32_accuracy(got, torch_fp32, ref, what)
+            else:
+                torch.testing.assert_close(got.double(), ref, rtol=2 * ulp,
+                                           atol=1e-5 * ref.abs().max().item() + FP16_SUBNORMAL,
+                                           msg=lambda m: f"{what}: {m}")
+
+        M, K, d = 200, 300, 1000
+        weights = make_decoder(M, K).float()
+        x = make((K, d), dtype, seed=30)
+        for config in sm._SPLINE_MIX_CONFIGS:
+            cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            monkeypatch.setattr(sm, "FIXED_GPU_SPLINE_MIX_CONFIG", cfg)
+            out = K_MOD.spline_mix(weights, x)
+            check(out, weights @ x.float(), weights.double() @ x.double(), f"spline_mix {cfg}")
+
+        # N = 200: y_coded resident (BLOCK_N = 256); N = 300: chunked (fp32 only, it is the slower path)
+        for K, N in ((100, 200), (100, 300)) if dtype == torch.float32 else ((100, 200),):
+            decoder = make_decoder(K, N).float()
+            y, y_coded = make((K, d), dtype, seed=31), make((N, d), dtype, seed=32)
+            ref_loss, ref_gy, ref_gyc = ref_reconstruction(y, y_coded, decoder, "mean")
+            t_loss, t_gy, t_gyc = torch_fp32_reconstruction(y, y_coded, decoder, "mean")
+            for config in rl._RECON_CONFIGS:
+                cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                monkeypatch.setattr(rl, "FIXED_GPU_RECON_CONFIG", cfg)
+                loss, grad_y, grad_yc = K_MOD.reconstruction_loss(y, y_coded, decoder, "mean", True)
+                check(loss, t_loss, ref_loss, f"loss N={N} {cfg}")
+                check(grad_y, t_gy, ref_gy, f"grad_y N={N} {cfg}")
+                check(grad_yc, t_gyc, ref_gyc, f"grad_y_coded N={N} {cfg}")
+
     def test_deterministic_large(self):
         K, N, d = 256, 256, 1 << 18
         decoder = make_decoder(K, N).float()

@@ -1,0 +1,120 @@
+"""Supervised small-data digits: ERM, DReS, DReS-decoded, gradient penalty, mixup.
+
+Each method is one `loss_fn(model, x, y) -> loss`; the training loop is shared so that the
+methods differ only in their regularizer."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.gen_common import NUM_CLASSES, dof_kwargs, dres_loss
+
+
+def make_mlp(in_dim=64, hidden=128, out_dim=NUM_CLASSES) -> nn.Sequential:
+    """Sequential(features, head): the named submodules DReS can regularize are
+    "model" (the whole map), "features" (input -> last hidden layer) and "head" (last linear layer)."""
+    features = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    return nn.Sequential(OrderedDict(features=features, head=nn.Linear(hidden, out_dim)))
+
+
+@dataclass
+class MethodConfig:
+    method: str                     # erm | dres | dres_decoded | grad_penalty | mixup
+    strength: float = 0.0           # weight (dres, grad_penalty), blend (dres_decoded), Beta alpha (mixup)
+    coded_ratio: float = 1.0        # N / K
+    dof_frac: float = 0.75          # dof as a fraction of K (encoder) and N (decoder); 1 = interpolate
+    submodule: str = "model"        # model | features | head
+
+
+def _dres_kwargs(cfg: MethodConfig, batch: int) -> dict:
+    num_coded = max(2, int(round(cfg.coded_ratio * batch)))
+    return dict(num_coded=num_coded, **dof_kwargs(cfg.dof_frac, batch, num_coded))
+
+
+def make_loss_fn(cfg: MethodConfig):
+    if cfg.method == "erm":
+        return lambda model, x, y: F.cross_entropy(model(x), y)
+
+    if cfg.method == "dres":
+        def loss_fn(model, x, y):
+            h = model.features(x)
+            logits = model.head(h)
+            kw = _dres_kwargs(cfg, len(x))
+            if cfg.submodule == "model":
+                reg = dres_loss(model, x, y=logits, **kw)
+            elif cfg.submodule == "features":
+                reg = dres_loss(model.features, x, y=h, **kw)
+            elif cfg.submodule == "head":
+                reg = dres_loss(model.head, h, y=logits, **kw)
+            else:
+                raise ValueError(cfg.submodule)
+            return F.cross_entropy(logits, y) + cfg.strength * reg
+        return loss_fn
+
+    if cfg.method == "dres_decoded":
+        # task loss on the DReS reconstruction of the logits, blended with the main task loss
+        def loss_fn(model, x, y):
+            logits = model(x)
+            _, decoded = dres_loss(model, x, y=logits, return_decoded=True, **_dres_kwargs(cfg, len(x)))
+            return (1 - cfg.strength) * F.cross_entropy(logits, y) + cfg.strength * F.cross_entropy(decoded, y)
+        return loss_fn
+
+    if cfg.method == "grad_penalty":
+        # double backpropagation (Drucker & LeCun 1992): penalize ||d loss / d x||^2 per sample
+        def loss_fn(model, x, y):
+            x = x.requires_grad_(True)
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+            (grad_x,) = torch.autograd.grad(per_sample.sum(), x, create_graph=True)
+            return per_sample.mean() + cfg.strength * grad_x.pow(2).sum(1).mean()
+        return loss_fn
+
+    if cfg.method == "mixup":
+        # mixup (Zhang et al. 2018): convex combinations of inputs and of their one-hot labels
+        def loss_fn(model, x, y):
+            lam = float(np.random.beta(cfg.strength, cfg.strength))
+            perm = torch.randperm(len(x))
+            logits = model(lam * x + (1 - lam) * x[perm])
+            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        return loss_fn
+
+    raise ValueError(cfg.method)
+
+
+def train_classifier(cfg: MethodConfig, x_train, y_train, *, steps: int, batch: int, seed: int,
+                     lr: float = 1e-3, hidden: int = 128, in_dim: int = 64, out_dim: int = NUM_CLASSES):
+    """Adam on random minibatches (without replacement within a batch). Returns (model, seconds)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = make_mlp(in_dim, hidden, out_dim)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = make_loss_fn(cfg)
+    batch = min(batch, len(x_train))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randperm(len(x_train), generator=gen)[:batch]
+        loss = loss_fn(model, x_train[idx], y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def seconds_per_step(cfg: MethodConfig, x, y, *, batch: int, repeats: int = 5, steps: int = 20) -> float:
+    """Median wall time of one training step over short repeats (robust to a shared CPU's load)."""
+    times = []
+    for r in range(repeats):
+        _, sec = train_classifier(cfg, x, y, steps=steps, batch=batch, seed=r)
+        times.append(sec / steps)
+    return float(np.median(times))

@@ -123,24 +123,8 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
                               grad_src_vec_ok);
         // grad_y_coded = -(D^T @ grad_y): accumulate with negated products from 0.
         Acc acc[C::TM][C::TD];
-#pragma unroll
-        for (int i = 0; i < C::TM; ++i)
-#pragma unroll
-          for (int j = 0; j < C::TD; ++j) acc[i][j] = Acc(0);
-        gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
-#pragma unroll
-        for (int i = 0; i < C::TM; ++i) {
-          const int64_t row = n0 + tile_row<Acc>(ty, i);
-          if (row >= N) continue;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            Acc vals[kHalf];
-#pragma unroll
-            for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
-            store_segment<T, kHalf>(grad_y_coded + row * d, col0 + tile_col<Acc>(tx, h), d,
-                                    grad_vec_ok, vals);
-          }
-        }
+        zero_and_gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
+        store_tile<T>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);
       }
     }
   }

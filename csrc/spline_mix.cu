@@ -19,7 +19,6 @@ spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int6
                   bool x_vec_ok, bool out_vec_ok) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
-  constexpr int kHalf = C::TD / 2;
   __shared__ SmemTiles<Acc> smem;
 
   const int tid = threadIdx.x;
@@ -31,24 +30,8 @@ spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int6
   ALoader<Acc, false> a_loader(weights, /*lda=*/K, /*rows=*/M, /*depth=*/K, m0);
   BLoader<T> b_loader(x, x_stride_k, x_stride_d, /*depth=*/K, /*cols=*/d, col0, x_vec_ok);
   Acc acc[C::TM][C::TD];
-#pragma unroll
-  for (int i = 0; i < C::TM; ++i)
-#pragma unroll
-    for (int j = 0; j < C::TD; ++j) acc[i][j] = Acc(0);
-  gemm_tile<Acc, false>(a_loader, b_loader, K, smem, tx, ty, acc);
-
-#pragma unroll
-  for (int i = 0; i < C::TM; ++i) {
-    const int64_t row = m0 + tile_row<Acc>(ty, i);
-    if (row >= M) continue;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      Acc vals[kHalf];
-#pragma unroll
-      for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
-      store_segment<T, kHalf>(out + row * d, col0 + tile_col<Acc>(tx, h), d, out_vec_ok, vals);
-    }
-  }
+  zero_and_gemm_tile<Acc, false>(a_loader, b_loader, K, smem, tx, ty, acc);
+  store_tile<T>(acc, out, m0, M, col0, d, out_vec_ok, tx, ty);
 }
 
 #ifndef DRES_HOST_EMULATION  // launchers: nvcc only

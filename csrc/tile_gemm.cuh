@@ -313,4 +313,38 @@ __device__ __forceinline__ void store_segment(T* row, int64_t c, int64_t cols, b
   }
 }
 
+// acc = 0, then acc (+/-)= A-tile @ B-tile over the whole depth (see gemm_tile).
+template <typename Acc, bool kSubtract, typename ALoaderT, typename BLoaderT>
+__device__ __forceinline__ void zero_and_gemm_tile(ALoaderT& a_loader, BLoaderT& b_loader,
+                                                   int64_t depth, SmemTiles<Acc>& smem, int tx,
+                                                   int ty,
+                                                   Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
+#pragma unroll
+  for (int i = 0; i < Cfg<Acc>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+  gemm_tile<Acc, kSubtract>(a_loader, b_loader, depth, smem, tx, ty, acc);
+}
+
+// Writes this thread's part of a BM x BD output tile at (row0, col0) of a contiguous (rows, cols)
+// matrix; rows at or past `rows` and columns past `cols` are skipped.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_tile(const Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD], T* out,
+                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                           bool vec_ok, int tx, int ty) {
+  constexpr int kHalf = Cfg<Acc>::TD / 2;
+#pragma unroll
+  for (int i = 0; i < Cfg<Acc>::TM; ++i) {
+    const int64_t row = row0 + tile_row<Acc>(ty, i);
+    if (row >= rows) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      Acc vals[kHalf];
+#pragma unroll
+      for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
+      store_segment<T, kHalf>(out + row * cols, col0 + tile_col<Acc>(tx, h), cols, vec_ok, vals);
+    }
+  }
+}
+
 }  // namespace dres

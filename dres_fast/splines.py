@@ -286,12 +286,7 @@ def degrees_of_freedom(src, lam: float) -> float:
     r"""Effective degrees of freedom :math:`\operatorname{tr} S_\lambda` of the smoothing spline on knots ``src``."""
     src_np = _to_numpy_1d(src, "src")
     _check_knots(src_np, "src")
-    return _dof(tuple(src_np.tolist()), _check_lam(lam))
-
-
-def _dof(src_key: tuple, lam: float) -> float:
-    smoother, _ = _fit_operators(src_key, lam)
-    return float(np.trace(smoother))
+    return _trace_of_smoother(src_np, _check_lam(lam))
 
 
 @functools.lru_cache(maxsize=256)
@@ -307,7 +302,7 @@ def _lam_for_dof_cached(src_key: tuple, dof: float) -> float:
     centre = math.log(float(np.mean(h)) ** 3)
 
     def excess(log_lam: float) -> float:
-        return _dof_uncached(t, math.exp(log_lam)) - dof
+        return _trace_of_smoother(t, math.exp(log_lam)) - dof
 
     lo, hi = centre - 10.0, centre + 10.0
     while excess(lo) < 0:
@@ -321,9 +316,11 @@ def _lam_for_dof_cached(src_key: tuple, dof: float) -> float:
     return math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12, maxiter=200))
 
 
-def _dof_uncached(t: np.ndarray, lam: float) -> float:
+def _trace_of_smoother(t: np.ndarray, lam: float) -> float:
     # trace(I - lam Q M^{-1} Q^T) without building the n x n smoother: only the diagonal is needed.
     n = t.shape[0]
+    if math.isinf(lam):
+        return 2.0  # the least-squares line: a rank-2 projection
     h, a, b, c, r_diag, r_off = _reinsch_bands(t)
     qt = _q_transpose_identity(a, b, c)
     gamma = _solve_banded_spd(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam))

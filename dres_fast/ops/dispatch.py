@@ -10,7 +10,7 @@ import functools
 import importlib
 import os
 import threading
-from typing import List, Tuple
+from typing import List
 
 import torch
 
@@ -154,13 +154,3 @@ def available_backends(device: str = None) -> List[str]:
             continue
         names.append(name)
     return names
-
-
-def why_unavailable(name: str, device: str = "cpu") -> Tuple[bool, str]:
-    """(available, reason) for one backend, without raising."""
-    try:
-        _resolve(_check_name(name, "backend"), "", torch.device(device).type)
-        _load(name)
-        return True, ""
-    except BackendUnavailableError as err:
-        return False, str(err)

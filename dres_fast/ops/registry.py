@@ -22,15 +22,10 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["register_backend", "registered"]
+__all__ = ["register_backend"]
 
 _LOCK = threading.Lock()
 _REGISTERED: dict = {}
-
-
-def registered(name: str):
-    """The ops of an already registered backend, or None."""
-    return _REGISTERED.get(name)
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -273,6 +273,19 @@ class TestReconstructionLossKernel:
 
 @needs_core
 class TestThroughOps:
+    def test_opcheck_registered_ops(self):
+        """Fake kernels, autograd registration and schema of the dres_fast::*_triton ops."""
+        weights = make_decoder(6, 5).float()
+        x = make((5, 9), torch.float32, seed=40).requires_grad_()
+        OPS.spline_mix(weights, x, backend="triton")  # registers the backend
+        torch.library.opcheck(torch.ops.dres_fast.spline_mix_triton.default, (weights, x))
+        decoder = make_decoder(5, 6).float()
+        y = make((5, 9), torch.float32, seed=41).requires_grad_()
+        y_coded = make((6, 9), torch.float32, seed=42).requires_grad_()
+        for reduction in ("mean", "sum", "none"):
+            torch.library.opcheck(torch.ops.dres_fast.reconstruction_loss_triton.default,
+                                  (y, y_coded, decoder, reduction, True))
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     @pytest.mark.parametrize("M,K,rest", [(5, 3, (131,)), (17, 64, (3, 5)), (200, 17, (2,)), (3, 300, (1,))])
     def test_spline_mix_forward_backward(self, M, K, rest, dtype):

@@ -144,7 +144,7 @@ def _check_lam(lam, name: str = "lam") -> float:
 
 
 def _reinsch_bands(t: np.ndarray):
-    """Columns of Q as three diagonals (a, b, c) and the two diagonals of R."""
+    """Columns of Q as three diagonals (a, b, c) and the two diagonals of R (in ``t``'s dtype)."""
     h = np.diff(t)
     a = 1.0 / h[:-1]
     c = 1.0 / h[1:]
@@ -161,20 +161,61 @@ def _solve_banded_spd(upper: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return solveh_banded(upper, rhs, lower=False, check_finite=False)
 
 
+def _penalized_diagonals(a, b, c, r_diag, r_off, lam: float):
+    """Diagonals 0, 1, 2 of (R + lam Q^T Q) / (1 + lam) (entry j of diagonal o couples rows j - o
+    and j); dividing by (1 + lam) keeps the entries O(1/h^2) for any lam."""
+    lam = a.dtype.type(lam)
+    scale = 1 / (1 + lam)
+    d0 = scale * (r_diag + lam * (a * a + b * b + c * c))
+    d1 = np.zeros_like(d0)
+    d1[1:] = scale * (r_off + lam * (b[:-1] * a[1:] + c[:-1] * b[1:]))
+    d2 = np.zeros_like(d0)
+    d2[2:] = scale * lam * (c[:-2] * a[2:])
+    return d0, d1, d2
+
+
 def _penalized_bands(a, b, c, r_diag, r_off, lam: float) -> np.ndarray:
     """(R + lam Q^T Q) / (1 + lam) in the banded upper storage of scipy.linalg.solveh_banded."""
-    scale = 1.0 / (1.0 + lam)
-    upper = np.zeros((3, a.shape[0]))
-    upper[2] = scale * (r_diag + lam * (a * a + b * b + c * c))
-    upper[1, 1:] = scale * (r_off + lam * (b[:-1] * a[1:] + c[:-1] * b[1:]))
-    upper[0, 2:] = scale * lam * (c[:-2] * a[2:])
-    return upper
+    d0, d1, d2 = _penalized_diagonals(a, b, c, r_diag, r_off, lam)
+    return np.stack([d2, d1, d0]).astype(np.float64)
+
+
+def _band_matvec(diagonals, x: np.ndarray) -> np.ndarray:
+    """The symmetric pentadiagonal matrix given by its three diagonals, times x (n-2, k)."""
+    d0, d1, d2 = diagonals
+    out = d0[:, None] * x
+    out[:-1] += d1[1:, None] * x[1:]
+    out[1:] += d1[1:, None] * x[:-1]
+    out[:-2] += d2[2:, None] * x[2:]
+    out[2:] += d2[2:, None] * x[:-2]
+    return out
+
+
+def _refined_penalized_solve(t: np.ndarray, lam: float, iterations: int = 2) -> np.ndarray:
+    """gamma = (R + lam Q^T Q)^{-1} Q^T (the knots' second derivatives per unit data vector),
+    (n-2, n), in long double.
+
+    Banded Cholesky in float64, then iterative refinement with residuals in long double: at 1024
+    near-coincident Chebyshev knots the plain float64 solve loses up to ~6e-9 of the fit (relative)
+    at large lam, the refined one ~4e-12 (checked against 50-digit arithmetic). Where long double is
+    float64 (MSVC builds), refinement gains nothing and costs little."""
+    ext = np.longdouble
+    a64, b64, c64, rd64, ro64 = _reinsch_bands(t)[1:]
+    factor_bands = _penalized_bands(a64, b64, c64, rd64, ro64, lam)
+    _, a, b, c, r_diag, r_off = _reinsch_bands(t.astype(ext))
+    diagonals = _penalized_diagonals(a, b, c, r_diag, r_off, lam)
+    rhs = _q_transpose_identity(a, b, c) / (1 + ext(lam))
+    gamma = _solve_banded_spd(factor_bands, rhs.astype(np.float64)).astype(ext)
+    for _ in range(iterations):
+        residual = rhs - _band_matvec(diagonals, gamma)
+        gamma += _solve_banded_spd(factor_bands, residual.astype(np.float64))
+    return gamma
 
 
 def _apply_q(a, b, c, gamma: np.ndarray) -> np.ndarray:
     """Q @ gamma for gamma of shape (n-2, m): row i gets a_i g_i + b_{i-1} g_{i-1} + c_{i-2} g_{i-2}."""
     m = gamma.shape[0]
-    out = np.zeros((m + 2,) + gamma.shape[1:])
+    out = np.zeros((m + 2,) + gamma.shape[1:], dtype=gamma.dtype)
     out[:m] += a[:, None] * gamma
     out[1 : m + 1] += b[:, None] * gamma
     out[2 : m + 2] += c[:, None] * gamma
@@ -184,7 +225,7 @@ def _apply_q(a, b, c, gamma: np.ndarray) -> np.ndarray:
 def _q_transpose_identity(a, b, c) -> np.ndarray:
     """Q^T as a dense (n-2, n) matrix."""
     m = a.shape[0]
-    qt = np.zeros((m, m + 2))
+    qt = np.zeros((m, m + 2), dtype=a.dtype)
     rows = np.arange(m)
     qt[rows, rows] = a
     qt[rows, rows + 1] = b
@@ -200,33 +241,22 @@ def _line_projection(t: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=128)
 def _fit_operators(t_key: tuple, lam: float):
-    """Smoother matrix G (n x n: y -> g(t)) and full second-derivative map Gamma (n x n: y -> g''(t))."""
+    """Smoother matrix G (n x n: y -> g(t)) and second-derivative map Gamma (n x n: y -> g''(t))."""
     t = np.asarray(t_key)
     n = t.shape[0]
-    h, a, b, c, r_diag, r_off = _reinsch_bands(t)
-    qt = _q_transpose_identity(a, b, c)
+    gamma_full = np.zeros((n, n))  # g'' = 0 at the end knots (natural), and everywhere for a line
     if math.isinf(lam):
         smoother = _line_projection(t)
     else:
-        # Dividing the system by (1 + lam) keeps the entries O(1/h^2) for any lam.
-        gamma = _solve_banded_spd(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam))
-        smoother = np.eye(n) - lam * _apply_q(a, b, c, gamma)
-    # g'' at the knots from the fitted values (gamma = R^{-1} Q^T g holds for any natural cubic spline);
-    # for lam = inf this gives the line's g'' = 0.
-    gamma_full = np.zeros((n, n))
-    gamma_full[1:-1] = _interpolating_gamma(a, b, c, r_diag, r_off) @ smoother
+        gamma = _refined_penalized_solve(t, lam)
+        _, a, b, c, _, _ = _reinsch_bands(t.astype(gamma.dtype))
+        # g = y - lam Q gamma: formed in long double too, since for large lam it is a small
+        # difference of two O(1) matrices
+        smoother = (np.eye(n, dtype=gamma.dtype) - gamma.dtype.type(lam) * _apply_q(a, b, c, gamma)).astype(np.float64)
+        gamma_full[1:-1] = gamma
     gamma_full.setflags(write=False)
     smoother.setflags(write=False)
     return smoother, gamma_full
-
-
-def _interpolating_gamma(a, b, c, r_diag, r_off) -> np.ndarray:
-    """R^{-1} Q^T: second derivatives of the interpolating natural spline, (n-2, n)."""
-    m = r_diag.shape[0]
-    upper = np.zeros((2, m))
-    upper[1] = r_diag
-    upper[0, 1:] = r_off
-    return _solve_banded_spd(upper, _q_transpose_identity(a, b, c))
 
 
 def _evaluation_matrix(t: np.ndarray, s: np.ndarray, smoother: np.ndarray, gamma_full: np.ndarray) -> np.ndarray:

@@ -85,6 +85,57 @@ def _mpmath_smoothing_fit(t, y, lam, digits=60):
         return np.array([float(v) for v in g])
 
 
+def _mpmath_banded_fit(t, y, lam, digits=50):
+    """The same fit for one y by elimination on the pentadiagonal system, O(n) operations in
+    `digits`-digit arithmetic: an exact reference at 1024 knots, where a dense solve is too slow."""
+    with mpmath.workdps(digits):
+        n = len(t)
+        tt = [mpmath.mpf(float(v)) for v in t]
+        yy = [mpmath.mpf(float(v)) for v in y]
+        lam = mpmath.mpf(lam)
+        h = [tt[i + 1] - tt[i] for i in range(n - 1)]
+        m = n - 2
+        a = [1 / h[j] for j in range(m)]
+        c = [1 / h[j + 1] for j in range(m)]
+        b = [-a[j] - c[j] for j in range(m)]
+        rhs = [a[j] * yy[j] + b[j] * yy[j + 1] + c[j] * yy[j + 2] for j in range(m)]
+        # rows of the symmetric band: M[j][j+o] for o = 0, 1, 2
+        band = [[(h[j] + h[j + 1]) / 3 + lam * (a[j] ** 2 + b[j] ** 2 + c[j] ** 2),
+                 (h[j + 1] / 6 + lam * (b[j] * a[j + 1] + c[j] * b[j + 1])) if j + 1 < m else 0,
+                 (lam * c[j] * a[j + 2]) if j + 2 < m else 0] for j in range(m)]
+        full = {(j, j + o): band[j][o] for j in range(m) for o in range(3) if j + o < m}
+        full.update({(j + o, j): band[j][o] for j in range(m) for o in range(1, 3) if j + o < m})
+        for k in range(m):  # Gaussian elimination within the band (SPD: no pivoting needed)
+            for i in range(k + 1, min(k + 3, m)):
+                f = full[(i, k)] / full[(k, k)]
+                for jj in range(k, min(k + 3, m)):
+                    full[(i, jj)] = full.get((i, jj), 0) - f * full[(k, jj)]
+                rhs[i] -= f * rhs[k]
+        gamma = [0] * m
+        for k in reversed(range(m)):
+            acc = rhs[k] - sum(full.get((k, jj), 0) * gamma[jj] for jj in range(k + 1, min(k + 3, m)))
+            gamma[k] = acc / full[(k, k)]
+        g = list(yy)
+        for j in range(m):
+            g[j] -= lam * a[j] * gamma[j]
+            g[j + 1] -= lam * b[j] * gamma[j]
+            g[j + 2] -= lam * c[j] * gamma[j]
+        return np.array([float(v) for v in g])
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-12, 1e-6, 1e-3, 1.0, 1e6])
+def test_1024_chebyshev_knots_match_high_precision_reference(lam):
+    # near-coincident knots at the ends (spacing ~1e-6 against ~3e-3 in the middle)
+    t = chebyshev(1024)
+    y = np.sin(4 * t) + 0.3 * np.random.default_rng(5).standard_normal(1024)
+    s = np.concatenate([t, np.random.default_rng(6).uniform(t[0], t[-1], 200)])
+    ours = dres_fast.spline_weights(t, s, lam).numpy() @ y
+    fitted = _mpmath_banded_fit(t, y, lam)
+    # the smoothing spline is the natural cubic spline through its own fitted values
+    ref = CubicSpline(t, fitted, bc_type="natural")(s)
+    assert rel_err(ours, ref, np.max(np.abs(y))) < 1e-10
+
+
 @pytest.mark.parametrize("n", [7, 40])
 @pytest.mark.parametrize("lam", [1e-12, 1.0, 1e6])
 def test_matches_high_precision_reference(n, lam):

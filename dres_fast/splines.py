@@ -21,7 +21,8 @@ matrix (column :math:`j` holds :math:`1/h_j,\ -1/h_j - 1/h_{j+1},\ 1/h_{j+1}` in
 
     (R + \lambda Q^T Q)\,\gamma = Q^T y, \qquad g = y - \lambda Q \gamma ,
 
-a symmetric positive definite *pentadiagonal* system, solved by banded Cholesky in float64. At any
+a symmetric positive definite *pentadiagonal* system, solved by banded Cholesky in float64 and
+refined with long-double residuals (see ``_refined_penalized_solve``). At any
 point :math:`s \in [t_i, t_{i+1}]` the spline is
 
 .. math::

@@ -51,7 +51,9 @@ def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool
     r"""``r = y - decoder @ y_coded``; ``loss = reduce(sum_j r_kj^2)``; optionally the gradients
     ``grad_y = c r`` and ``grad_y_coded = -decoder^T grad_y`` for a unit incoming gradient
     (``c = 2/(K d)`` for "mean", 2 for "sum"; for "none" only ``grad_y = 2 r``)."""
-    residual = y.to(decoder.dtype) - _mix(decoder, y_coded)
+    with _ieee_fp32(y.device):
+        # one GEMM with the subtraction folded in: r = y - D y_coded
+        residual = torch.addmm(y.to(decoder.dtype), decoder, y_coded.to(decoder.dtype), alpha=-1)
     per_sample = (residual * residual).sum(dim=1)
     if reduction == "none":
         loss = per_sample
@@ -65,5 +67,5 @@ def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool
     grad_y = residual * reduction_scale(reduction, residual.numel())
     if reduction == "none":
         return loss, grad_y.to(y.dtype), y.new_empty(0)
-    grad_y_coded = -_mix(decoder.t(), grad_y)
+    grad_y_coded = _mix(decoder.t(), grad_y).neg_()  # a fresh tensor: negate in place
     return loss, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)

@@ -353,7 +353,8 @@ def test_submodule_sums_repeated_calls():
 
 
 # -- torch.compile --------------------------------------------------------------------------------
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(compiler):
     torch._dynamo.reset()
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh())
     crit = dres_fast.DReSLoss(num_coded=6)
@@ -362,7 +363,7 @@ def test_compile_fullgraph_matches_eager():
         y = net(x)
         return crit(net, x, y=y) + y.pow(2).mean()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     x = torch.randn(8, 5, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     loss = compiled(x)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spline_mix import (INTERPRET, autotuning, check_device, compute_dtype, d_bucket, device_guard, dot_mode,
+from .spline_mix import (INTERPRET, acc_zeros, autotuning, check_device, compute_dtype, d_bucket, device_guard, dot_mode,
                          launch, mix_dot, spline_mix_into)
 
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N.
@@ -61,20 +61,14 @@ def _reconstruction_loss_kernel(
     col_ok = cols < D
     ns = tl.arange(0, BLOCK_N)
 
-    if DOT_MODE == "fp64":
-        acc_zero = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float64)
-    else:
-        acc_zero = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    acc_zero = acc_zeros(BLOCK_K, BLOCK_D, DOT_MODE)
 
     if N_RESIDENT:
         # y_coded's column tile: read from HBM once, reused by every row tile
         yc_tile = tl.load(yc_ptr + ns[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
                           mask=(ns < N)[:, None] & col_ok[None, :], other=0.0)
         if WRITE_GRAD_YC:
-            if DOT_MODE == "fp64":
-                grad_yc_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float64)
-            else:
-                grad_yc_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            grad_yc_acc = acc_zeros(BLOCK_N, BLOCK_D, DOT_MODE)
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

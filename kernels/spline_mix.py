@@ -116,6 +116,15 @@ def dot_mode(dtype):
 
 
 @triton.jit
+def acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """A zero accumulator tile in the compute dtype: float64 for float64 inputs, else float32."""
+    if DOT_MODE == "fp64":
+        return tl.zeros((ROWS, COLS), dtype=tl.float64)
+    else:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
 def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
     """``acc + w @ x`` with ``w`` in the compute dtype (fp32/fp64) and ``x`` in the data dtype."""
     if DOT_MODE == "ieee":
@@ -164,10 +173,7 @@ def _spline_mix_kernel(
     row_ok = rows < M
     col_ok = cols < D
 
-    if DOT_MODE == "fp64":
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = acc_zeros(BLOCK_M, BLOCK_D, DOT_MODE)
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

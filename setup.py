@@ -31,7 +31,7 @@ def _extensions():
     if support is None:
         return [], {}
     extensions = support.cuda_extensions()
-    return extensions, (support.build_cmdclass() if extensions else {})
+    return extensions, support.build_cmdclass(extensions)
 
 
 ext_modules, cmdclass = _extensions()

@@ -34,12 +34,17 @@ def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def kernel_sources(directory: str) -> list[str]:
+    """The CUDA (.cu) and binding (.cpp) sources in ``directory``, each group sorted."""
+    found = sorted(glob.glob(os.path.join(directory, "*.cu")))
+    return found + sorted(glob.glob(os.path.join(directory, "*.cpp")))
+
+
 def csrc_sources(relative: bool = True) -> list[str]:
-    """The CUDA (.cu) and binding (.cpp) sources, sorted; relative to repo_root() by default
-    (setuptools wants paths relative to setup.py)."""
+    """kernel_sources of the repository's csrc/; relative to repo_root() by default (setuptools
+    wants paths relative to setup.py)."""
     root = repo_root()
-    found = sorted(glob.glob(os.path.join(root, "csrc", "*.cu")))
-    found += sorted(glob.glob(os.path.join(root, "csrc", "*.cpp")))
+    found = kernel_sources(os.path.join(root, "csrc"))
     return [os.path.relpath(p, root) if relative else p for p in found]
 
 
@@ -101,6 +106,3 @@ def build_cmdclass(extensions: list | None = None) -> dict:
     from torch.utils.cpp_extension import BuildExtension
 
     return {"build_ext": BuildExtension}
-
-
-cmdclass = build_cmdclass  # alias

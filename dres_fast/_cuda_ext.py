@@ -24,6 +24,8 @@ import sys
 import threading
 import traceback
 
+from ._build_support import kernel_sources
+
 JIT_NAME = "dres_fast_C_jit"
 PREBUILT_NAME = "dres_fast._C"
 OPS_NAMESPACE = "dres_fast_C"
@@ -49,11 +51,7 @@ def source_dir() -> str | None:
 
 def source_files() -> list[str]:
     src = source_dir()
-    if src is None:
-        return []
-    names = sorted(n for n in os.listdir(src) if n.endswith(".cu"))
-    names += sorted(n for n in os.listdir(src) if n.endswith(".cpp"))
-    return [os.path.join(src, n) for n in names]
+    return [] if src is None else kernel_sources(src)
 
 
 def cache_dir() -> str:

@@ -192,25 +192,32 @@ def _band_matvec(diagonals, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _refined_penalized_solve(t: np.ndarray, lam: float, iterations: int = 2) -> np.ndarray:
+def _float64_solve(t: np.ndarray, lam: float):
+    """(Q^T, the float64 banded storage of M = (R + lam Q^T Q) / (1 + lam), M^{-1} Q^T / (1 + lam))."""
+    _, a, b, c, r_diag, r_off = _reinsch_bands(t)
+    qt = _q_transpose_identity(a, b, c)
+    bands = _penalized_bands(a, b, c, r_diag, r_off, lam)
+    return qt, bands, _solve_banded_spd(bands, qt / (1.0 + lam))
+
+
+def _refined_penalized_solve(t: np.ndarray, lam: float, iterations: int = 2):
     """gamma = (R + lam Q^T Q)^{-1} Q^T (the knots' second derivatives per unit data vector),
-    (n-2, n), in long double.
+    (n-2, n), in long double, and Q's diagonals (a, b, c) in long double.
 
     Banded Cholesky in float64, then iterative refinement with residuals in long double: at 1024
     near-coincident Chebyshev knots the plain float64 solve loses up to ~6e-9 of the fit (relative)
     at large lam, the refined one ~4e-12 (checked against 50-digit arithmetic). Where long double is
     float64 (MSVC builds), refinement gains nothing and costs little."""
     ext = np.longdouble
-    a64, b64, c64, rd64, ro64 = _reinsch_bands(t)[1:]
-    factor_bands = _penalized_bands(a64, b64, c64, rd64, ro64, lam)
+    _, factor_bands, gamma64 = _float64_solve(t, lam)
     _, a, b, c, r_diag, r_off = _reinsch_bands(t.astype(ext))
     diagonals = _penalized_diagonals(a, b, c, r_diag, r_off, lam)
     rhs = _q_transpose_identity(a, b, c) / (1 + ext(lam))
-    gamma = _solve_banded_spd(factor_bands, rhs.astype(np.float64)).astype(ext)
+    gamma = gamma64.astype(ext)
     for _ in range(iterations):
         residual = rhs - _band_matvec(diagonals, gamma)
         gamma += _solve_banded_spd(factor_bands, residual.astype(np.float64))
-    return gamma
+    return gamma, (a, b, c)
 
 
 def _apply_q(a, b, c, gamma: np.ndarray) -> np.ndarray:
@@ -249,8 +256,7 @@ def _fit_operators(t_key: tuple, lam: float):
     if math.isinf(lam):
         smoother = _line_projection(t)
     else:
-        gamma = _refined_penalized_solve(t, lam)
-        _, a, b, c, _, _ = _reinsch_bands(t.astype(gamma.dtype))
+        gamma, (a, b, c) = _refined_penalized_solve(t, lam)
         # g = y - lam Q gamma: formed in long double too, since for large lam it is a small
         # difference of two O(1) matrices
         smoother = (np.eye(n, dtype=gamma.dtype) - gamma.dtype.type(lam) * _apply_q(a, b, c, gamma)).astype(np.float64)
@@ -352,9 +358,7 @@ def _trace_of_smoother(t: np.ndarray, lam: float) -> float:
     n = t.shape[0]
     if math.isinf(lam):
         return 2.0  # the least-squares line: a rank-2 projection
-    h, a, b, c, r_diag, r_off = _reinsch_bands(t)
-    qt = _q_transpose_identity(a, b, c)
-    gamma = _solve_banded_spd(_penalized_bands(a, b, c, r_diag, r_off, lam), qt / (1.0 + lam))
+    qt, _, gamma = _float64_solve(t, lam)
     # trace(Q gamma) = sum_ij Q_ij gamma_ji = sum(Q^T * gamma)
     return float(n - lam * np.sum(qt * gamma))
 

@@ -143,7 +143,8 @@ def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
         acc = tl.dot(w2, x, acc=acc)
         acc = tl.dot(w1, x, acc=acc)
     else:  # "fp64"
-        acc = tl.dot(w, x.to(tl.float64), acc=acc)
+        # out_dtype must be named: Triton 3.6 defaults it to fp32 and rejects the fp64 accumulator
+        acc = tl.dot(w, x.to(tl.float64), acc=acc, out_dtype=tl.float64)
     return acc
 
 

@@ -149,7 +149,14 @@ def available_backends(device: str = None) -> List[str]:
     for name in BACKENDS:
         try:
             _resolve(name, "", device_type)
-            _load(name)
+            if name == "cuda":
+                # reporting must never compile: the first-use build takes a minute or more
+                from .. import _cuda_ext
+
+                if not _cuda_ext.is_available()[0]:
+                    continue
+            else:
+                _load(name)
         except BackendUnavailableError:
             continue
         names.append(name)

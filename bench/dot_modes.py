@@ -38,12 +38,14 @@ def run(K=256, N=256, d=1 << 16):
         ref_gyc = -dec.double().t() @ ref[1]
         loss, gy, gyc = recon(y, y_coded, dec, "mean", True)
         errs = [abs(loss.double() - ref[0]).item() / ref[0].item(), _rel(gy, ref[1]), _rel(gyc, ref_gyc)]
-        rows.append({
+        row = {
             "case": case, "dtype": dtype_name, "dot": mode, "errors": errs,
             "x_torch": [e / max(t, 1e-300) for e, t in zip(errs, torch_errs)] if torch_errs else None,
             "recon_ms": triton.testing.do_bench(lambda: recon(y, y_coded, dec, "mean", True), return_mode="median"),
             "mix_ms": triton.testing.do_bench(lambda: mix(dec, y_coded), return_mode="median"),
-        })
+        }
+        rows.append(row)
+        print(format_rows([row]).splitlines()[-1], flush=True)  # a timed-out run still shows what it measured
 
     for case, noise in (("random", None), ("cancel", 1e-3)):
         y64 = (decoder @ y_coded64 + noise * torch.randn(K, d, device="cuda", dtype=torch.float64, generator=gen)
@@ -80,8 +82,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.dot_modes needs a CUDA GPU")
+    print(format_rows([]))
     rows = run()
-    print(format_rows(rows))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)

@@ -11,6 +11,7 @@
 #            the index, always with torch pinned to the installed version (pip never touches torch)
 #   install  pip install --no-deps --no-build-isolation -e . (the CUDA extension is built in the next step)
 #   build    the CUDA extension, verbosely (skipped, not failed, when nvcc is missing)
+#   cpp      whether a C++ TORCH_CHECK failure inside an extension reaches Python as a RuntimeError
 #   tests    the GPU tests: Triton compiled kernels, the CUDA extension, the ops through both, torch.compile
 #   dots     fp32 dot modes (ieee vs tf32x3): error against float64 relative to torch's own fp32 error,
 #            and time; the fp16/bf16 split dots
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 # The device tool returns at most 8 files from $OUT: logs go to a scratch folder, packed into one archive there.
 if [ -n "${OUT:-}" ]; then LOG_DIR=$(mktemp -d); else LOG_DIR=bench/out/gpu_check; fi
 mkdir -p "$LOG_DIR"
-STEPS="${STEPS:-deps install build tests dots kernels steps}"
+STEPS="${STEPS:-deps install build cpp tests dots kernels steps}"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-480}"
 KERNELS_MODE="${KERNELS_MODE:-full}"
@@ -110,6 +111,7 @@ export PY; export -f step_deps step_build
 run_step deps 90 bash -c step_deps
 run_step install 90 env DRES_SKIP_CUDA=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 run_step build 180 bash -c step_build
+run_step cpp 100 "$PY" -m bench.cpp_throw_probe
 # Fixed Triton tiles keep the tests quick (every autotune config has its own test); no -x: one failure must
 # not hide the others on a scarce device. The CPU-toolchain tests (nvcc, g++) ran in CI already.
 run_step tests 200 env DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests \

@@ -113,10 +113,17 @@ run_step install 90 env DRES_SKIP_CUDA=1 "$PY" -m pip install -q --no-deps --no-
 run_step build 180 bash -c step_build
 run_step cpp 100 "$PY" -m bench.cpp_throw_probe
 # Fixed Triton tiles keep the tests quick (every autotune config has its own test); no -x: one failure must
-# not hide the others on a scarce device. The CPU-toolchain tests (nvcc, g++) ran in CI already.
-run_step tests 200 env DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider tests \
-    -k "not syntax_check and not kernel_bodies_on_cpu and not compile_for_sm90 and not broken_file and not ddp and not fsdp and not bench_smoke and not generalization" \
-    --junitxml="$LOG_DIR/tests.xml"
+# not hide the others on a scarce device. With pytest-xdist a crashing test (a segfault in an extension) is
+# reported and its worker replaced instead of ending the run. CPU-toolchain and multi-process tests ran in CI.
+step_tests() {
+    local parallel=()
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+    DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" tests \
+        -k "not syntax_check and not kernel_bodies_on_cpu and not compile_for_sm90 and not broken_file and not ddp and not fsdp and not bench_smoke and not generalization" \
+        --junitxml="$LOG_DIR/tests.xml"
+}
+export LOG_DIR; export -f step_tests
+run_step tests 200 bash -c step_tests
 run_step dots 90 "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"
 run_step kernels 150 "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --out "$LOG_DIR/kernels.json"
 run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"

@@ -55,7 +55,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "bench": ["matplotlib", "tqdm", "scikit-learn"],
+        "bench": ["matplotlib", "tqdm", "scikit-learn", "mlxtend"],
         "dev": [
             "pytest",
             "pytest-benchmark",
@@ -66,6 +66,7 @@ setup(
             "matplotlib",
             "tqdm",
             "scikit-learn",
+            "mlxtend",
         ],
     },
     ext_modules=ext_modules,

@@ -330,3 +330,47 @@ def test_fixed_dof_is_clipped_for_a_smaller_last_batch(mode):
 def test_functional_dres_loss_keeps_raising_for_too_large_dof():
     with pytest.raises(ValueError, match=r"dof_enc must be between 2 and the number of its knots \(20\)"):
         dres_fast.dres_loss(nn.Linear(4, 2), torch.randn(20, 4), dof_enc=24)
+
+
+# -- what the README says -------------------------------------------------------------------------
+def _readme():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return root, (root / "README.md").read_text()
+
+
+def test_readme_setup_is_two_commands_and_ci_runs_the_second():
+    root, readme = _readme()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    block = setup.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(commands) == 2, commands
+    install, test = commands
+    for step in ("git clone", "cd dres_fast", "python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==", 'pip install -e ".[dev,triton]"'):
+        assert step in install, step
+    assert install.endswith("python -m bench --quick")
+    ci = (root / ".ci" / "run").read_text().split("# README's test command:\n", 1)[1].splitlines()[0]
+    assert test.strip() == ci.strip()
+
+
+def test_readme_caveat_numbers():
+    """The figures quoted under "Caveats", at the defaults, within their measured spread."""
+    torch.manual_seed(3)
+    identity = [dres_fast.dres_loss(lambda t: t, torch.randn(64, 32, dtype=torch.float64)).item() for _ in range(5)]
+    assert 0.22 < sum(identity) / 5 < 0.32  # README: 0.27
+    alpha = dres_fast.points(64, "chebyshev").unsqueeze(1)
+    on_curve = torch.randn(1, 8, dtype=torch.float64) + alpha * torch.randn(1, 8, dtype=torch.float64)
+    assert dres_fast.dres_loss(lambda t: t, on_curve).item() < 1e-20
+    assert dres_fast.dres_loss(lambda t: t, on_curve[torch.randperm(64)]).item() > 1e-2  # order matters
+    # a linear layer: the gradient is about (2 r / d_out) W, like weight decay
+    weight = torch.randn(16, 32, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(dres_fast.dres_loss(lambda t: t @ weight.T, torch.randn(256, 32, dtype=torch.float64)), weight)
+    decay = (grad * weight).sum() / weight.pow(2).sum()
+    assert 0.6 * 2 * 0.27 / 16 < decay < 1.4 * 2 * 0.27 / 16
+    # dropout inside f: two masks inflate the loss
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10))
+    x = torch.randn(64, 32)
+    with_dropout = dres_fast.dres_loss(net, x).item()
+    net[2].eval()
+    assert with_dropout > 3 * dres_fast.dres_loss(net, x).item()

@@ -69,6 +69,20 @@ def test_dres_loss_bad_batch_dim(batch_dim, err, match):
         dres_fast.DReSLoss(batch_dim=batch_dim)(nn.Linear(3, 2), torch.randn(6, 3))
 
 
+@pytest.mark.parametrize("backend", [b for b in dres_fast.ops.available_backends() if b != "torch"])
+def test_other_backends_with_batch_dim_match_torch(backend):
+    fn = PerPosition()
+    x = torch.randn(5, 9, 3, requires_grad=True)  # samples along dim 1: a strided view for the ops
+    losses, grads = [], []
+    for name in ("torch", backend):
+        loss = dres_fast.dres_loss(fn, x, batch_dim=1, num_coded=7, reduction="none", backend=name)
+        (grad,) = torch.autograd.grad(loss, x, torch.linspace(0.5, 2.0, 9))
+        losses.append(loss)
+        grads.append(grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
 def test_output_without_the_batch_axis_is_an_error():
     with pytest.raises(ValueError, match="y must have 6 samples along batch_dim=1"):
         dres_fast.dres_loss(lambda t: t.sum(1), torch.randn(4, 6, 3), batch_dim=1)
@@ -103,6 +117,15 @@ def test_sequence_first_layers_require_batch_dim(make, name):
         dres_fast.SubmoduleDReS(model, name)
     dres_fast.SubmoduleDReS(model, name, batch_dim=1)  # given explicitly: accepted
     dres_fast.SubmoduleDReS(model, name, batch_dim=0)
+
+
+def test_submodule_bad_batch_dim():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    with pytest.raises(TypeError, match="batch_dim must be an int"):
+        dres_fast.SubmoduleDReS(model, "", batch_dim="1")
+    reg = dres_fast.SubmoduleDReS(model, "", batch_dim=2)
+    with reg, pytest.raises(ValueError, match=r"batch_dim=2 is not an axis of the submodule's input of shape \(6, 4\)"):
+        model(torch.randn(6, 4))
 
 
 def test_batch_first_layers_need_no_batch_dim():

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "sequence_first_layers", "rewrite_extra_args"]
+__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers", "rewrite_extra_args"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")

@@ -19,6 +19,7 @@ import numbers
 import torch
 
 from . import ops
+from ._hooks import batch_axis, check_batch_dim
 from .cache import default_cache
 
 __all__ = ["dres_loss", "check_num_coded", "coding_weights"]
@@ -60,13 +61,14 @@ def dres_loss(
     y=None,
     return_decoded: bool = False,
     backend: str = "auto",
+    batch_dim: int = 0,
 ):
     r"""DReS discrepancy of ``fn`` on the batch ``x`` (module docstring).
 
     Args:
         fn: callable (e.g. an ``nn.Module``) mapping ``(B, *in)`` to ``(B, *out)``; run on the coded
             batch with its own parameters (nothing new to train).
-        x: the batch, ``(K, *in)`` with ``K >= 3``.
+        x: the batch, ``(K, *in)`` with ``K >= 3`` (``K`` along ``batch_dim``).
         num_coded: ``N``, the number of coded samples (default ``K``).
         lam_enc, lam_dec: smoothing of the encoder / decoder spline in scipy's convention
             (``0`` interpolates, ``math.inf`` fits a line). Sensitive to ``K``, ``N`` and the points.
@@ -79,6 +81,8 @@ def dres_loss(
         y: ``fn(x)`` if already computed (the main branch), so it is not run twice.
         return_decoded: also return ``y_hat = D fn(E x)``, the DReS reconstruction of ``fn(x)``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        batch_dim: the axis of ``x`` and of ``fn``'s output that holds the samples; the encoder and
+            decoder mix along it and nowhere else (``1`` for ``(T, B, C)`` sequence-first data).
 
     Returns:
         ``loss``, or ``(loss, y_hat)`` when ``return_decoded``.
@@ -87,30 +91,40 @@ def dres_loss(
         raise TypeError(f"fn must be callable (a module or function), got {type(fn).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] < 3:
-        raise ValueError(f"x must hold a batch of at least 3 samples along dim 0, got shape {tuple(x.shape)}")
+    batch_dim = check_batch_dim(batch_dim)
+    x_axis = batch_axis(batch_dim, x)
+    if x_axis is None or x.shape[x_axis] < 3:
+        raise ValueError(
+            f"x must hold a batch of at least 3 samples along batch_dim={batch_dim}, got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-    num_samples = x.shape[0]
+    num_samples = x.shape[x_axis]
     num_coded = check_num_coded(num_coded, num_samples)
     smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
 
+    # The ops mix along dim 0; movedim is a view (no copy) and a no-op for batch_dim=0.
     encoder, _ = coding_weights(num_samples, num_coded, x.device, x.dtype, smoothing)
-    x_coded = ops.spline_mix(encoder, x, backend=backend)
+    x_coded = ops.spline_mix(encoder, x.movedim(x_axis, 0), backend=backend).movedim(0, x_axis)
     if y is None:
         y = fn(x)
     y_coded = fn(x_coded)
+    samples_first, axes = [], []
     for name, value, count in (("y", y, num_samples), ("fn(x_coded)", y_coded, num_coded)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor (fn must return one tensor), got {type(value).__name__}")
-        if value.dim() < 1 or value.shape[0] != count:
-            raise ValueError(f"{name} must have {count} samples along dim 0, got shape {tuple(value.shape)}")
+        axis = batch_axis(batch_dim, value)
+        if axis is None or value.shape[axis] != count:
+            raise ValueError(f"{name} must have {count} samples along batch_dim={batch_dim}, got shape {tuple(value.shape)}")
+        samples_first.append(value.movedim(axis, 0))
+        axes.append(axis)
+    y, y_coded = samples_first
     dtype = torch.promote_types(y.dtype, y_coded.dtype)
     y, y_coded = y.to(dtype), y_coded.to(dtype)
     _, decoder = coding_weights(num_samples, num_coded, y.device, dtype, smoothing)
     loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
     if return_decoded:
-        return loss, ops.spline_mix(decoder, y_coded, backend=backend)
+        return loss, ops.spline_mix(decoder, y_coded, backend=backend).movedim(0, axes[0])
     return loss

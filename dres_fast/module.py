@@ -3,6 +3,7 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import List, Optional
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._hooks import EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers
 from .functional import check_num_coded, coding_weights, dres_loss
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
@@ -41,9 +43,11 @@ class DReSLoss(nn.Module):
         reduction: str = "mean",
         return_decoded: bool = False,
         backend: str = "auto",
+        batch_dim: int = 0,
     ):
         super().__init__()
         _check_options(reduction, backend, num_coded)
+        batch_dim = check_batch_dim(batch_dim)
         if lam_enc is not None and dof_enc is not None:
             raise ValueError("give lam_enc or dof_enc, not both")
         if lam_dec is not None and dof_dec is not None:
@@ -51,6 +55,7 @@ class DReSLoss(nn.Module):
         self.options = dict(
             num_coded=num_coded, lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec,
             alpha=alpha, beta=beta, reduction=reduction, return_decoded=return_decoded, backend=backend,
+            batch_dim=batch_dim,
         )
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
@@ -71,8 +76,19 @@ class SubmoduleDReS:
                 out = model(x)
             loss = criterion(out, target) + 0.1 * reg.loss
 
-    The submodule's first positional argument is the batch (other arguments are passed through
-    unchanged) and it must return one tensor with the batch first.
+    or ``reg.attach()`` once before the loop (``reg.detach()`` after it): each forward of ``model``
+    then starts a fresh record, so ``reg.loss`` is the loss of the latest forward.
+
+    The submodule's first positional argument is the batch and it must return one tensor; both hold
+    the samples along ``batch_dim`` (default 0). If the submodule is, or contains, a layer with
+    ``batch_first=False`` (``nn.MultiheadAttention``, ``nn.Transformer*``, ``nn.RNN/LSTM/GRU``),
+    ``batch_dim`` must be given: the default would mix time steps instead of samples.
+
+    ``extra_args``: tensor arguments of the submodule besides the batch with ``K`` entries along
+    ``batch_dim`` look per-sample (a padding mask, a condition) and have no value for a coded sample.
+    ``"error"`` (default) raises, naming the argument; ``"mix"`` mixes floating-point ones with the
+    batch's encoder (``E c``, concatenated to ``c`` in concat mode) and raises for others (masks, ids);
+    ``"pass"`` passes them unchanged. Other arguments are always passed unchanged.
 
     ``mode``:
 
@@ -85,8 +101,15 @@ class SubmoduleDReS:
       running statistics twice per step (once with the coded batch, which has smaller variance when the
       encoder smooths). The real branch is exactly what the model computes without DReS.
 
-    If the submodule runs several times inside one ``with`` block, ``loss`` is the sum. A batch with
-    fewer than 3 samples (an epoch's last, say) contributes zero, with one warning.
+    ``loss`` sums over the submodule's calls: inside a ``with`` block, all calls in the block; after
+    :meth:`attach`, the calls in the model's latest forward. A call with gradients disabled or with
+    the submodule in eval mode runs no coded branch and contributes zero (validation costs nothing);
+    so does a batch of fewer than 3 samples (one warning). A fixed ``dof_enc`` / ``dof_dec`` above
+    the knots of a batch (a smaller last batch) is clipped to that batch's knot count (one warning);
+    the functional :func:`dres_fast.dres_loss` raises instead.
+
+    Copies of the model made while the hooks are attached (``copy.deepcopy``, ``AveragedModel``, an
+    EMA copy, ``torch.save`` of the whole module) carry inert hooks: no coded branch, no record.
     """
 
     MODES = ("concat", "separate")
@@ -105,6 +128,8 @@ class SubmoduleDReS:
         alpha="chebyshev",
         beta="lobatto",
         reduction: str = "mean",
+        batch_dim: Optional[int] = None,
+        extra_args: str = "error",
         backend: str = "auto",
     ):
         if not isinstance(model, nn.Module):
@@ -119,30 +144,51 @@ class SubmoduleDReS:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if reduction == "none":
             raise ValueError("reduction must be 'mean' or 'sum' here (reg.loss is added to a scalar loss)")
+        if extra_args not in EXTRA_ARGS:
+            raise ValueError(f"extra_args must be one of {EXTRA_ARGS}, got {extra_args!r}")
         _check_options(reduction, backend, num_coded)
+        if batch_dim is None:
+            sequence_first = sequence_first_layers(self.module)
+            if sequence_first:
+                raise ValueError(
+                    f"SubmoduleDReS({submodule!r}): batch_first=False in {', '.join(sequence_first)}, so the "
+                    "submodule's input may be (seq, batch, ...) and mixing along dim 0 would mix time steps, "
+                    "not samples. Pass batch_dim=1 for sequence-first input, or batch_dim=0 if the "
+                    "submodule's input has the batch first."
+                )
+            batch_dim = 0
+        self.batch_dim = check_batch_dim(batch_dim)
+        self.model = model
         self.name = submodule
         self.mode = mode
         self.num_coded = num_coded
         self.reduction = reduction
+        self.extra_args = extra_args
         self.backend = backend
         self.smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
         self._handles: list = []
         self._losses: List[torch.Tensor] = []
-        self._pending: list = []  # concat mode: batch sizes of calls in flight
+        self._pending: list = []  # concat mode: (batch size, coded size) of calls in flight
         self._inside = False  # separate mode: set while the coded branch runs
-        self._warned_small = False
+        self._warned: set = set()
 
     # -- context / attach --------------------------------------------------------------------------
     def attach(self) -> "SubmoduleDReS":
-        """Install the hooks (until :meth:`detach`) and start a fresh record."""
+        """Install the hooks until :meth:`detach`; each forward of the model starts a fresh record."""
+        return self._install(record_per_forward=True)
+
+    def _install(self, record_per_forward: bool) -> "SubmoduleDReS":
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
-        self._losses = []
+        self.reset()
+        # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
+        if record_per_forward:  # registered first: it runs before the others when submodule == model
+            self._handles.append(self.model.register_forward_pre_hook(BoundHook(self, "_start_record")))
         if self.mode == "concat":
-            self._handles.append(self.module.register_forward_pre_hook(self._concat_pre_hook, with_kwargs=True))
-            self._handles.append(self.module.register_forward_hook(self._concat_hook))
+            pre_hook = self.module.register_forward_pre_hook(BoundHook(self, "_concat_pre_hook"), with_kwargs=True)
+            self._handles += [pre_hook, self.module.register_forward_hook(BoundHook(self, "_concat_hook"))]
         else:
-            self._handles.append(self.module.register_forward_hook(self._separate_hook, with_kwargs=True))
+            self._handles.append(self.module.register_forward_hook(BoundHook(self, "_separate_hook"), with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -152,14 +198,14 @@ class SubmoduleDReS:
         self._pending.clear()
 
     def __enter__(self) -> "SubmoduleDReS":
-        return self.attach()
+        return self._install(record_per_forward=False)
 
     def __exit__(self, *exc) -> None:
         self.detach()
 
     @property
     def loss(self) -> torch.Tensor:
-        """The DReS discrepancy recorded in the last ``with`` block (sum over the submodule's calls)."""
+        """The recorded DReS discrepancy (sum over the submodule's calls; see the class docstring)."""
         if not self._losses:
             raise RuntimeError(f"submodule {self.name!r} did not run inside the `with` block: no DReS loss recorded")
         total = self._losses[0]
@@ -168,48 +214,98 @@ class SubmoduleDReS:
         return total
 
     def reset(self) -> None:
-        """Forget the recorded losses (for use with :meth:`attach` across steps)."""
+        """Forget the recorded losses."""
         self._losses = []
+        self._pending.clear()
 
-    # -- hooks --------------------------------------------------------------------------------------
-    def _too_small(self, batch: torch.Tensor) -> bool:
-        if batch.shape[0] >= 3:
-            return False
-        if not self._warned_small:
-            warnings.warn(
-                f"SubmoduleDReS({self.name!r}): a batch of {batch.shape[0]} samples is too small for DReS "
-                "(needs 3); it contributes zero. This warning is shown once.",
-                stacklevel=4,
-            )
-            self._warned_small = True
-        self._losses.append(batch.new_zeros((), dtype=torch.float32 if batch.dtype != torch.float64 else batch.dtype))
-        return True
+    # -- helpers ------------------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"SubmoduleDReS({self.name!r}): {message} This warning is shown once.", stacklevel=5)
 
-    @staticmethod
-    def _batch_of(args, name: str) -> torch.Tensor:
+    def _batch_of(self, args) -> torch.Tensor:
         if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"SubmoduleDReS({name!r}): the submodule's first positional argument must be the batch tensor")
+            raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule's first positional argument must be the batch tensor")
+        if batch_axis(self.batch_dim, args[0]) is None:
+            raise ValueError(
+                f"SubmoduleDReS({self.name!r}): batch_dim={self.batch_dim} is not an axis of the submodule's "
+                f"input of shape {tuple(args[0].shape)}"
+            )
         return args[0]
 
-    def _weights(self, batch: torch.Tensor, num_coded: int, dtype=None):
-        return coding_weights(batch.shape[0], num_coded, batch.device, dtype or batch.dtype, self.smoothing)
+    def _skipped(self, module: nn.Module, batch: torch.Tensor) -> bool:
+        """True (and a zero recorded) when this call gets no coded branch."""
+        num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
+        skip = not (torch.is_grad_enabled() and module.training)
+        if not skip and num_samples < 3:
+            self._warn_once("small", f"a batch of {num_samples} samples is too small for DReS (needs 3); it contributes zero.")
+            skip = True
+        if skip:
+            self._losses.append(batch.new_zeros((), dtype=torch.float64 if batch.dtype == torch.float64 else torch.float32))
+        return skip
+
+    def _smoothing_for(self, num_samples: int, num_coded: int) -> dict:
+        """The smoothing options with a fixed ``dof_*`` clipped to this batch's knots."""
+        smoothing = dict(self.smoothing)
+        for key, knots in (("dof_enc", num_samples), ("dof_dec", num_coded)):
+            dof = smoothing[key]
+            if isinstance(dof, numbers.Real) and not isinstance(dof, bool) and dof > knots:
+                smoothing[key] = float(knots)
+                self._warn_once(
+                    key, f"{key}={dof} exceeds the {knots} knots of a batch of {num_samples} samples; it is "
+                    f"clipped to {knots} (interpolation) for such batches."
+                )
+        return smoothing
+
+    def _mix(self, encoder_for, value: torch.Tensor) -> torch.Tensor:
+        axis = batch_axis(self.batch_dim, value)
+        encoder, _ = encoder_for(value.dtype)
+        return ops.spline_mix(encoder, value.movedim(axis, 0), backend=self.backend).movedim(0, axis)
+
+    def _coding(self, batch: torch.Tensor, args, kwargs, append: bool):
+        """(K, N, smoothing, args, kwargs) for one call, the extra arguments handled per ``extra_args``
+        (coded values, or real and coded values concatenated when ``append``)."""
+        num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
+        num_coded = check_num_coded(self.num_coded, num_samples)
+        smoothing = self._smoothing_for(num_samples, num_coded)
+
+        def encoder_for(dtype):
+            return coding_weights(num_samples, num_coded, batch.device, dtype, smoothing)
+
+        def transform(value):
+            coded = self._mix(encoder_for, value)
+            return torch.cat([value, coded], dim=batch_axis(self.batch_dim, value)) if append else coded
+
+        args, kwargs = rewrite_extra_args(
+            args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
+            transform=transform, owner=f"SubmoduleDReS({self.name!r})",
+        )
+        return num_samples, num_coded, smoothing, encoder_for, args, kwargs
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _start_record(self, module, args):
+        if not self._inside:  # the coded branch re-enters the model when the submodule is the model
+            self.reset()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
             return None
-        batch = self._batch_of(args, self.name)
-        if self._too_small(batch):
+        batch = self._batch_of(args)
+        if self._skipped(module, batch):
             return None
+        _, num_coded, smoothing, _, coded_args, coded_kwargs = self._coding(batch, args, kwargs, append=False)
         self._inside = True
         try:
             loss = dres_loss(
-                lambda coded: module(coded, *args[1:], **kwargs),
+                lambda coded: module(coded, *coded_args[1:], **coded_kwargs),
                 batch,
                 y=output,
-                num_coded=self.num_coded,
+                num_coded=num_coded,
                 reduction=self.reduction,
                 backend=self.backend,
-                **self.smoothing,
+                batch_dim=self.batch_dim,
+                **smoothing,
             )
         finally:
             self._inside = False
@@ -217,28 +313,30 @@ class SubmoduleDReS:
         return None
 
     def _concat_pre_hook(self, module, args, kwargs):
-        batch = self._batch_of(args, self.name)
-        if self._too_small(batch):
+        batch = self._batch_of(args)
+        if self._skipped(module, batch):
             self._pending.append(None)
             return None
-        num_coded = check_num_coded(self.num_coded, batch.shape[0])
-        encoder, _ = self._weights(batch, num_coded)
-        coded = ops.spline_mix(encoder, batch, backend=self.backend)
-        self._pending.append((batch.shape[0], num_coded))
-        return (torch.cat([batch, coded], dim=0),) + tuple(args[1:]), kwargs
+        num_samples, num_coded, _, encoder_for, args, kwargs = self._coding(batch, args, kwargs, append=True)
+        coded = self._mix(encoder_for, batch)
+        self._pending.append((num_samples, num_coded, encoder_for))
+        return (torch.cat([batch, coded], dim=batch_axis(self.batch_dim, batch)),) + tuple(args[1:]), kwargs
 
     def _concat_hook(self, module, args, output):
         sizes = self._pending.pop() if self._pending else None
         if sizes is None:
             return None
-        num_samples, num_coded = sizes
-        if not isinstance(output, torch.Tensor) or output.shape[0] != num_samples + num_coded:
+        num_samples, num_coded, encoder_for = sizes
+        axis = batch_axis(self.batch_dim, output) if isinstance(output, torch.Tensor) else None
+        if axis is None or output.shape[axis] != num_samples + num_coded:
             raise TypeError(
                 f"SubmoduleDReS({self.name!r}, mode='concat'): the submodule must return one tensor with the "
-                f"batch first ({num_samples + num_coded} rows here), got "
+                f"samples along batch_dim={self.batch_dim} ({num_samples + num_coded} of them here), got "
                 f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
             )
-        y, y_coded = output[:num_samples], output[num_samples:]
-        _, decoder = self._weights(y, num_coded)
-        self._losses.append(ops.reconstruction_loss(y, y_coded, decoder, reduction=self.reduction, backend=self.backend))
+        y, y_coded = output.narrow(axis, 0, num_samples), output.narrow(axis, num_samples, num_coded)
+        _, decoder = encoder_for(y.dtype)
+        self._losses.append(
+            ops.reconstruction_loss(y.movedim(axis, 0), y_coded.movedim(axis, 0), decoder, reduction=self.reduction, backend=self.backend)
+        )
         return y

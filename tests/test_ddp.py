@@ -1,5 +1,6 @@
 """DReS inside DistributedDataParallel: 2 CPU processes over gloo, a BatchNorm model, the coded
-branch local to each rank; the replicas must stay identical."""
+branch local to each rank; the replicas must stay identical, also after a step in which one rank's
+batch is too small for DReS (that rank runs no coded branch, the other does)."""
 
 import datetime
 import json
@@ -42,9 +43,10 @@ def _worker(rank, world, port, mode, out_dir):
     reg = dres_fast.SubmoduleDReS(model.module, "features", mode=mode, num_coded=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-    for _ in range(4):
-        x = torch.randn(12, 6, generator=gen)
-        target = torch.randint(0, 3, (12,), generator=gen)
+    for step in range(4):
+        size = 2 if (rank == 0 and step == 1) else 12  # README: DDP is not affected by such a step
+        x = torch.randn(size, 6, generator=gen)
+        target = torch.randint(0, 3, (size,), generator=gen)
         with reg:
             out = model(x)
         loss = nn.functional.cross_entropy(out, target) + 0.5 * reg.loss

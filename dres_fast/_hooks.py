@@ -1,0 +1,126 @@
+"""Pieces of :class:`dres_fast.SubmoduleDReS` that are about the submodule's calls rather than DReS:
+hook objects that survive copying the model, the ``batch_first=False`` check, and the handling of
+per-sample tensor arguments besides the batch (``extra_args``)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers", "rewrite_extra_args"]
+
+#: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
+EXTRA_ARGS = ("error", "mix", "pass")
+
+
+class InertHook:
+    """A hook that does nothing: what a copied model's DReS hooks become."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+    def __repr__(self) -> str:
+        return "InertHook()"
+
+
+class BoundHook:
+    """Calls ``getattr(owner, method)`` as a module hook. Copying it (``copy.deepcopy`` of the model,
+    ``AveragedModel``, an EMA copy, ``torch.save`` of the whole module) gives an :class:`InertHook`:
+    the copy must not run a coded branch or write into the original's record, and the recorded
+    losses (non-leaf tensors) can be neither deep-copied nor pickled."""
+
+    def __init__(self, owner, method: str):
+        self.owner = owner
+        self.method = method
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.owner, self.method)(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self):
+        return (InertHook, ())
+
+
+def batch_axis(batch_dim: int, tensor: torch.Tensor) -> Optional[int]:
+    """``batch_dim`` as a non-negative axis of ``tensor``, or None when ``tensor`` has no such axis."""
+    if -tensor.dim() <= batch_dim < tensor.dim():
+        return batch_dim % tensor.dim()
+    return None
+
+
+def sequence_first_layers(module: nn.Module) -> List[str]:
+    """Names of the modules in ``module`` (itself included) whose ``batch_first`` is False:
+    ``nn.MultiheadAttention``, ``nn.Transformer``, ``nn.RNN/LSTM/GRU`` and the layers built on them."""
+    return [
+        (name or "the submodule itself") + f" ({type(layer).__name__})"
+        for name, layer in module.named_modules()
+        if getattr(layer, "batch_first", None) is False
+    ]
+
+
+def check_batch_dim(batch_dim) -> int:
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral):
+        raise TypeError(f"batch_dim must be an int, got {type(batch_dim).__name__}")
+    return int(batch_dim)
+
+
+def _per_sample(args: tuple, kwargs: Dict, num_samples: int, batch_dim: int):
+    """(label, position or keyword, tensor) for each tensor argument besides the batch (``args[0]``)
+    whose size along ``batch_dim`` is ``num_samples``."""
+    found = []
+    places = [(f"positional argument {i}", i, value) for i, value in enumerate(args) if i > 0]
+    places += [(f"keyword argument {key!r}", key, value) for key, value in kwargs.items()]
+    for label, place, value in places:
+        if isinstance(value, torch.Tensor):
+            axis = batch_axis(batch_dim, value)
+            if axis is not None and value.shape[axis] == num_samples:
+                found.append((label, place, value))
+    return found
+
+
+def rewrite_extra_args(
+    args: tuple,
+    kwargs: Dict,
+    *,
+    policy: str,
+    num_samples: int,
+    batch_dim: int,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    owner: str,
+) -> Tuple[tuple, Dict]:
+    """The submodule's arguments with each per-sample floating-point tensor replaced by
+    ``transform(tensor)`` (``policy="mix"``), unchanged (``"pass"``), or an error that names the
+    argument (``"error"``; and ``"mix"`` for per-sample tensors that are not floating point)."""
+    if policy == "pass":
+        return args, kwargs
+    found = _per_sample(args, kwargs, num_samples, batch_dim)
+    if not found:
+        return args, kwargs
+    if policy == "error":
+        label = found[0][0]
+        raise ValueError(
+            f"{owner}: the submodule's {label} has {num_samples} entries along batch_dim={batch_dim}, like "
+            "the batch, so it looks per-sample; the coded samples are new samples and have no value of "
+            "it. Pass extra_args='mix' to mix floating-point per-sample arguments with the batch's encoder, "
+            "or extra_args='pass' if it is not per-sample (it is then passed unchanged)."
+        )
+    for label, _, value in found:
+        if not value.is_floating_point():
+            raise ValueError(
+                f"{owner}: the submodule's {label} is per-sample ({num_samples} entries along "
+                f"batch_dim={batch_dim}) but of dtype {value.dtype}: extra_args='mix' can only mix "
+                "floating-point values (a mask or an id has no value between two samples). Make it "
+                "floating point, drop it, or pass extra_args='pass' if it is not per-sample."
+            )
+    args, kwargs = list(args), dict(kwargs)
+    for _, place, value in found:
+        if isinstance(place, int):
+            args[place] = transform(value)
+        else:
+            kwargs[place] = transform(value)
+    return tuple(args), kwargs

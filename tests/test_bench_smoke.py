@@ -73,3 +73,21 @@ def test_baselines_finite_loss_and_gradients(model_name):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert grads, method.key
             assert all(torch.isfinite(g).all() for g in grads), method.key
+
+
+
+def test_num_coded_floor_matches_the_library():
+    """N = round(ratio K) is raised to 3, the library's minimum, for the step benchmark and the study."""
+    import dres_fast
+    from bench.generalization.supervised import MethodConfig, make_loss_fn, make_mlp
+
+    assert baselines.MIN_NUM_CODED == 3
+    assert [baselines.num_coded_for(r, 10) for r in (0.1, 0.25, 0.5, 2.0)] == [3, 3, 5, 20]
+    torch.manual_seed(0)
+    model = make_mlp(in_dim=64, hidden=8)
+    x, target = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for method in ("dres", "dres_decoded"):  # round(0.25 * 8) = 2 < 3: the library would reject it
+        loss = make_loss_fn(MethodConfig(method, 0.5, coded_ratio=0.25))
+        assert math.isfinite(loss(model, x, target, 0).item())
+    with pytest.raises(ValueError, match="num_coded"):
+        dres_fast.dres_loss(model, x, num_coded=2)

@@ -76,6 +76,30 @@ def test_baselines_finite_loss_and_gradients(model_name):
 
 
 
+def test_memory_helper_leaves_nothing_frozen():
+    """The memory helper freezes the gc before forking its children. Objects still frozen at exit are
+    never freed, and nanobind (Triton's bindings) then prints ~40 lines of `nanobind: leaked ...` at the
+    end of `python -m bench`: the helper must unfreeze once its children are done."""
+    import gc
+
+    from bench import memory
+
+    emitted = []
+    memory.serve({"target": "bench.steps:measure_memory", "tasks": []}, emitted.append)
+    assert emitted == [] and gc.get_freeze_count() == 0
+
+
+def test_memory_helper_exits_without_nanobind_leak_reports():
+    """The helper process as `python -m bench` starts it: its stderr carries no leak report."""
+    import subprocess
+
+    request = json.dumps({"target": "bench.steps:measure_memory", "tasks": [], "preload": ["dres_fast"]})
+    proc = subprocess.run([sys.executable, "-m", "bench.memory"], input=request + "\n", cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "leaked" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_num_coded_floor_matches_the_library():
     """N = round(ratio K) is raised to 3, the library's minimum, for the step benchmark and the study."""
     import dres_fast

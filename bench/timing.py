@@ -6,6 +6,7 @@ queued GPU work is counted where it runs, not where it is launched.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -29,6 +30,20 @@ def choose_threads(device: str, threads: int | None = None) -> str:
         torch.set_num_threads(1)
         return f"1 thread: 1-minute load average {load:.1f} on {cores} cores shows other work (override: --threads)"
     return f"torch default ({torch.get_num_threads()}): load average {load:.1f} on {cores} cores"
+
+
+def add_machine_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every benchmark command shares: ``--device`` and ``--threads``."""
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, or 1 when the load average shows other work)")
+    return parser
+
+
+def require_device(device: str, prog: str) -> None:
+    """Stop with a message naming the command when ``--device cuda`` has no GPU behind it."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"{prog}: --device cuda asked for but torch.cuda.is_available() is False")
 
 
 def synchronize(device: str) -> None:
@@ -99,4 +114,4 @@ def interleaved_rounds(measures: dict[str, Callable[[int], float]], rounds: int,
     return samples, errors
 
 
-__all__ = ["choose_threads", "synchronize", "timed_call", "time_fn", "interleaved_rounds"]
+__all__ = ["add_machine_options", "require_device", "choose_threads", "synchronize", "timed_call", "time_fn", "interleaved_rounds"]

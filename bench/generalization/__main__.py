@@ -18,7 +18,7 @@ from bench.generalization.studies import resummarize, run_study
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.generalization", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds and a reduced grid (< 10 min on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: results do not depend on it)")

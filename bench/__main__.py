@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--device cpu|cuda]``: the whole benchmark.
 
-Kernels against their measured floors, then training steps of DReS against the baselines; writes
+Kernels against their measured floors, the weight set-up time for K = N from 64 up (once
+bench/weights_setup.py is in the tree), then training steps of DReS against the baselines; writes
 ``results.json``, ``summary.md`` and PNG plots to ``--out`` (default ``bench/out/``) and prints a
 compact table last. ``--quick`` keeps CPU sizes small (a few minutes on 2 cores); ``--smoke`` is a
 seconds-long run for the test suite.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -34,24 +36,38 @@ def _device_name(device: str) -> str:
     return f"CPU: {name}"
 
 
+# K = N sizes of the weight set-up section per run mode (issue 9: K from 64 to 8,192).
+WEIGHT_SETUP_SIZES = {"smoke": [64, 128], "quick": [64, 256, 1024, 4096],
+                      "full": [64, 128, 256, 512, 1024, 2048, 4096, 8192]}
+
+
+def run_weights_section(mode: str) -> tuple[list[dict], str | None]:
+    """Weight set-up: the time and peak memory to build the encoder and decoder for K = N from 64
+    up, rows with keys K, N, seconds, peak_mb. Returns (rows, why not measured).
+
+    The measurement lives in bench/weights_setup.py (``measure(sizes) -> list[dict]``); this is the
+    one place ``python -m bench`` calls it. Until that module is in the tree the section is
+    recorded as not measured, with the reason."""
+    if importlib.util.find_spec("bench.weights_setup") is None:
+        return [], "bench/weights_setup.py is not in this tree"
+    from bench import weights_setup
+
+    return weights_setup.measure(WEIGHT_SETUP_SIZES[mode]), None
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small sizes; < 5 minutes on a 2-core CPU")
-    mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; used by tests/test_bench_smoke.py")
+    from bench.timing import add_machine_options, choose_threads, require_device
+
+    parser = add_machine_options(argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0]))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                         help="output folder (default bench/out/)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, or 1 when the load average shows other work)")
     parser.add_argument("--skip-kernels", action="store_true", help="only the training steps")
     parser.add_argument("--models", default=None, help="comma-separated subset of mlp,cnn,transformer,resnet18")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes; < 5 minutes on a 2-core CPU")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; used by tests/test_bench_smoke.py")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("python -m bench: --device cuda asked for but torch.cuda.is_available() is False")
-
-    from bench.kernels import choose_threads
-
+    require_device(args.device, "python -m bench")
     threads_note = choose_threads(args.device, args.threads)
     from tqdm import tqdm
 
@@ -68,13 +84,17 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "threads_note": threads_note, "mode": run_mode,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "rates": {}, "kernels": [], "kernels_skipped": {}, "steps": [],
+        "rates": {}, "kernels": [], "kernels_skipped": {}, "steps": [], "weights": [],
     }
     progress = functools.partial(tqdm, leave=False, dynamic_ncols=True)
     if not args.skip_kernels:
         with progress(total=count_cases(args.device, run_mode), desc="kernels") as bar:
             kern = run_kernels(args.device, run_mode, progress=bar)
         results.update(rates=kern["rates"], kernels=kern["kernels"], kernels_skipped=kern["skipped"])
+        results["kernel_floor_problems"] = report.floor_problems(kern["kernels"])
+    results["weights"], why_not = run_weights_section(run_mode)
+    if why_not:
+        results["weights_skipped"] = why_not
     models = args.models.split(",") if args.models else None
     results.update(run_steps(args.device, run_mode, models=models, progress_factory=progress))
     results["wall_s"] = time.perf_counter() - started

@@ -1,9 +1,11 @@
-"""Training objectives the step benchmark compares: DReS against smoothness regularizers and mixup.
+"""Training objectives DReS is compared with: smoothness regularizers and mixup, for both the step
+benchmark (bench/steps.py) and the generalization study (bench/generalization/).
 
 Every method maps (model, x, target, step_index) to the scalar loss of one training step; the step
 runner then calls ``loss.backward()`` and ``optimizer.step()``. All models output class logits and the
 task loss is cross-entropy, so each baseline is applied exactly as its paper applies it to a
-classifier. Strengths are the papers' (or reference implementations') defaults, listed per method.
+classifier. The step benchmark uses the papers' (or reference implementations') default strengths,
+listed per method; the study builds the same objectives at the strengths it tunes (``make_*``).
 
 Baselines live here, not in the library: they are reference points, not part of DReS.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,13 @@ LAZY_INTERVAL = 16         # Karras et al. 2020 (StyleGAN2): R1 every 16 minibat
 FD_LAMBDA = 0.1            # Finlay & Oberman 2019: penalty weight (reference code default is 0 = off)
 FD_STEP = 1e-2             # Finlay & Oberman 2019 reference code (cfinlay/tulip): h = 1e-2, O1 differences
 DRES_WEIGHT = 1.0          # DReS discrepancy weight; smoothing left at dres_fast's defaults
+MIN_NUM_CODED = 3          # dres_fast rejects num_coded < 3: a cubic spline needs three knots
+
+
+def num_coded_for(ratio: float, batch: int) -> int:
+    """The number of coded samples N for N/K = ``ratio`` at batch size K: round(ratio K), at least
+    MIN_NUM_CODED. The step benchmark and the study both size DReS with it."""
+    return max(MIN_NUM_CODED, int(round(ratio * batch)))
 
 
 def _cross_entropy(logits, target, reduction="mean"):
@@ -54,20 +64,28 @@ def make_dres(num_coded_ratio: float):
         import dres_fast  # lazy: the other baselines do not need the library
 
         logits = model(x)
-        num_coded = max(3, int(round(num_coded_ratio * x.shape[0])))
+        num_coded = num_coded_for(num_coded_ratio, x.shape[0])
         reg = dres_fast.dres_loss(model, x, num_coded=num_coded, y=logits)
         return _cross_entropy(logits, target) + DRES_WEIGHT * reg
 
     return dres
 
 
-def grad_penalty(model, x, target, step):
-    """Input-gradient penalty by double backpropagation: Drucker & LeCun 1992 ("Improving
-    generalization performance using double backpropagation") penalise ||d loss / d x||^2; the
-    strength follows R1 (Mescheder et al. 2018, "Which training methods for GANs do actually
-    converge?"): gamma / 2 * E ||grad||^2 with gamma = 10."""
-    task, penalty = _input_grad_sq_norm(model, x, target)
-    return task + 0.5 * R1_GAMMA * penalty
+def make_grad_penalty(weight: float):
+    """Input-gradient penalty by double backpropagation (Drucker & LeCun 1992, "Improving
+    generalization performance using double backpropagation"): task loss + ``weight`` * the batch
+    mean of ||d loss_b / d x_b||^2."""
+
+    def grad_penalty(model, x, target, step):
+        task, penalty = _input_grad_sq_norm(model, x, target)
+        return task + weight * penalty
+
+    return grad_penalty
+
+
+# The step benchmark's strength follows R1 (Mescheder et al. 2018, "Which training methods for GANs
+# do actually converge?"): gamma / 2 * E ||grad||^2 with gamma = 10.
+grad_penalty = make_grad_penalty(0.5 * R1_GAMMA)
 
 
 def lazy_grad_penalty(model, x, target, step):
@@ -109,13 +127,23 @@ def hessian(model, x, target, step):
     return _cross_entropy(logits, target) + HESSIAN_WEIGHT * penalty
 
 
-def mixup(model, x, target, step):
+def make_mixup(alpha: float):
     """mixup (Zhang et al. 2018, "mixup: Beyond empirical risk minimization"): one
-    lambda ~ Beta(1, 1) per batch, inputs and (through the loss) labels mixed with a permutation."""
-    lam = float(torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample())
-    perm = torch.randperm(x.shape[0], device=x.device)
-    logits = model(lam * x + (1 - lam) * x[perm])
-    return lam * _cross_entropy(logits, target) + (1 - lam) * _cross_entropy(logits, target[perm])
+    lambda ~ Beta(alpha, alpha) per batch, inputs and (through the loss) labels mixed with a
+    permutation of the batch."""
+
+    def mixup(model, x, target, step):
+        # lambda from NumPy's global generator, the permutation from torch's: callers that want
+        # repeatable runs seed both (the study does, per run)
+        lam = float(np.random.beta(alpha, alpha))
+        perm = torch.randperm(x.shape[0], device=x.device)
+        logits = model(lam * x + (1 - lam) * x[perm])
+        return lam * _cross_entropy(logits, target) + (1 - lam) * _cross_entropy(logits, target[perm])
+
+    return mixup
+
+
+mixup = make_mixup(MIXUP_ALPHA)  # alpha = 1: lambda uniform on [0, 1]
 
 
 def fd_grad_penalty(model, x, target, step):
@@ -192,4 +220,5 @@ def amortized_ms(penalty_ms: float, plain_ms: float, interval: int) -> float:
     return (penalty_ms + (interval - 1) * plain_ms) / interval
 
 
-__all__ = ["Method", "all_methods", "method_by_key", "amortized_ms"]
+__all__ = ["Method", "all_methods", "method_by_key", "amortized_ms", "make_grad_penalty", "make_mixup",
+           "num_coded_for", "MIN_NUM_CODED"]

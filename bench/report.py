@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-from bench.kernels import format_kernel_table
-
 CPU_TARGET_DRES_VS_GP = 0.9   # issue 5: DReS (N = K) step <= 0.9x a grad_penalty step on the CPU CNN
 GPU_TARGET_SPLINE_SHARE = 0.03  # issue 5: spline ops < 3% of a DReS step on a GPU
 
@@ -42,6 +40,16 @@ def _fmt_mem(row) -> str:
     return f"{row['peak_mem_mb']:.1f}"
 
 
+def grid(head: list[str], body: list[list[str]], markdown: bool = False, left=(0,)) -> str:
+    """A table as markdown, or as aligned text (columns in ``left`` flush left, the rest right)."""
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    text = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([text(head), "-" * len(text(head))] + [text(cells) for cells in body])
+
+
 def steps_table(rows: list[dict], markdown: bool = False) -> str:
     """Methods down, models across: step ms (x ERM) and peak step memory in MB."""
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -51,23 +59,51 @@ def steps_table(rows: list[dict], markdown: bool = False) -> str:
     head = ["method"] + [f"{m} (B={batch[m]}) ms" for m in models] + [f"{m} MB" for m in models]
     body = [[k] + [_fmt_ms(cell.get((m, k))) for m in models] + [_fmt_mem(cell.get((m, k))) for m in models]
             for k in keys]
+    return grid(head, body, markdown)
+
+
+def below_floor(row: dict) -> bool:
+    """A time under its floor cannot be a speed-up: the floor uses this run's measured bandwidth and
+    matmul rate, so a kernel beating it means those rates (or this timing) are not trustworthy."""
+    return row.get("ms") is not None and row["ms"] < row["floor_ms"]
+
+
+def _x_floor(row: dict) -> str:
+    if row.get("ms") is None:
+        return "-"
+    return "BELOW FLOOR" if below_floor(row) else f"{row['ms'] / row['floor_ms']:.2f}"
+
+
+def floor_problems(rows: list[dict]) -> list[str]:
+    """One line per kernel row timed under its floor, saying why it is a measurement problem."""
+    return [f"{r['op']} {r['backend']} K={r['K']} N={r['N']} d={r['d']} {r['dtype']}: {r['ms']:.3f} ms is under "
+            f"its floor {r['floor_ms']:.3f} ms; the measured copy bandwidth or matmul rate is below this "
+            "machine's peak (or the timer is off), so this row's x floor is not a result"
+            for r in rows if below_floor(r)]
+
+
+def kernel_table(rows: list[dict], markdown: bool = False) -> str:
+    """One line per kernel row: time, floor and time / floor ("BELOW FLOOR" when under 1)."""
+    head = ["op", "backend", "K", "N", "d", "dtype", "ms", "floor ms", "x floor"]
+    body = [[r["op"], r["backend"], str(r["K"]), str(r["N"]), str(r["d"]), r["dtype"],
+             f"{r['ms']:.3f}" if r.get("ms") is not None else "failed", f"{r['floor_ms']:.3f}", _x_floor(r)]
+            for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
-    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in body])
+        return grid(head, body, markdown=True)
+    lines = grid(head, body, left=(0, 1, 5)).split("\n")
+    out = lines[:2]
+    for row, line in zip(rows, lines[2:]):  # a failure's error under its row
+        out.append(line)
+        if row.get("error"):
+            out.append(f"    error: {row['error'][:150]}")
+    return "\n".join(out)
 
 
-def kernel_table_md(rows: list[dict]) -> str:
-    lines = ["| op | backend | K | N | d | dtype | ms | floor ms | x floor |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else "failed"
-        ratio = f"{r['ms'] / r['floor_ms']:.2f}" if r.get("ms") is not None else "-"
-        lines.append(f"| {r['op']} | {r['backend']} | {r['K']} | {r['N']} | {r['d']} | {r['dtype']} | {ms} | "
-                     f"{r['floor_ms']:.3f} | {ratio} |")
-    return "\n".join(lines)
+def weights_table(rows: list[dict], markdown: bool = False) -> str:
+    """Weight set-up rows (K, N, seconds, peak_mb): the time and memory to build E and D."""
+    head = ["K", "N", "seconds", "peak MB"]
+    body = [[str(r["K"]), str(r["N"]), f"{r['seconds']:.3f}", f"{r['peak_mb']:.1f}"] for r in rows]
+    return grid(head, body, markdown, left=())
 
 
 def errors(rows: list[dict]) -> list[str]:
@@ -81,9 +117,16 @@ def console_table(results: dict) -> str:
              f"mode {results['mode']} | {results['wall_s']:.0f} s",
              f"threads: {results.get('threads_note', '')}",
              f"measured rates: {rates}", "", "kernels (forward + backward):",
-             format_kernel_table(results["kernels"])]
+             kernel_table(results["kernels"])]
     for backend, why in results.get("kernels_skipped", {}).items():
         parts.append(f"  not timed: {backend}: {why}")
+    problems = floor_problems(results["kernels"])
+    if problems:
+        parts += ["measurement problems (kernel times under their floor):"] + [f"  {p}" for p in problems]
+    if results.get("weights"):
+        parts += ["", "weight set-up (encoder and decoder, first call):", weights_table(results["weights"])]
+    elif results.get("weights_skipped"):
+        parts += ["", f"weight set-up: not measured: {results['weights_skipped']}"]
     parts += ["", "training steps: median ms per step (x ERM) | peak step memory MB:",
               steps_table(results["steps"])]
     errs = errors(results["steps"])
@@ -109,10 +152,19 @@ def write_summary(results: dict, out_dir: str, plots: list[str]) -> str:
         "- measured rates: " + ", ".join(f"{k} {v:.3g}" for k, v in results["rates"].items()), "",
         "## Kernels (forward + backward)", "",
         "floor = max(bytes / copy bandwidth, flops / matmul rate), both measured in this run.", "",
-        kernel_table_md(results["kernels"]), "",
+        kernel_table(results["kernels"], markdown=True), "",
     ]
     for backend, why in results.get("kernels_skipped", {}).items():
         lines.append(f"- not timed: `{backend}`: {why}")
+    problems = floor_problems(results["kernels"])
+    if problems:
+        lines += ["", "**Measurement problems**: kernel times under their floor (BELOW FLOOR above):", ""]
+        lines += [f"- {p}" for p in problems]
+    if results.get("weights"):
+        lines += ["", "## Weight set-up (encoder and decoder, first call)", "",
+                  weights_table(results["weights"], markdown=True)]
+    elif results.get("weights_skipped"):
+        lines += ["", f"Weight set-up: not measured: {results['weights_skipped']}."]
     lines += ["", "## Training steps", "",
               "One step = forward, backward, optimizer step; median over interleaved rounds. "
               "`x` = relative to ERM on the same model. MB = peak memory of a step beyond the memory held "
@@ -148,12 +200,14 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     if krows:
         fig, ax = plt.subplots(figsize=(9, 0.28 * len(krows) + 1.5))
         labels = [f"{r['op']} {r['backend']} K{r['K']} N{r['N']} d{r['d']} {r['dtype']}" for r in krows]
-        ax.barh(range(len(krows)), [r["ms"] / r["floor_ms"] for r in krows], color="tab:blue")
+        # red: under the floor, a measurement problem rather than a speed-up (see floor_problems)
+        ax.barh(range(len(krows)), [r["ms"] / r["floor_ms"] for r in krows],
+                color=["tab:red" if below_floor(r) else "tab:blue" for r in krows])
         ax.set_yticks(range(len(krows)), labels, fontsize=7)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.invert_yaxis()
-        ax.set_xlabel("time / floor (1 = at the measured floor)")
+        ax.set_xlabel("time / floor (1 = at the measured floor; red: under it, a measurement problem)")
         ax.set_title(f"kernels, forward + backward ({results['device_name']})")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)

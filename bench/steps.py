@@ -9,32 +9,20 @@ reports their amortized average.
 
 Peak memory, ``peak_mem_mb``: the memory a step needs beyond what is held between steps (model,
 optimizer state, batch): activations kept for backward, gradients, temporaries. ``peak_total_mb``
-is the absolute peak.
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
-  ``memory_allocated`` before the step.
-* CPU: PyTorch has no CPU allocator statistics and tracemalloc does not see its allocations, so each
-  (model, method) runs in its own process forked from a clean helper process, and we read the
-  kernel's resident-set high-water mark (VmHWM in /proc/self/status). After a warm-up step the child
-  returns freed heap to the OS (malloc_trim) and resets the high-water mark (writing 5 to
-  /proc/self/clear_refs); the row is VmHWM after the measured steps minus VmRSS before them. Where
-  resetting is not allowed, the child's VmHWM since fork is used (an upper bound; marked in the row).
+is the absolute peak. How it is read (CUDA allocator statistics; on CPU the resident-set
+high-water mark of a process forked per (model, method)) is in bench/memory.py.
 """
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
-import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
-from bench import baselines
+from bench import baselines, memory
 from bench.models import build_model, input_shape
+from bench.timing import interleaved_rounds, synchronize, time_fn, timed_call
 
 # Sizes per mode. CPU modes are small so `--quick` fits in minutes on 2 cores.
 SIZES = {
@@ -82,13 +70,8 @@ def make_runner(base_model, method: baselines.Method, x, target):
     return step
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".split("\n")[0][:300]
-
-
 def time_model(model_name: str, methods, sizes: dict, device: str, progress=None) -> list[dict]:
     """Interleaved step timing of every method on one model; one row per method."""
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
     base = build_model(model_name, sizes["models"][model_name]).to(device)
     x, target = make_batch(model_name, sizes, sizes["batch"], device)
@@ -99,43 +82,27 @@ def time_model(model_name: str, methods, sizes: dict, device: str, progress=None
             for i in range(sizes["warmup"]):
                 # Lazy methods: warm up both the regularized (index 0) and the plain step.
                 runners[method.key](0 if method.interval > 1 and i == 0 else i + 1)
-            sync()
+            synchronize(device)
         except Exception as exc:  # e.g. no double backward through fused attention
-            errors[method.key] = _error(exc)
+            errors[method.key] = memory.error_text(exc)
             runners.pop(method.key, None)
 
-    def timed(step, index) -> float:
-        sync()
-        start = time.perf_counter()
-        step(index)
-        sync()
-        return (time.perf_counter() - start) * 1e3
+    def measure(method, step):
+        if method.interval > 1:
+            return lambda r: baselines.amortized_ms(timed_call(lambda: step(0), device),
+                                                    timed_call(lambda: step(1), device), method.interval)
+        return lambda r: timed_call(lambda: step(r + 1), device)
 
-    samples = {key: [] for key in runners}
-    active = [m for m in methods if m.key in runners]
-    for r in range(sizes["rounds"]):
-        shift = r % max(1, len(active))
-        for method in active[shift:] + active[:shift]:
-            if method.key in errors:
-                continue
-            try:
-                step = runners[method.key]
-                if method.interval > 1:
-                    ms = baselines.amortized_ms(timed(step, 0), timed(step, 1), method.interval)
-                else:
-                    ms = timed(step, r + 1)
-                samples[method.key].append(ms)
-            except Exception as exc:
-                errors[method.key] = _error(exc)
-        if progress is not None:
-            progress.update(1)
+    measures = {m.key: measure(m, runners[m.key]) for m in methods if m.key in runners}
+    samples, round_errors = interleaved_rounds(measures, sizes["rounds"], progress, memory.error_text)
+    errors.update(round_errors)
 
     rows = []
     for method in methods:
         row = {"method": method.name, "model": model_name, "batch": sizes["batch"], "ms": None,
                "peak_mem_mb": None, "key": method.key, **method.extra}
         if "num_coded_ratio" in method.extra:
-            row["num_coded"] = max(3, int(round(method.extra["num_coded_ratio"] * sizes["batch"])))
+            row["num_coded"] = baselines.num_coded_for(method.extra["num_coded_ratio"], sizes["batch"])
         if method.interval > 1:
             row["interval"] = method.interval
             row["timing"] = "amortized over the interval"
@@ -150,119 +117,19 @@ def time_model(model_name: str, methods, sizes: dict, device: str, progress=None
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Peak memory
-# ----------------------------------------------------------------------------------------------
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> bool:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure_memory(model_name: str, method_key: str, sizes: dict, device: str) -> dict:
-    """Peak memory of training steps of one method on one model (see the module docstring)."""
-    method = baselines.method_by_key(method_key)
+def measure_memory(task: dict) -> dict:
+    """Peak memory of the training steps of ``task["key"]`` on ``task["model"]`` (bench/memory.py),
+    after a warm-up step: optimizer state and lazy initialisation are not per-step costs."""
+    device, sizes = task.get("device", "cpu"), task["sizes"]
+    method = baselines.method_by_key(task["key"])
     torch.manual_seed(0)
-    base = build_model(model_name, sizes["models"][model_name]).to(device)
-    x, target = make_batch(model_name, sizes, sizes["batch"], device)
+    base = build_model(task["model"], sizes["models"][task["model"]]).to(device)
+    x, target = make_batch(task["model"], sizes, sizes["batch"], device)
     step = make_runner(base, method, x, target)
     indices = [0, 1] if method.interval > 1 else [1]
-    for i in indices:  # warm-up: optimizer state and lazy initialisation are not per-step costs
-        step(i)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        held = torch.cuda.memory_allocated()
-        for i in indices:
-            step(i)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_mem_mb": (peak - held) / 2**20, "peak_total_mb": peak / 2**20,
-                "mem_method": "torch.cuda.max_memory_allocated"}
-    was_reset = _reset_cpu_peak()
-    held_kb = _proc_status_kb("VmRSS")
     for i in indices:
         step(i)
-    peak_kb = _proc_status_kb("VmHWM")
-    return {"peak_mem_mb": (peak_kb - held_kb) / 1024, "peak_total_mb": peak_kb / 1024,
-            "mem_method": "VmHWM-VmRSS (forked process)" + ("" if was_reset else ", HWM since fork")}
-
-
-def _forked(task: dict) -> dict:
-    """Run ``measure_memory`` in a forked child; the child's result comes back through a pipe."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_fd)
-        try:
-            torch.set_num_threads(task["threads"])
-            result = measure_memory(task["model"], task["key"], task["sizes"], "cpu")
-        except BaseException as exc:
-            result = {"error": _error(exc)}
-        os.write(write_fd, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write_fd)
-    chunks = []
-    while chunk := os.read(read_fd, 65536):
-        chunks.append(chunk)
-    os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        return {"error": f"memory child exited with status {status} and no result"}
-    return json.loads(b"".join(chunks))
-
-
-def cpu_memory(tasks: list[dict], progress=None) -> list[dict]:
-    """Peak memory for every task, each in its own process forked from one clean helper process.
-
-    The helper (``python -m bench.steps --memory-helper``) has imported torch but run nothing, so
-    forking it is safe (no OpenMP pool yet) and every child starts from the same state."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.steps", "--memory-helper"], cwd=root, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    proc.stdin.write(json.dumps(tasks) + "\n")
-    proc.stdin.close()
-    results = []
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            results.append(json.loads(line[len("RESULT "):]))
-            if progress is not None:
-                progress.update(1)
-    proc.wait()
-    while len(results) < len(tasks):
-        results.append({"error": f"memory helper exited with status {proc.returncode}"})
-    return results
-
-
-def _memory_helper() -> None:
-    import dres_fast  # noqa: F401  (imported before forking so children do not pay for it)
-
-    tasks = json.loads(sys.stdin.readline())
-    gc.collect()
-    gc.freeze()  # the children's gc.collect() then skips the objects torch created at import
-    for task in tasks:
-        print("RESULT " + json.dumps(_forked(task)), flush=True)
+    return memory.peak_memory(lambda: [step(i) for i in indices], device)
 
 
 def run_steps(device: str, mode: str, models=None, progress_factory=None) -> dict:
@@ -277,20 +144,20 @@ def run_steps(device: str, mode: str, models=None, progress_factory=None) -> dic
     if bar is not None:
         bar.close()
 
-    tasks = [{"model": r["model"], "key": r["key"], "sizes": sizes, "threads": torch.get_num_threads()}
-             for r in rows if r.get("ms") is not None]
+    tasks = [{"model": r["model"], "key": r["key"], "sizes": sizes, "device": device,
+              "threads": torch.get_num_threads()} for r in rows if r.get("ms") is not None]
     bar = progress_factory(total=len(tasks), desc="memory") if progress_factory else None
     if device.startswith("cuda"):
         results = []
         for task in tasks:
             try:
-                results.append(measure_memory(task["model"], task["key"], sizes, device))
+                results.append(measure_memory(task))
             except Exception as exc:
-                results.append({"error": _error(exc)})
+                results.append({"error": memory.error_text(exc)})
             if bar is not None:
                 bar.update(1)
-    else:
-        results = cpu_memory(tasks, progress=bar)
+    else:  # one forked process per task: the high-water mark belongs to the whole process
+        results = memory.isolated("bench.steps:measure_memory", tasks, preload=["dres_fast"], progress=bar)
     if bar is not None:
         bar.close()
     by_key = {(t["model"], t["key"]): res for t, res in zip(tasks, results)}
@@ -321,7 +188,7 @@ def _spline_share(rows: list[dict], sizes: dict, device: str) -> list[dict]:
     the logits, forward + backward, with the backend "auto" picks."""
     from dres_fast import ops
 
-    from bench.kernels import default_weights, time_fn
+    from bench.kernels import default_weights
 
     out = []
     for row in rows:
@@ -341,10 +208,3 @@ def _spline_share(rows: list[dict], sizes: dict, device: str) -> list[dict]:
         out.append({"model": row["model"], "spline_ms": spline_ms, "dres_step_ms": row["ms"],
                     "share": spline_ms / row["ms"]})
     return out
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--memory-helper"]:
-        _memory_helper()
-    else:
-        raise SystemExit("bench.steps is run through `python -m bench`")

@@ -73,3 +73,98 @@ def test_baselines_finite_loss_and_gradients(model_name):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert grads, method.key
             assert all(torch.isfinite(g).all() for g in grads), method.key
+
+
+def test_memory_helper_leaves_nothing_frozen():
+    """The memory helper freezes the gc before forking its children. Objects still frozen at exit are
+    never freed, and nanobind (Triton's bindings) then prints ~40 lines of `nanobind: leaked ...` at the
+    end of `python -m bench`: the helper must unfreeze once its children are done."""
+    import gc
+
+    from bench import memory
+
+    emitted = []
+    memory.serve({"target": "bench.steps:measure_memory", "tasks": []}, emitted.append)
+    assert emitted == [] and gc.get_freeze_count() == 0
+
+
+def test_memory_helper_exits_without_nanobind_leak_reports():
+    """The helper process as `python -m bench` starts it: its stderr carries no leak report."""
+    import subprocess
+
+    request = json.dumps({"target": "bench.steps:measure_memory", "tasks": [], "preload": ["dres_fast"]})
+    proc = subprocess.run([sys.executable, "-m", "bench.memory"], input=request + "\n", cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "leaked" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _kernel_row(ms, floor_ms, backend="torch"):
+    return {"op": "spline_mix", "backend": backend, "K": 64, "N": 64, "d": 16384, "dtype": "float32",
+            "ms": ms, "floor_ms": floor_ms}
+
+
+def _results(kernels, weights=()):
+    return {"device": "cpu", "device_name": "CPU: test", "torch": torch.__version__, "threads": 1,
+            "mode": "smoke", "wall_s": 1.0, "rates": {"copy_GBps": 1.0}, "kernels": kernels,
+            "steps": [], "targets": {}, "platform": "test", "cpu_count": 2, "python": "3",
+            "started": "now", "command": "python -m bench", "weights": list(weights)}
+
+
+def test_kernel_time_below_floor_is_a_measurement_problem(tmp_path):
+    """A kernel faster than its floor means the measured rates are not the machine's peak: the
+    report says so instead of printing a ratio under 1 as if it were a result."""
+    from bench import report
+
+    results = _results([_kernel_row(0.35, 0.5), _kernel_row(2.5, 1.0, backend="torch_compile")])
+    text = report.console_table(results)
+    report.write_summary(results, str(tmp_path), [])
+    summary = (tmp_path / "summary.md").read_text()
+    for out in (text, summary):
+        assert "0.70" not in out and "BELOW FLOOR" in out  # 0.35 ms against a 0.5 ms floor and "measurement problem" in out.lower()
+        assert "2.50" in out  # a row above its floor keeps its ratio
+    problems = report.floor_problems(results["kernels"])
+    assert len(problems) == 1 and "0.350 ms" in problems[0] and "floor 0.500 ms" in problems[0]
+
+
+def test_num_coded_floor_matches_the_library():
+    """N = round(ratio K) is raised to 3, the library's minimum, for the step benchmark and the study."""
+    import dres_fast
+    from bench.generalization.supervised import MethodConfig, make_loss_fn, make_mlp
+
+    assert baselines.MIN_NUM_CODED == 3
+    assert [baselines.num_coded_for(r, 10) for r in (0.1, 0.25, 0.5, 2.0)] == [3, 3, 5, 20]
+    torch.manual_seed(0)
+    model = make_mlp(in_dim=64, hidden=8)
+    x, target = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for method in ("dres", "dres_decoded"):  # round(0.25 * 8) = 2 < 3: the library would reject it
+        loss = make_loss_fn(MethodConfig(method, 0.5, coded_ratio=0.25))
+        assert math.isfinite(loss(model, x, target, 0).item())
+    with pytest.raises(ValueError, match="num_coded"):
+        dres_fast.dres_loss(model, x, num_coded=2)
+
+
+def test_weights_section_reports_the_setup_rows(monkeypatch, tmp_path):
+    """`python -m bench` calls bench/weights_setup.py's measure(sizes) in one place and reports its
+    rows (K, N, seconds, peak_mb); without that module the section says why it is empty."""
+    import importlib.machinery
+    import types
+
+    from bench import report
+    from bench.__main__ import WEIGHT_SETUP_SIZES, run_weights_section
+
+    monkeypatch.delitem(sys.modules, "bench.weights_setup", raising=False)
+    if importlib.util.find_spec("bench.weights_setup") is None:
+        rows, why = run_weights_section("smoke")
+        assert rows == [] and "weights_setup" in why
+    fake = types.ModuleType("bench.weights_setup")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bench.weights_setup", None)
+    fake.measure = lambda sizes: [{"K": k, "N": k, "seconds": 0.001 * k, "peak_mb": k / 64} for k in sizes]
+    monkeypatch.setitem(sys.modules, "bench.weights_setup", fake)
+    rows, why = run_weights_section("full")
+    assert why is None and [r["K"] for r in rows] == WEIGHT_SETUP_SIZES["full"]
+    assert WEIGHT_SETUP_SIZES["full"][0] == 64 and WEIGHT_SETUP_SIZES["full"][-1] == 8192
+    results = _results([_kernel_row(2.0, 1.0)], weights=rows)
+    report.write_summary(results, str(tmp_path), [])
+    assert "| 8192 | 8192 | 8.192 | 128.0 |" in (tmp_path / "summary.md").read_text()
+    assert "8.192" in report.console_table(results)

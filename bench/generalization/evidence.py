@@ -1,6 +1,6 @@
 """Markdown tables for docs/evidence.md from a finished study (no training):
 
-    python -m bench.gen_evidence bench/out/generalization_full
+    python -m bench.generalization.evidence bench/out/generalization_full
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gen_common import mean_ci95
+from bench.generalization.data import mean_ci95
 
 METHODS = ["erm", "dres", "dres_decoded", "grad_penalty", "mixup"]
 

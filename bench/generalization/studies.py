@@ -1,95 +1,23 @@
-"""The DReS evidence study: does DReS generalize better than ERM, gradient penalty and mixup?
-
-    python -m bench.generalization [--quick] [--out DIR]
-
-Data: scikit-learn's load_digits (1,797 real 8x8 digits; ships with the package) and make_moons.
-Every method's strength is chosen per seed on a validation split; the test split (597 fixed
-digits) is only read to report. Intervals are two-sided 95% Student-t over seeds.
-Writes DIR/generalization.json, DIR/report.md and PNG plots."""
+"""The study's experiments, each a function of the StudyConfig returning rows and summaries:
+supervised digits tuned per seed, the DReS knob sweep, equal wall-clock time, self-supervised and
+generative regimes; ``run_study`` runs them all and writes the outputs (bench/generalization/report.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import gen_common as common
-from bench.gen_common import corrupt_labels, digits_splits, mean_ci95
-from bench.gen_regimes import heldout_elbo, kernel_mmd, linear_probe, train_simclr, train_vae
-from bench.gen_supervised import MethodConfig, accuracy, seconds_per_step, train_classifier
-
-SUPERVISED_METHODS = ["erm", "dres", "dres_decoded", "grad_penalty", "mixup"]
-
-
-@dataclass
-class StudyConfig:
-    seeds: list
-    train_sizes: list
-    label_noise: list
-    steps: int                       # optimizer steps per supervised run (same for every method)
-    batch: int                       # K, the DReS batch
-    grids: dict                      # method -> strengths tried on validation
-    sweep_setting: list              # [(n_train, noise)] where DReS knobs are swept
-    sweep_weights: list
-    sweep_coded_ratios: list
-    sweep_dof_fracs: list
-    sweep_submodules: list
-    wallclock_setting: list          # [n_train, noise]
-    ssl_steps: int
-    ssl_batch: int
-    ssl_weights: list                # DReS weights tried (validation probe picks one)
-    ssl_labels: int
-    vae_steps: int
-    vae_batch: int
-    vae_dres_weights: list
-    vae_gp_weights: list
-    moons_steps: int
-    timing_repeats: int = 5
-    sweep_base: dict = field(default_factory=lambda: dict(strength=1.0, coded_ratio=1.0, dof_frac=0.75,
-                                                          submodule="model"))
-
-
-def quick_config() -> StudyConfig:
-    return StudyConfig(
-        seeds=[0, 1, 2], train_sizes=[100, 500], label_noise=[0.0, 0.3], steps=400, batch=50,
-        grids={"erm": [0.0], "dres": [0.3, 1.0, 3.0], "dres_decoded": [0.25, 0.5],
-               "grad_penalty": [0.01, 0.1, 1.0], "mixup": [0.2, 1.0]},
-        sweep_setting=[(200, 0.0)], sweep_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
-        sweep_coded_ratios=[0.5, 1.0, 2.0, 4.0], sweep_dof_fracs=[0.25, 0.5, 0.75, 1.0],
-        sweep_submodules=["model", "features", "head"], wallclock_setting=[200, 0.0],
-        ssl_steps=300, ssl_batch=128, ssl_weights=[0.3, 3.0], ssl_labels=200,
-        vae_steps=800, vae_batch=64, vae_dres_weights=[0.1, 1.0], vae_gp_weights=[0.001, 0.01],
-        moons_steps=600)
-
-
-def full_config() -> StudyConfig:
-    return StudyConfig(
-        seeds=list(range(10)), train_sizes=[100, 200, 500], label_noise=[0.0, 0.3], steps=400, batch=50,
-        grids={"erm": [0.0], "dres": [0.1, 0.3, 1.0, 3.0, 10.0], "dres_decoded": [0.1, 0.25, 0.5],
-               "grad_penalty": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "mixup": [0.1, 0.4, 1.0, 2.0]},
-        sweep_setting=[(200, 0.0), (200, 0.3)], sweep_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
-        sweep_coded_ratios=[0.5, 1.0, 2.0, 4.0], sweep_dof_fracs=[0.25, 0.5, 0.75, 1.0],
-        sweep_submodules=["model", "features", "head"], wallclock_setting=[200, 0.0],
-        ssl_steps=400, ssl_batch=128, ssl_weights=[0.1, 0.3, 1.0, 3.0], ssl_labels=200,
-        vae_steps=1000, vae_batch=64, vae_dres_weights=[0.01, 0.03, 0.1, 0.3, 1.0],
-        vae_gp_weights=[0.0003, 0.001, 0.01], moons_steps=1000)
-
-
-def smoke_config() -> StudyConfig:
-    """Tiny end-to-end configuration for the CI smoke test (seconds, not minutes)."""
-    return StudyConfig(
-        seeds=[0, 1], train_sizes=[100], label_noise=[0.0], steps=10, batch=20,
-        grids={"erm": [0.0], "dres": [1.0], "dres_decoded": [0.5], "grad_penalty": [0.1], "mixup": [0.4]},
-        sweep_setting=[(100, 0.0)], sweep_weights=[1.0], sweep_coded_ratios=[2.0], sweep_dof_fracs=[0.5],
-        sweep_submodules=["head"], wallclock_setting=[100, 0.0],
-        ssl_steps=3, ssl_batch=32, ssl_weights=[1.0], ssl_labels=100,
-        vae_steps=3, vae_batch=32, vae_dres_weights=[1.0], vae_gp_weights=[0.01], moons_steps=5,
-        timing_repeats=1)
+from bench.generalization import data
+from bench.generalization.config import SUPERVISED_METHODS, StudyConfig
+from bench.generalization.data import corrupt_labels, digits_splits, mean_ci95
+from bench.generalization.regimes import heldout_elbo, kernel_mmd, linear_probe, train_simclr, train_vae
+from bench.generalization.report import plot_supervised, plot_sweep, write_json, write_report
+from bench.generalization.supervised import MethodConfig, accuracy, seconds_per_step, train_classifier
 
 
 def log(msg: str) -> None:
@@ -303,125 +231,8 @@ def summarize_rows(rows, key, baseline):
     return out
 
 
-# ------------------------------------------------------------------ plots + report
-
-def plot_supervised(summary, cfg, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    settings = list(summary["erm"]["by_setting"])
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(SUPERVISED_METHODS)
-    for i, m in enumerate(SUPERVISED_METHODS):
-        d = [summary[m]["by_setting"][s]["diff_vs_erm"] for s in settings]
-        means = np.array([e["mean"] for e in d]) * 100
-        err = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in d]).T * 100
-        ax.bar(np.arange(len(settings)) + (i - 2) * width, means, width, yerr=err, capsize=2, label=m)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(settings)), settings)
-    ax.set_ylabel("test accuracy - ERM (points)")
-    ax.set_title(f"Digits, paired difference to ERM, 95% CI over {len(cfg.seeds)} seeds")
-    ax.legend(fontsize=8, ncol=5)
-    fig.tight_layout()
-    fig.savefig(out_dir / "supervised_vs_erm.png", dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(table, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    knobs = ["weight", "N/K", "dof/count", "submodule"]
-    settings = list(dict.fromkeys(r["setting"] for r in table))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
-    for ax, knob in zip(axes, knobs):
-        for s in settings:
-            rows = [r for r in table if r["knob"] == knob and r["setting"] == s]
-            labels = [str(r["value"]) for r in rows]
-            m = np.array([r["test_diff_vs_erm"]["mean"] for r in rows]) * 100
-            lo = np.array([r["test_diff_vs_erm"]["ci95"][0] for r in rows]) * 100
-            hi = np.array([r["test_diff_vs_erm"]["ci95"][1] for r in rows]) * 100
-            ax.errorbar(np.arange(len(rows)), m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=s)
-            ax.set_xticks(np.arange(len(rows)), labels)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_title(f"DReS {knob}")
-    axes[0].set_ylabel("test acc - ERM (points)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "dres_sweep.png", dpi=110)
-    plt.close(fig)
-
-
-def fmt(e, scale=100.0, digits=1):
-    return f"{e['mean'] * scale:.{digits}f} [{e['ci95'][0] * scale:.{digits}f}, {e['ci95'][1] * scale:.{digits}f}]"
-
-
-def write_report(result, out_dir):
-    cfg = result["config"]
-    s = result["summary"]
-    lines = [f"# DReS evidence ({result['mode']} run, {len(cfg['seeds'])} seeds)", "",
-             f"Data: {result['dataset']}", "",
-             "## Supervised: test accuracy (%) with 95% CI over seeds; strength tuned per seed on validation", ""]
-    settings = list(s["erm"]["by_setting"])
-    lines.append("| method | " + " | ".join(settings) + " | mean over settings | diff vs ERM |")
-    lines.append("|---" * (len(settings) + 3) + "|")
-    for m in SUPERVISED_METHODS:
-        cells = [fmt(s[m]["by_setting"][k]) for k in settings]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(s[m])} | {fmt(s[m]['diff_vs_erm'])} |")
-    lines += ["", "Paired difference to ERM per setting (points, 95% CI):", ""]
-    lines.append("| method | " + " | ".join(settings) + " |")
-    lines.append("|---" * (len(settings) + 1) + "|")
-    for m in SUPERVISED_METHODS[1:]:
-        lines.append(f"| {m} | " + " | ".join(fmt(s[m]["by_setting"][k]["diff_vs_erm"]) for k in settings) + " |")
-    lines += ["", "Paired difference of DReS to each baseline, averaged over settings (points, 95% CI):", "",
-              "| dres minus | difference |", "|---|---|"]
-    for other, e in s["dres"]["paired_diff"].items():
-        lines.append(f"| {other} | {fmt(e)} |")
-    lines += ["", "## DReS knob sweep (one factor at a time around weight 1, N/K 1, dof 0.75 K, whole model)", "",
-              "| setting | knob | value | val acc | test acc | test - ERM |", "|---|---|---|---|---|---|"]
-    for r in result["sweep"]["table"]:
-        lines.append(f"| {r['setting']} | {r['knob']} | {r['value']} | {fmt(r['val'])} | {fmt(r['test'])} | "
-                     f"{fmt(r['test_diff_vs_erm'])} |")
-    wc = result["wallclock"]
-    lines += ["", f"## Equal wall-clock ({wc['setting']}; budget {wc['budget_seconds']:.2f} s per run = DReS at "
-              f"{cfg['steps']} steps)", "", "| method | ms/step | steps | test acc | test - ERM |", "|---|---|---|---|---|"]
-    for m, e in wc["table"].items():
-        lines.append(f"| {m} | {e['ms_per_step']:.2f} | {e['steps']} | {fmt(e['test'])} | {fmt(e['test_diff_vs_erm'])} |")
-    ss = result["self_supervised"]["summary"]
-    lines += ["", f"## Self-supervised: linear-probe test accuracy (%), {cfg['ssl_labels']} labels", "",
-              "| method | test acc | diff vs SimCLR | chosen DReS weights |", "|---|---|---|---|"]
-    for m, e in ss.items():
-        lines.append(f"| {m} | {fmt(e)} | {fmt(e['diff_vs_simclr'])} | {e['chosen_strengths']} |")
-    g = result["generative"]["summary"]
-    lines += ["", "## Generative: VAE test ELBO (nats/digit, higher better) and kernel MMD^2 x1000 (lower better)", "",
-              "| method | test ELBO | ELBO - VAE | MMD^2 x1e3 | MMD - VAE | chosen strengths |", "|---|---|---|---|---|---|"]
-    for m in g["test_elbo"]:
-        e, d = g["test_elbo"][m], g["test_mmd"][m]
-        lines.append(f"| {m} | {fmt(e, 1, 2)} | {fmt(e['diff_vs_vae'], 1, 2)} | {fmt(d, 1e3, 2)} | "
-                     f"{fmt(d['diff_vs_vae'], 1e3, 2)} | {e['chosen_strengths']} |")
-    p = result["pictures"]
-    lines += ["", "## Pictures", "", "![moons](moons_boundaries.png)", "", "![spline curve](spline_curve.png)", "",
-              f"Moons (chosen on validation): {json.dumps(p['moons'])}", "",
-              f"DReS discrepancy of the plotted output: {json.dumps(p['spline_curve_discrepancy'])}", "",
-              f"Total time: {result['seconds_total']:.0f} s ({result['environment']['threads']} torch thread)"]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def write_json(result: dict, path: Path) -> None:
-    """Compact JSON with floats at 6 significant digits (the files are committed; keep them small)."""
-    def rounded(obj):
-        if isinstance(obj, float):
-            return float(f"{obj:.6g}")
-        if isinstance(obj, dict):
-            return {k: rounded(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [rounded(v) for v in obj]
-        return obj
-    path.write_text(json.dumps(rounded(result), separators=(",", ":")) + "\n")
-
-
 def run_study(cfg: StudyConfig, out_dir: Path, mode: str) -> dict:
-    from bench.gen_pictures import moons_boundaries, spline_curve_plot
+    from bench.generalization.pictures import moons_boundaries, spline_curve_plot
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     selected, tuning = run_supervised(cfg)
@@ -437,7 +248,7 @@ def run_study(cfg: StudyConfig, out_dir: Path, mode: str) -> dict:
     plot_sweep(sweep_table, out_dir)
     result = {
         "dataset": "sklearn load_digits: 1797 real 8x8 handwritten digits, pixels/16; fixed test split of "
-                   f"{common.TEST_SIZE}, per-seed validation split of {common.VAL_SIZE} (same label noise as "
+                   f"{data.TEST_SIZE}, per-seed validation split of {data.VAL_SIZE} (same label noise as "
                    "training), training sets drawn from the rest; make_moons for the pictures",
         "mode": mode,
         "config": asdict(cfg),
@@ -469,24 +280,3 @@ def resummarize(out_dir: Path) -> dict:
     write_json(result, path)
     write_report(result, out_dir)
     return result
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 seeds and a reduced grid (< 10 min on 2 CPU cores)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: results do not depend on it)")
-    parser.add_argument("--resummarize", action="store_true",
-                        help="only recompute summary and report.md from DIR/generalization.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg, mode = (quick_config(), "quick") if args.quick else (full_config(), "full")
-    out = args.out or Path("bench/out/generalization")
-    if args.resummarize:
-        resummarize(out)
-        return
-    run_study(cfg, out, mode)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-from bench.gen_common import dof_kwargs, dres_loss
+from bench.baselines import num_coded_for
+from bench.generalization.data import dof_kwargs, dres_loss
 
 # ---------------------------------------------------------------- self-supervised (SimCLR)
 
@@ -54,7 +55,7 @@ def train_simclr(x_unlabeled, *, dres_weight: float, steps: int, batch: int, see
         h1, h2 = encoder(v1), encoder(v2)
         loss = nt_xent(projector(h1), projector(h2))
         if dres_weight > 0:
-            num_coded = max(2, int(round(coded_ratio * batch)))
+            num_coded = num_coded_for(coded_ratio, batch)
             loss = loss + dres_weight * dres_loss(encoder, v1, y=h1, num_coded=num_coded,
                                                   **dof_kwargs(dof_frac, batch, num_coded))
         opt.zero_grad(set_to_none=True)
@@ -111,7 +112,7 @@ def train_vae(x_train, *, method: str, strength: float, steps: int, batch: int, 
         z, logits, rec, kl = model.elbo_terms(x)
         loss = (rec + kl).mean()
         if method == "vae_dres":
-            num_coded = max(2, int(round(coded_ratio * batch)))
+            num_coded = num_coded_for(coded_ratio, batch)
             loss = loss + strength * dres_loss(model.decoder, z, y=logits, num_coded=num_coded,
                                                **dof_kwargs(dof_frac, batch, num_coded))
         elif method == "vae_grad_penalty":

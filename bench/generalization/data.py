@@ -1,4 +1,4 @@
-"""Shared pieces of the generalization study: data splits, statistics, DReS access, timing."""
+"""Shared pieces of the generalization study: data splits, label noise, statistics, DReS access."""
 from __future__ import annotations
 
 import math

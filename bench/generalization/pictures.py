@@ -10,8 +10,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.datasets import make_moons  # noqa: E402
 
-from bench.gen_common import dof_kwargs, lam_for_dof, points, spline_weights  # noqa: E402
-from bench.gen_supervised import MethodConfig, accuracy, train_classifier  # noqa: E402
+from bench.generalization.data import dof_kwargs, lam_for_dof, points, spline_weights  # noqa: E402
+from bench.generalization.supervised import MethodConfig, accuracy, train_classifier  # noqa: E402
 
 MOONS_TRAIN, MOONS_VAL, MOONS_TEST = 60, 200, 1000
 MOONS_GRIDS = {"erm": [0.0], "dres": [0.3, 1.0, 3.0, 10.0], "grad_penalty": [0.01, 0.1, 1.0]}

@@ -1,7 +1,8 @@
 """Supervised small-data digits: ERM, DReS, DReS-decoded, gradient penalty, mixup.
 
-Each method is one `loss_fn(model, x, y) -> loss`; the training loop is shared so that the
-methods differ only in their regularizer."""
+Each method is one ``loss_fn(model, x, y, step) -> loss`` (the signature of bench/baselines.py, whose
+ERM, gradient penalty and mixup the study uses); the training loop is shared so that the methods
+differ only in their regularizer."""
 from __future__ import annotations
 
 import time
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.gen_common import NUM_CLASSES, dof_kwargs, dres_loss
+from bench import baselines
+from bench.generalization.data import NUM_CLASSES, dof_kwargs, dres_loss
 
 
 def make_mlp(in_dim=64, hidden=128, out_dim=NUM_CLASSES) -> nn.Sequential:
@@ -33,16 +35,16 @@ class MethodConfig:
 
 
 def _dres_kwargs(cfg: MethodConfig, batch: int) -> dict:
-    num_coded = max(2, int(round(cfg.coded_ratio * batch)))
+    num_coded = baselines.num_coded_for(cfg.coded_ratio, batch)
     return dict(num_coded=num_coded, **dof_kwargs(cfg.dof_frac, batch, num_coded))
 
 
 def make_loss_fn(cfg: MethodConfig):
     if cfg.method == "erm":
-        return lambda model, x, y: F.cross_entropy(model(x), y)
+        return baselines.erm
 
     if cfg.method == "dres":
-        def loss_fn(model, x, y):
+        def loss_fn(model, x, y, step):
             h = model.features(x)
             logits = model.head(h)
             kw = _dres_kwargs(cfg, len(x))
@@ -59,29 +61,17 @@ def make_loss_fn(cfg: MethodConfig):
 
     if cfg.method == "dres_decoded":
         # task loss on the DReS reconstruction of the logits, blended with the main task loss
-        def loss_fn(model, x, y):
+        def loss_fn(model, x, y, step):
             logits = model(x)
             _, decoded = dres_loss(model, x, y=logits, return_decoded=True, **_dres_kwargs(cfg, len(x)))
             return (1 - cfg.strength) * F.cross_entropy(logits, y) + cfg.strength * F.cross_entropy(decoded, y)
         return loss_fn
 
     if cfg.method == "grad_penalty":
-        # double backpropagation (Drucker & LeCun 1992): penalize ||d loss / d x||^2 per sample
-        def loss_fn(model, x, y):
-            x = x.requires_grad_(True)
-            per_sample = F.cross_entropy(model(x), y, reduction="none")
-            (grad_x,) = torch.autograd.grad(per_sample.sum(), x, create_graph=True)
-            return per_sample.mean() + cfg.strength * grad_x.pow(2).sum(1).mean()
-        return loss_fn
+        return baselines.make_grad_penalty(cfg.strength)
 
     if cfg.method == "mixup":
-        # mixup (Zhang et al. 2018): convex combinations of inputs and of their one-hot labels
-        def loss_fn(model, x, y):
-            lam = float(np.random.beta(cfg.strength, cfg.strength))
-            perm = torch.randperm(len(x))
-            logits = model(lam * x + (1 - lam) * x[perm])
-            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
-        return loss_fn
+        return baselines.make_mixup(cfg.strength)
 
     raise ValueError(cfg.method)
 
@@ -97,9 +87,9 @@ def train_classifier(cfg: MethodConfig, x_train, y_train, *, steps: int, batch: 
     batch = min(batch, len(x_train))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randperm(len(x_train), generator=gen)[:batch]
-        loss = loss_fn(model, x_train[idx], y_train[idx])
+        loss = loss_fn(model, x_train[idx], y_train[idx], step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,72 @@
+"""What the generalization study runs: the methods, and the sizes of the quick, full and smoke runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPERVISED_METHODS = ["erm", "dres", "dres_decoded", "grad_penalty", "mixup"]
+
+
+@dataclass
+class StudyConfig:
+    seeds: list
+    train_sizes: list
+    label_noise: list
+    steps: int                       # optimizer steps per supervised run (same for every method)
+    batch: int                       # K, the DReS batch
+    grids: dict                      # method -> strengths tried on validation
+    sweep_setting: list              # [(n_train, noise)] where DReS knobs are swept
+    sweep_weights: list
+    sweep_coded_ratios: list
+    sweep_dof_fracs: list
+    sweep_submodules: list
+    wallclock_setting: list          # [n_train, noise]
+    ssl_steps: int
+    ssl_batch: int
+    ssl_weights: list                # DReS weights tried (validation probe picks one)
+    ssl_labels: int
+    vae_steps: int
+    vae_batch: int
+    vae_dres_weights: list
+    vae_gp_weights: list
+    moons_steps: int
+    timing_repeats: int = 5
+    sweep_base: dict = field(default_factory=lambda: dict(strength=1.0, coded_ratio=1.0, dof_frac=0.75,
+                                                          submodule="model"))
+
+
+def quick_config() -> StudyConfig:
+    return StudyConfig(
+        seeds=[0, 1, 2], train_sizes=[100, 500], label_noise=[0.0, 0.3], steps=400, batch=50,
+        grids={"erm": [0.0], "dres": [0.3, 1.0, 3.0], "dres_decoded": [0.25, 0.5],
+               "grad_penalty": [0.01, 0.1, 1.0], "mixup": [0.2, 1.0]},
+        sweep_setting=[(200, 0.0)], sweep_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
+        sweep_coded_ratios=[0.5, 1.0, 2.0, 4.0], sweep_dof_fracs=[0.25, 0.5, 0.75, 1.0],
+        sweep_submodules=["model", "features", "head"], wallclock_setting=[200, 0.0],
+        ssl_steps=300, ssl_batch=128, ssl_weights=[0.3, 3.0], ssl_labels=200,
+        vae_steps=800, vae_batch=64, vae_dres_weights=[0.1, 1.0], vae_gp_weights=[0.001, 0.01],
+        moons_steps=600)
+
+
+def full_config() -> StudyConfig:
+    return StudyConfig(
+        seeds=list(range(10)), train_sizes=[100, 200, 500], label_noise=[0.0, 0.3], steps=400, batch=50,
+        grids={"erm": [0.0], "dres": [0.1, 0.3, 1.0, 3.0, 10.0], "dres_decoded": [0.1, 0.25, 0.5],
+               "grad_penalty": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "mixup": [0.1, 0.4, 1.0, 2.0]},
+        sweep_setting=[(200, 0.0), (200, 0.3)], sweep_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
+        sweep_coded_ratios=[0.5, 1.0, 2.0, 4.0], sweep_dof_fracs=[0.25, 0.5, 0.75, 1.0],
+        sweep_submodules=["model", "features", "head"], wallclock_setting=[200, 0.0],
+        ssl_steps=400, ssl_batch=128, ssl_weights=[0.1, 0.3, 1.0, 3.0], ssl_labels=200,
+        vae_steps=1000, vae_batch=64, vae_dres_weights=[0.01, 0.03, 0.1, 0.3, 1.0],
+        vae_gp_weights=[0.0003, 0.001, 0.01], moons_steps=1000)
+
+
+def smoke_config() -> StudyConfig:
+    """Tiny end-to-end configuration for the CI smoke test (seconds, not minutes)."""
+    return StudyConfig(
+        seeds=[0, 1], train_sizes=[100], label_noise=[0.0], steps=10, batch=20,
+        grids={"erm": [0.0], "dres": [1.0], "dres_decoded": [0.5], "grad_penalty": [0.1], "mixup": [0.4]},
+        sweep_setting=[(100, 0.0)], sweep_weights=[1.0], sweep_coded_ratios=[2.0], sweep_dof_fracs=[0.5],
+        sweep_submodules=["head"], wallclock_setting=[100, 0.0],
+        ssl_steps=3, ssl_batch=32, ssl_weights=[1.0], ssl_labels=100,
+        vae_steps=3, vae_batch=32, vae_dres_weights=[1.0], vae_gp_weights=[0.01], moons_steps=5,
+        timing_repeats=1)

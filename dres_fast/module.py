@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from . import ops
-from .functional import check_num_coded, coding_weights, dres_loss
+from .functional import coding_weights, dres_loss
+from .smoothing import SmoothingSpec
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
 
 
-def _check_options(reduction: str, backend: str, num_coded) -> None:
+def _check_options(reduction: str, backend: str) -> None:
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
     if not isinstance(backend, str) or backend not in ("auto",) + ops.BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}, got {backend!r}")
-    check_num_coded(num_coded, 3)
 
 
 class DReSLoss(nn.Module):
@@ -43,15 +43,9 @@ class DReSLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _check_options(reduction, backend, num_coded)
-        if lam_enc is not None and dof_enc is not None:
-            raise ValueError("give lam_enc or dof_enc, not both")
-        if lam_dec is not None and dof_dec is not None:
-            raise ValueError("give lam_dec or dof_dec, not both")
-        self.options = dict(
-            num_coded=num_coded, lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec,
-            alpha=alpha, beta=beta, reduction=reduction, return_decoded=return_decoded, backend=backend,
-        )
+        _check_options(reduction, backend)
+        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+        self.options = dict(**self.spec.options(), reduction=reduction, return_decoded=return_decoded, backend=backend)
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         return dres_loss(fn, x, y=y, **self.options)
@@ -119,13 +113,12 @@ class SubmoduleDReS:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if reduction == "none":
             raise ValueError("reduction must be 'mean' or 'sum' here (reg.loss is added to a scalar loss)")
-        _check_options(reduction, backend, num_coded)
+        _check_options(reduction, backend)
+        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         self.name = submodule
         self.mode = mode
-        self.num_coded = num_coded
         self.reduction = reduction
         self.backend = backend
-        self.smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
         self._handles: list = []
         self._losses: List[torch.Tensor] = []
         self._pending: list = []  # concat mode: batch sizes of calls in flight
@@ -191,8 +184,8 @@ class SubmoduleDReS:
             raise TypeError(f"SubmoduleDReS({name!r}): the submodule's first positional argument must be the batch tensor")
         return args[0]
 
-    def _weights(self, batch: torch.Tensor, num_coded: int, dtype=None):
-        return coding_weights(batch.shape[0], num_coded, batch.device, dtype or batch.dtype, self.smoothing)
+    def _weights(self, batch: torch.Tensor, which: str, num_samples: int):
+        return coding_weights(self.spec, num_samples, batch.device, batch.dtype, which)
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
@@ -206,10 +199,9 @@ class SubmoduleDReS:
                 lambda coded: module(coded, *args[1:], **kwargs),
                 batch,
                 y=output,
-                num_coded=self.num_coded,
                 reduction=self.reduction,
                 backend=self.backend,
-                **self.smoothing,
+                **self.spec.options(),
             )
         finally:
             self._inside = False
@@ -221,8 +213,8 @@ class SubmoduleDReS:
         if self._too_small(batch):
             self._pending.append(None)
             return None
-        num_coded = check_num_coded(self.num_coded, batch.shape[0])
-        encoder, _ = self._weights(batch, num_coded)
+        num_samples, num_coded = self.spec.sizes(batch.shape[0])
+        encoder = self._weights(batch, "encoder", num_samples)
         coded = ops.spline_mix(encoder, batch, backend=self.backend)
         self._pending.append((batch.shape[0], num_coded))
         return (torch.cat([batch, coded], dim=0),) + tuple(args[1:]), kwargs
@@ -239,6 +231,6 @@ class SubmoduleDReS:
                 f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
             )
         y, y_coded = output[:num_samples], output[num_samples:]
-        _, decoder = self._weights(y, num_coded)
+        decoder = self._weights(y, "decoder", num_samples)
         self._losses.append(ops.reconstruction_loss(y, y_coded, decoder, reduction=self.reduction, backend=self.backend))
         return y

@@ -5,7 +5,7 @@ in float64 on the CPU (:meth:`SmoothingSpec.float64_weights`), cast once to the 
 (float64 for float64 data, float32 otherwise), moved once to the device, and kept in a bounded,
 thread-safe LRU cache keyed by (spec, K, device, compute dtype).
 
-:func:`coding_weights` is what the rest of the package calls. Under ``torch.compile`` it becomes the
+:func:`weights_for` is what the rest of the package calls. Under ``torch.compile`` it becomes the
 opaque op ``dres_fast::coding_weights`` (registered by :mod:`dres_fast.ops.registry`) whose fake
 implementation only knows the shapes, so the batch size may be symbolic (``dynamic=True``) and no
 numpy/scipy code is traced.
@@ -22,7 +22,7 @@ import torch
 from .contract import compute_dtype
 from .smoothing import DEFAULT_DOF_FRACTION, SmoothingSpec
 
-__all__ = ["WeightCache", "default_cache", "coding_weights", "build_weights", "DEFAULT_DOF_FRACTION"]
+__all__ = ["WeightCache", "default_cache", "weights_for", "build_weights", "DEFAULT_DOF_FRACTION"]
 
 
 class WeightCache:
@@ -89,7 +89,7 @@ default_cache = WeightCache()
 WHICH = ("encoder", "decoder")
 
 
-def coding_weights(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype, which: str) -> torch.Tensor:
+def weights_for(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype, which: str) -> torch.Tensor:
     """The encoder ``(N, K)`` or decoder ``(K, N)`` of ``spec`` for a batch of ``num_samples``, in the
     compute dtype for ``dtype``, on ``device``, from :data:`default_cache`."""
     if torch.compiler.is_compiling():

@@ -17,10 +17,19 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .cache import coding_weights
+from .cache import weights_for
 from .smoothing import SmoothingSpec, check_num_coded
 
 __all__ = ["dres_loss", "check_num_coded", "coding_weights"]
+
+
+def coding_weights(num_samples, num_coded, device, dtype, smoothing):
+    """``(encoder, decoder)`` for options given as a dict (``lam_*``/``dof_*``/``alpha``/``beta``):
+    the first version's helper, kept for its callers; new code passes a :class:`SmoothingSpec` to
+    :func:`dres_fast.cache.weights_for`."""
+    spec = SmoothingSpec(num_coded=num_coded, **smoothing)
+    return (weights_for(spec, num_samples, device, dtype, "encoder"),
+            weights_for(spec, num_samples, device, dtype, "decoder"))
 
 
 def dres_loss(
@@ -75,7 +84,7 @@ def dres_loss(
     spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
     num_samples, num_coded = spec.sizes(num_samples)
 
-    encoder = coding_weights(spec, num_samples, x.device, x.dtype, "encoder")
+    encoder = weights_for(spec, num_samples, x.device, x.dtype, "encoder")
     x_coded = ops.spline_mix(encoder, x, backend=backend)
     if y is None:
         y = fn(x)
@@ -87,7 +96,7 @@ def dres_loss(
             raise ValueError(f"{name} must have {count} samples along dim 0, got shape {tuple(value.shape)}")
     dtype = torch.promote_types(y.dtype, y_coded.dtype)
     y, y_coded = y.to(dtype), y_coded.to(dtype)
-    decoder = coding_weights(spec, num_samples, y.device, dtype, "decoder")
+    decoder = weights_for(spec, num_samples, y.device, dtype, "decoder")
     loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
     if return_decoded:
         return loss, ops.spline_mix(decoder, y_coded, backend=backend)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .functional import coding_weights, dres_loss
+from .cache import weights_for
+from .functional import dres_loss
 from .smoothing import SmoothingSpec
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
@@ -185,7 +186,7 @@ class SubmoduleDReS:
         return args[0]
 
     def _weights(self, batch: torch.Tensor, which: str, num_samples: int):
-        return coding_weights(self.spec, num_samples, batch.device, batch.dtype, which)
+        return weights_for(self.spec, num_samples, batch.device, batch.dtype, which)
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:

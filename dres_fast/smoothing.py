@@ -8,7 +8,8 @@ the weight cache (:mod:`dres_fast.cache`).
 
 Adding an option that changes the weights: add a field here (and its check in ``__post_init__``),
 use it in :meth:`SmoothingSpec.float64_weights`, and expose it in the signatures that take smoothing
-options (``dres_loss``, ``DReSLoss``, ``SubmoduleDReS``), which pass it on by name.
+options (``dres_loss``, ``DReSLoss``, ``SubmoduleDReS``), which pass it on by name. The key, the
+cache and the weight lookup op under ``torch.compile`` follow from the fields.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ __all__ = ["SmoothingSpec", "DEFAULT_DOF_FRACTION", "POINT_KINDS", "check_lam", 
 #: of freedom (never below 2). See README "Smoothing" for why.
 DEFAULT_DOF_FRACTION = 0.75
 POINT_KINDS = ("chebyshev", "lobatto", "uniform")
-#: the fields of a spec, in signature order (the keyword names of dres_loss and friends)
-OPTION_NAMES = ("num_coded", "lam_enc", "lam_dec", "dof_enc", "dof_dec", "alpha", "beta")
 
 Points = Union[str, Tuple[float, ...]]
 
@@ -170,6 +169,10 @@ def _as_points_arg(points: Points):
     return points if isinstance(points, str) else list(points)
 
 
+#: the fields of a spec, in signature order (the keyword names of dres_loss and friends)
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(SmoothingSpec) if field.init)
+
+
 def _encode(value) -> str:
     # repr() of a float round-trips exactly (inf included); points tuples are written in parentheses
     if isinstance(value, tuple):
@@ -177,16 +180,17 @@ def _encode(value) -> str:
     return f"{value!r}" if isinstance(value, float) else f"{value}"
 
 
-def _decode(name: str, text: str):
+def _decode(text: str):
+    # ints are written without a point, floats always with one (or as inf/nan/an exponent)
     if text == "None" or text in POINT_KINDS:
         return None if text == "None" else text
     if text.startswith("("):
         return tuple(float(v) for v in text[1:-1].split(","))
-    return int(text) if name == "num_coded" else float(text)
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 @functools.lru_cache(maxsize=256)
 def from_key(key: str) -> SmoothingSpec:
     """The spec whose :attr:`SmoothingSpec.key` is ``key``."""
     fields = dict(item.split("=", 1) for item in key.split(";"))
-    return SmoothingSpec(**{name: _decode(name, fields[name]) for name in OPTION_NAMES})
+    return SmoothingSpec(**{name: _decode(fields[name]) for name in OPTION_NAMES})

@@ -119,17 +119,9 @@ class SmoothingSpec:
         set_("beta", _points(self.beta, "beta"))
         set_("key", ";".join(f"{name}={_encode(getattr(self, name))}" for name in OPTION_NAMES))
 
-    @classmethod
-    def of(cls, spec=None, **options) -> "SmoothingSpec":
-        """``spec`` itself when it is already a spec (and no options are given), else a new one."""
-        if isinstance(spec, cls) and not options:
-            return spec
-        return cls(**options)
-
     def options(self) -> dict:
         """The fields as keyword arguments (``dres_loss(**spec.options())``)."""
         return {name: getattr(self, name) for name in OPTION_NAMES}
-
 
     def sizes(self, num_samples: int) -> Tuple[int, int]:
         """``(K, N)`` for a batch of ``num_samples``; explicit points must match in number."""

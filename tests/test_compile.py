@@ -151,3 +151,16 @@ def test_inductor_dynamic_batch_size():
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     _check_against_eager(step, compiled, net)
     _check_compile_count("dynamic")
+
+
+def test_explicit_points_through_a_module_built_outside():
+    net = _net()
+    alpha = torch.tensor([-1.0, -0.6, -0.1, 0.2, 0.5, 0.9])
+    criterion = dres_fast.DReSLoss(num_coded=7, alpha=alpha, beta="uniform", lam_enc=0.0)
+
+    def step(x):
+        return criterion(net, x)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(compiled(x), step(x))

@@ -46,7 +46,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dres_fast", "dres_fast.ops", "dres_fast.kernels", "dres_fast.csrc"],
+    packages=["dres_fast", "dres_fast.ops", "dres_fast.backends", "dres_fast.kernels", "dres_fast.csrc"],
     # kernels/ and csrc/ live at the top of the repository but install inside the package; csrc/
     # ships its sources so backend="cuda" can compile them on first use.
     package_dir={"dres_fast.kernels": "kernels", "dres_fast.csrc": "csrc"},

@@ -35,7 +35,11 @@ DresDType to_dres_dtype(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// float64 inputs compute in float64, everything else in float32.
+// Op rules (C++ mirror of dres_fast/contract.py; change both together):
+//   compute dtype: float64 for float64 data, float32 for everything else (compute_dtype below);
+//   loss dtype:    the compute dtype (allocate_outputs below);
+//   gradient scale c in grad_y = c * r: 2 / (K * d) for "mean", 2 for "sum" and "none"
+//                  (grad_scale in csrc/reconstruction_loss.cu, dres_reconstruction_loss).
 at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

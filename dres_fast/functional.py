@@ -14,36 +14,23 @@ with :math:`E = W(\alpha\to\beta, \lambda_{enc})` and :math:`D = W(\beta\to\alph
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import ops
 from ._hooks import batch_axis, check_batch_dim
-from .cache import default_cache
+from .cache import weights_for
+from .smoothing import SmoothingSpec, check_num_coded
 
 __all__ = ["dres_loss", "check_num_coded", "coding_weights"]
 
 
-def check_num_coded(num_coded, num_samples: int) -> int:
-    if num_coded is None:
-        return num_samples
-    if isinstance(num_coded, bool) or not isinstance(num_coded, numbers.Integral):
-        raise TypeError(f"num_coded must be an int or None, got {type(num_coded).__name__}")
-    if num_coded < 3:
-        raise ValueError(f"num_coded must be at least 3 (a cubic spline needs 3 knots), got {num_coded}")
-    return int(num_coded)
-
-
 def coding_weights(num_samples, num_coded, device, dtype, smoothing):
-    """(encoder, decoder) from the shared cache; ``smoothing`` holds lam_*/dof_*/alpha/beta."""
-    return default_cache.get(num_samples, num_coded, device=device, dtype=dtype, **smoothing)
-
-
-if hasattr(torch.compiler, "assume_constant_result"):
-    # Under torch.compile the weights are constants of the graph (built eagerly at trace time) rather
-    # than numpy/scipy code that would break the graph.
-    coding_weights = torch.compiler.assume_constant_result(coding_weights)
+    """``(encoder, decoder)`` for options given as a dict (``lam_*``/``dof_*``/``alpha``/``beta``):
+    the first version's helper, kept for its callers; new code passes a :class:`SmoothingSpec` to
+    :func:`dres_fast.cache.weights_for`."""
+    spec = SmoothingSpec(num_coded=num_coded, **smoothing)
+    return (weights_for(spec, num_samples, device, dtype, "encoder"),
+            weights_for(spec, num_samples, device, dtype, "decoder"))
 
 
 def dres_loss(
@@ -101,12 +88,11 @@ def dres_loss(
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-    num_samples = x.shape[x_axis]
-    num_coded = check_num_coded(num_coded, num_samples)
-    smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
+    spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+    num_samples, num_coded = spec.sizes(x.shape[x_axis])
 
     # The ops mix along dim 0; movedim is a view (no copy) and a no-op for batch_dim=0.
-    encoder, _ = coding_weights(num_samples, num_coded, x.device, x.dtype, smoothing)
+    encoder = weights_for(spec, num_samples, x.device, x.dtype, "encoder")
     x_coded = ops.spline_mix(encoder, x.movedim(x_axis, 0), backend=backend).movedim(0, x_axis)
     if y is None:
         y = fn(x)
@@ -123,7 +109,7 @@ def dres_loss(
     y, y_coded = samples_first
     dtype = torch.promote_types(y.dtype, y_coded.dtype)
     y, y_coded = y.to(dtype), y_coded.to(dtype)
-    _, decoder = coding_weights(num_samples, num_coded, y.device, dtype, smoothing)
+    decoder = weights_for(spec, num_samples, y.device, dtype, "decoder")
     loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
     if return_decoded:
         return loss, ops.spline_mix(decoder, y_coded, backend=backend).movedim(0, axes[0])

@@ -3,6 +3,7 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from typing import List, Optional
@@ -12,17 +13,18 @@ from torch import nn
 
 from . import ops
 from ._hooks import EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers
-from .functional import check_num_coded, coding_weights, dres_loss
+from .cache import weights_for
+from .functional import dres_loss
+from .smoothing import SmoothingSpec
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
 
 
-def _check_options(reduction: str, backend: str, num_coded) -> None:
+def _check_options(reduction: str, backend: str) -> None:
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
     if not isinstance(backend, str) or backend not in ("auto",) + ops.BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}, got {backend!r}")
-    check_num_coded(num_coded, 3)
 
 
 class DReSLoss(nn.Module):
@@ -46,17 +48,10 @@ class DReSLoss(nn.Module):
         batch_dim: int = 0,
     ):
         super().__init__()
-        _check_options(reduction, backend, num_coded)
-        batch_dim = check_batch_dim(batch_dim)
-        if lam_enc is not None and dof_enc is not None:
-            raise ValueError("give lam_enc or dof_enc, not both")
-        if lam_dec is not None and dof_dec is not None:
-            raise ValueError("give lam_dec or dof_dec, not both")
-        self.options = dict(
-            num_coded=num_coded, lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec,
-            alpha=alpha, beta=beta, reduction=reduction, return_decoded=return_decoded, backend=backend,
-            batch_dim=batch_dim,
-        )
+        _check_options(reduction, backend)
+        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+        self.options = dict(**self.spec.options(), reduction=reduction, return_decoded=return_decoded,
+                            backend=backend, batch_dim=check_batch_dim(batch_dim))
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         return dres_loss(fn, x, y=y, **self.options)
@@ -146,7 +141,8 @@ class SubmoduleDReS:
             raise ValueError("reduction must be 'mean' or 'sum' here (reg.loss is added to a scalar loss)")
         if extra_args not in EXTRA_ARGS:
             raise ValueError(f"extra_args must be one of {EXTRA_ARGS}, got {extra_args!r}")
-        _check_options(reduction, backend, num_coded)
+        _check_options(reduction, backend)
+        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         if batch_dim is None:
             sequence_first = sequence_first_layers(self.module)
             if sequence_first:
@@ -161,14 +157,12 @@ class SubmoduleDReS:
         self.model = model
         self.name = submodule
         self.mode = mode
-        self.num_coded = num_coded
         self.reduction = reduction
         self.extra_args = extra_args
         self.backend = backend
-        self.smoothing = dict(lam_enc=lam_enc, lam_dec=lam_dec, dof_enc=dof_enc, dof_dec=dof_dec, alpha=alpha, beta=beta)
         self._handles: list = []
         self._losses: List[torch.Tensor] = []
-        self._pending: list = []  # concat mode: (batch size, coded size) of calls in flight
+        self._pending: list = []  # concat mode: (batch size, coded size, spec) of calls in flight
         self._inside = False  # separate mode: set while the coded branch runs
         self._warned: set = set()
 
@@ -245,33 +239,32 @@ class SubmoduleDReS:
             self._losses.append(batch.new_zeros((), dtype=torch.float64 if batch.dtype == torch.float64 else torch.float32))
         return skip
 
-    def _smoothing_for(self, num_samples: int, num_coded: int) -> dict:
-        """The smoothing options with a fixed ``dof_*`` clipped to this batch's knots."""
-        smoothing = dict(self.smoothing)
+    def _spec_for(self, num_samples: int, num_coded: int) -> SmoothingSpec:
+        """The smoothing spec with a fixed ``dof_*`` clipped to this batch's knots."""
+        spec = self.spec
         for key, knots in (("dof_enc", num_samples), ("dof_dec", num_coded)):
-            dof = smoothing[key]
+            dof = getattr(spec, key)
             if isinstance(dof, numbers.Real) and not isinstance(dof, bool) and dof > knots:
-                smoothing[key] = float(knots)
+                spec = dataclasses.replace(spec, **{key: float(knots)})
                 self._warn_once(
-                    key, f"{key}={dof} exceeds the {knots} knots of a batch of {num_samples} samples; it is "
+                    key, f"{key}={dof:g} exceeds the {knots} knots of a batch of {num_samples} samples; it is "
                     f"clipped to {knots} (interpolation) for such batches."
                 )
-        return smoothing
+        return spec
 
     def _mix(self, encoder_for, value: torch.Tensor) -> torch.Tensor:
         axis = batch_axis(self.batch_dim, value)
-        encoder, _ = encoder_for(value.dtype)
-        return ops.spline_mix(encoder, value.movedim(axis, 0), backend=self.backend).movedim(0, axis)
+        return ops.spline_mix(encoder_for(value.dtype), value.movedim(axis, 0), backend=self.backend).movedim(0, axis)
 
     def _coding(self, batch: torch.Tensor, args, kwargs, append: bool):
-        """(K, N, smoothing, args, kwargs) for one call, the extra arguments handled per ``extra_args``
+        """(K, N, spec, encoder_for, args, kwargs) for one call, the extra arguments handled per ``extra_args``
         (coded values, or real and coded values concatenated when ``append``)."""
         num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
-        num_coded = check_num_coded(self.num_coded, num_samples)
-        smoothing = self._smoothing_for(num_samples, num_coded)
+        num_samples, num_coded = self.spec.sizes(num_samples)
+        spec = self._spec_for(num_samples, num_coded)
 
         def encoder_for(dtype):
-            return coding_weights(num_samples, num_coded, batch.device, dtype, smoothing)
+            return weights_for(spec, num_samples, batch.device, dtype, "encoder")
 
         def transform(value):
             coded = self._mix(encoder_for, value)
@@ -281,7 +274,7 @@ class SubmoduleDReS:
             args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
             transform=transform, owner=f"SubmoduleDReS({self.name!r})",
         )
-        return num_samples, num_coded, smoothing, encoder_for, args, kwargs
+        return num_samples, num_coded, spec, encoder_for, args, kwargs
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
@@ -294,18 +287,17 @@ class SubmoduleDReS:
         batch = self._batch_of(args)
         if self._skipped(module, batch):
             return None
-        _, num_coded, smoothing, _, coded_args, coded_kwargs = self._coding(batch, args, kwargs, append=False)
+        _, _, spec, _, coded_args, coded_kwargs = self._coding(batch, args, kwargs, append=False)
         self._inside = True
         try:
             loss = dres_loss(
                 lambda coded: module(coded, *coded_args[1:], **coded_kwargs),
                 batch,
                 y=output,
-                num_coded=num_coded,
                 reduction=self.reduction,
                 backend=self.backend,
                 batch_dim=self.batch_dim,
-                **smoothing,
+                **spec.options(),
             )
         finally:
             self._inside = False
@@ -317,16 +309,16 @@ class SubmoduleDReS:
         if self._skipped(module, batch):
             self._pending.append(None)
             return None
-        num_samples, num_coded, _, encoder_for, args, kwargs = self._coding(batch, args, kwargs, append=True)
+        num_samples, num_coded, spec, encoder_for, args, kwargs = self._coding(batch, args, kwargs, append=True)
         coded = self._mix(encoder_for, batch)
-        self._pending.append((num_samples, num_coded, encoder_for))
+        self._pending.append((num_samples, num_coded, spec))
         return (torch.cat([batch, coded], dim=batch_axis(self.batch_dim, batch)),) + tuple(args[1:]), kwargs
 
     def _concat_hook(self, module, args, output):
         sizes = self._pending.pop() if self._pending else None
         if sizes is None:
             return None
-        num_samples, num_coded, encoder_for = sizes
+        num_samples, num_coded, spec = sizes
         axis = batch_axis(self.batch_dim, output) if isinstance(output, torch.Tensor) else None
         if axis is None or output.shape[axis] != num_samples + num_coded:
             raise TypeError(
@@ -335,7 +327,7 @@ class SubmoduleDReS:
                 f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
             )
         y, y_coded = output.narrow(axis, 0, num_samples), output.narrow(axis, num_samples, num_coded)
-        _, decoder = encoder_for(y.dtype)
+        decoder = weights_for(spec, num_samples, y.device, y.dtype, "decoder")
         self._losses.append(
             ops.reconstruction_loss(y.movedim(axis, 0), y_coded.movedim(axis, 0), decoder, reduction=self.reduction, backend=self.backend)
         )

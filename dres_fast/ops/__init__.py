@@ -4,14 +4,15 @@
 * :func:`reconstruction_loss` — ``reduce(|| y - decoder @ y_coded ||^2)`` in one fused pass.
 
 Both validate their inputs (errors name the argument), flatten trailing dimensions to ``(batch, d)``,
-cast the weights to the compute dtype (float64 for float64 inputs, else float32: half-precision inputs
-accumulate in float32) and call the backend's ``torch.library`` op.
+cast the weights to the compute dtype (:mod:`dres_fast.contract`: float64 for float64 inputs, else
+float32) and call the backend's ``torch.library`` op.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..contract import FLOAT_DTYPES, REDUCTIONS, compute_dtype
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends, backend_ops, resolve_backend
 
 __all__ = [
@@ -24,14 +25,6 @@ __all__ = [
     "REDUCTIONS",
     "compute_dtype",
 ]
-
-REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_tensor(value, name: str, min_dim: int = 1) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Backend selection: ``backend=`` argument, the ``DRES_BACKEND`` environment variable, ``"auto"``.
 
 Backends load lazily, the first time they are asked for, so ``import dres_fast`` needs neither
-Triton nor a compiler nor a GPU.
+Triton nor a compiler nor a GPU. Adding a backend: a module in :mod:`dres_fast.backends` with the
+shape described there, and one line in :data:`BACKEND_MODULES`.
 """
 
 from __future__ import annotations
@@ -9,62 +10,44 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import threading
 from typing import List
 
 import torch
 
-from . import registry
+from ..backends import BackendUnavailableError
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "resolve_backend", "backend_ops", "available_backends"]
+__all__ = ["BACKENDS", "BACKEND_MODULES", "BackendUnavailableError", "resolve_backend", "backend_ops",
+           "available_backends", "load_backend"]
 
-BACKENDS = ("torch", "triton", "cuda")
+#: backend name -> the module that adapts it; ``"auto"`` tries them in this order on CUDA tensors
+BACKEND_MODULES = {
+    "torch": "dres_fast.backends.reference",
+    "triton": "dres_fast.backends.triton",
+    "cuda": "dres_fast.backends.cuda",
+}
+BACKENDS = tuple(BACKEND_MODULES)
+#: on CUDA tensors "auto" takes the first usable of these, else "torch"
+AUTO_ORDER_CUDA = ("triton", "cuda")
 ENV_VAR = "DRES_BACKEND"
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = threading.RLock()
+_LOADED: dict = {}  # backend name -> its ops, filled by load_backend
 
 
-class BackendUnavailableError(RuntimeError):
-    """Raised when a backend was asked for but cannot run here; the message says why and what to install."""
+def _module(name: str):
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
-def _triton_module():
-    try:
-        kernels = importlib.import_module("dres_fast.kernels")
-    except ImportError as err:
-        raise BackendUnavailableError(
-            f"backend 'triton' is not available: {err}. Install Triton with `pip install dres_fast[triton]` "
-            "(or `pip install triton`), or use backend='torch'."
-        ) from err
-    ok, reason = kernels.is_available()
-    if not ok:
-        raise BackendUnavailableError(f"backend 'triton' is not available: {reason}")
-    return kernels
-
-
-def _cuda_module():
-    try:
-        from .. import _cuda_ext  # imports nothing heavy; building happens in load()
-    except ImportError as err:
-        raise BackendUnavailableError(f"backend 'cuda' is not available: {err}") from err
-    try:
-        return _cuda_ext.load()
-    except RuntimeError as err:
-        raise BackendUnavailableError(f"backend 'cuda' is not available: {err}") from err
-
-
-@functools.lru_cache(maxsize=None)
-def _load(name: str):
+def load_backend(name: str):
+    """The ops of backend ``name`` (``.spline_mix``, ``.reconstruction_loss``), loaded once."""
     with _LOAD_LOCK:
-        if name == "torch":
-            from .. import torch_backend
+        if name not in _LOADED:
+            _LOADED[name] = _module(name).load()
+        return _LOADED[name]
 
-            return registry.register_backend("torch", torch_backend)
-        if name == "triton":
-            kernels = _triton_module()
-            return registry.register_backend("triton", kernels, op_factory=getattr(kernels, "OP_FACTORY", None))
-        if name == "cuda":
-            return registry.register_backend("cuda", _cuda_module())
-    raise AssertionError(name)
+
+_cuda_module = functools.partial(load_backend, "cuda")  # the first version's name (tests use it)
 
 
 def _check_name(backend, source: str) -> str:
@@ -75,25 +58,16 @@ def _check_name(backend, source: str) -> str:
     return backend
 
 
-def _triton_usable() -> bool:
+def _auto_candidate(name: str) -> bool:
+    """Whether "auto" may pick ``name`` on CUDA tensors: Triton when it loads, CUDA only when the
+    extension is already built ("auto" never starts a minutes-long first-use build)."""
     try:
-        _load("triton")
+        if name == "cuda":
+            return bool(_module(name).is_built())
+        load_backend(name)
         return True
-    except BackendUnavailableError:
+    except (BackendUnavailableError, ImportError, OSError):
         return False
-
-
-def _cuda_built() -> bool:
-    try:
-        from .. import _cuda_ext
-
-        return bool(_cuda_ext.is_built())
-    except Exception:  # an absent or broken extension simply is not a candidate for "auto"
-        return False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=64)
@@ -102,18 +76,15 @@ def _resolve(backend: str, env_value: str, device_type: str) -> str:
         backend = _check_name(env_value, f"the environment variable {ENV_VAR}")
     if backend == "auto":
         if device_type == "cuda":
-            if _triton_usable():
-                return "triton"
-            if _cuda_built():
-                return "cuda"
+            for name in AUTO_ORDER_CUDA:
+                if _auto_candidate(name):
+                    return name
         return "torch"
-    if backend == "triton" and device_type != "cuda" and not _interpreting():
-        raise BackendUnavailableError(
-            f"backend 'triton' runs on CUDA tensors; these are on '{device_type}'. To run the kernels on the "
-            "CPU through Triton's interpreter, set TRITON_INTERPRET=1 before triton is imported."
-        )
-    if backend == "cuda" and device_type != "cuda":
-        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors; these are on '{device_type}'")
+    if backend != "torch":
+        ok, reason = _module(backend).is_available(device_type)
+        # only the device check is final here; a missing package or build surfaces on load
+        if not ok and device_type != "cuda":
+            raise BackendUnavailableError(reason)
     return backend
 
 
@@ -123,41 +94,43 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolve(backend, os.environ.get(ENV_VAR, ""), torch.device(device).type)
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about a second)
+    at ``import dres_fast``: that decorator only sets this attribute, which Dynamo reads when tracing."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _loaded_backend(backend: str, device_type: str) -> str:
+    # Under torch.compile this runs once, at trace time: the choice is a constant of the graph.
     _check_name(backend, "backend")
     name = _resolve(backend, os.environ.get(ENV_VAR, ""), device_type)
-    _load(name)
+    load_backend(name)
     return name
 
 
-if hasattr(torch.compiler, "assume_constant_result"):
-    # Under torch.compile the choice is made (and the backend registered) once, at trace time.
-    _loaded_backend = torch.compiler.assume_constant_result(_loaded_backend)
-
-
 def backend_ops(backend: str, device: torch.device):
-    """The ops ``(spline_mix, reconstruction_loss)`` of the backend chosen for ``device``, as
-    ``torch.ops.dres_fast`` op packets (registered on first use)."""
-    name = _loaded_backend(backend, device.type)
-    return getattr(torch.ops.dres_fast, "spline_mix_" + name), getattr(torch.ops.dres_fast, "reconstruction_loss_" + name)
+    """The ops ``(spline_mix, reconstruction_loss)`` of the backend chosen for ``device``, as op
+    packets (defined on first use)."""
+    ops = _LOADED[_loaded_backend(backend, device.type)]
+    return ops.spline_mix, ops.reconstruction_loss
 
 
 def available_backends(device: str = None) -> List[str]:
-    """Backends that can run on ``device`` here (default: CUDA when present, else CPU)."""
+    """Backends that can run on ``device`` here (default: CUDA when present, else CPU). Never
+    compiles anything (the CUDA first-use build takes a minute or more)."""
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     names = []
     for name in BACKENDS:
         try:
-            _resolve(name, "", device_type)
-            if name == "cuda":
-                # reporting must never compile: the first-use build takes a minute or more
-                from .. import _cuda_ext
-
-                if not _cuda_ext.is_available()[0]:
-                    continue
-            else:
-                _load(name)
-        except BackendUnavailableError:
-            continue
-        names.append(name)
+            ok, _ = _module(name).is_available(device_type)
+            if ok and name != "cuda":
+                load_backend(name)
+        except (BackendUnavailableError, ImportError):
+            ok = False
+        if ok:
+            names.append(name)
     return names

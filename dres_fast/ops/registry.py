@@ -1,16 +1,25 @@
-"""Wrap a backend's two plain functions as ``torch.library`` ops with fake kernels and autograd.
+"""The ``torch.library`` side of the ops: fake kernels and autograd, each defined once.
 
-For a backend ``name`` this defines ``dres_fast::spline_mix_<name>`` and
-``dres_fast::reconstruction_loss_<name>``. Because they are real ops (not Python calls),
-``torch.compile(fullgraph=True)`` traces through them and ``torch.library.opcheck`` can test them.
+Every backend ends up as two ops, a *spline_mix* op ``(weights, x) -> out`` and a
+*reconstruction_loss* op ``(y, y_coded, decoder, reduction, compute_grads) -> (loss, grad_y,
+grad_y_coded)`` (the contract in docs/ARCHITECTURE.md):
 
-Autograd:
+* a Python backend (``torch``, ``triton``) hands its two plain functions to :func:`define_ops`, which
+  defines ``dres_fast::spline_mix_<name>`` and ``dres_fast::reconstruction_loss_<name>`` with the
+  fake kernels below;
+* the CUDA backend's ops ``dres_fast_C::*`` are defined in C++ with C++ Meta kernels (their fake
+  kernels), so it only calls :func:`register_autograd`.
+
+Because they are real ops (not Python calls), ``torch.compile(fullgraph=True)`` traces through them
+and ``torch.library.opcheck`` can test them. Autograd, the same for every backend:
 
 * ``spline_mix``: ``out = W x``  =>  ``grad_x = W^T grad_out`` (the same op with the transpose);
   the weights are constants (no gradient).
 * ``reconstruction_loss``: the forward already returns the gradients for a unit incoming gradient,
   so backward only scales them (``"mean"``/``"sum"``); for ``"none"`` the incoming gradient ``g`` is
   per sample, ``grad_y = g_k * 2 r_k`` and ``grad_y_coded = -D^T grad_y`` (one ``spline_mix``).
+
+It also defines ``dres_fast::coding_weights``, the weight lookup as an opaque op for ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -22,26 +31,39 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["register_backend"]
+from ..contract import compute_dtype, loss_dtype
+
+__all__ = ["define_ops", "register_autograd", "coding_weights_op"]
 
 _LOCK = threading.Lock()
-_REGISTERED: dict = {}
+_DEFINED: dict = {}
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def _packet(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
 
 
-def register_backend(name: str, impl, op_factory: Optional[Callable] = None) -> SimpleNamespace:
-    """Register backend ``impl`` (a module with ``spline_mix`` and ``reconstruction_loss``) once;
-    returns a namespace with the two ops. ``op_factory`` is ``torch.library.custom_op`` (default) or
-    ``torch.library.triton_op``: called as ``op_factory(qualname, mutates_args=())``."""
+def define_ops(name: str, impl, op_factory: Optional[Callable] = None) -> SimpleNamespace:
+    """Define the ops of Python backend ``name`` once (``impl`` has ``spline_mix`` and
+    ``reconstruction_loss``) with fake kernels and autograd; returns their op packets.
+    ``op_factory`` is ``torch.library.custom_op`` (default) or ``torch.library.triton_op``."""
     with _LOCK:
-        if name in _REGISTERED:
-            return _REGISTERED[name]
-        ops = _define(name, impl, op_factory or torch.library.custom_op)
-        _REGISTERED[name] = ops
-        return ops
+        if name not in _DEFINED:
+            _DEFINED[name] = _define(name, impl, op_factory or torch.library.custom_op)
+        return _DEFINED[name]
+
+
+def _spline_mix_fake(weights, x):
+    return x.new_empty((weights.shape[0], x.shape[1]))
+
+
+def _reconstruction_loss_fake(y, y_coded, decoder, reduction, compute_grads):
+    loss_shape = (y.shape[0],) if reduction == "none" else ()
+    loss = y.new_empty(loss_shape, dtype=loss_dtype(y.dtype))
+    grad_y = y.new_empty(y.shape) if compute_grads else y.new_empty(0)
+    grad_y_coded = y_coded.new_empty(y_coded.shape) if compute_grads and reduction != "none" else y.new_empty(0)
+    return loss, grad_y, grad_y_coded
 
 
 def _register_fake(op, fake, factory_derives_fake: bool) -> None:
@@ -56,49 +78,44 @@ def _register_fake(op, fake, factory_derives_fake: bool) -> None:
 
 def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
     factory_derives_fake = op_factory is getattr(torch.library, "triton_op", None)
+    spline_mix_name, loss_name = f"dres_fast::spline_mix_{name}", f"dres_fast::reconstruction_loss_{name}"
 
-    @op_factory(f"dres_fast::spline_mix_{name}", mutates_args=())
+    @op_factory(spline_mix_name, mutates_args=())
     def spline_mix_op(weights: Tensor, x: Tensor) -> Tensor:
         return impl.spline_mix(weights, x)
 
-    def _spline_mix_fake(weights, x):
-        return x.new_empty((weights.shape[0], x.shape[1]))
-
-    _register_fake(spline_mix_op, _spline_mix_fake, factory_derives_fake)
-
-    def _spline_mix_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    def _spline_mix_backward(ctx, grad_out):
-        (weights,) = ctx.saved_tensors
-        grad_x = spline_mix_op(weights.t().contiguous(), grad_out) if ctx.needs_input_grad[1] else None
-        return None, grad_x
-
-    spline_mix_op.register_autograd(_spline_mix_backward, setup_context=_spline_mix_setup)
-
-    @op_factory(f"dres_fast::reconstruction_loss_{name}", mutates_args=())
+    @op_factory(loss_name, mutates_args=())
     def reconstruction_loss_op(
         y: Tensor, y_coded: Tensor, decoder: Tensor, reduction: str, compute_grads: bool
     ) -> Tuple[Tensor, Tensor, Tensor]:
         loss, grad_y, grad_y_coded = impl.reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)
         return loss, grad_y, grad_y_coded
 
-    def _reconstruction_loss_fake(y, y_coded, decoder, reduction, compute_grads):
-        loss_shape = (y.shape[0],) if reduction == "none" else ()
-        loss = y.new_empty(loss_shape, dtype=_loss_dtype(y.dtype))
-        grad_y = y.new_empty(y.shape) if compute_grads else y.new_empty(0)
-        grad_y_coded = y_coded.new_empty(y_coded.shape) if compute_grads and reduction != "none" else y.new_empty(0)
-        return loss, grad_y, grad_y_coded
-
+    _register_fake(spline_mix_op, _spline_mix_fake, factory_derives_fake)
     _register_fake(reconstruction_loss_op, _reconstruction_loss_fake, factory_derives_fake)
+    return register_autograd(spline_mix_name, loss_name)
 
-    def _reconstruction_loss_setup(ctx, inputs, output):
+
+def register_autograd(spline_mix_name: str, loss_name: str) -> SimpleNamespace:
+    """Register the autograd formulas (module docstring) on two already defined ops, given by
+    qualified name; returns the op packets as ``ns.spline_mix`` and ``ns.reconstruction_loss``."""
+    spline_mix_op, reconstruction_loss_op = _packet(spline_mix_name), _packet(loss_name)
+
+    def spline_mix_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def spline_mix_backward(ctx, grad_out):
+        (weights,) = ctx.saved_tensors
+        grad_x = spline_mix_op(weights.t().contiguous(), grad_out) if ctx.needs_input_grad[1] else None
+        return None, grad_x
+
+    def loss_setup(ctx, inputs, output):
         _, _, decoder, reduction, compute_grads = inputs
         ctx.reduction = reduction
         ctx.compute_grads = compute_grads
         ctx.save_for_backward(decoder, output[1], output[2])
 
-    def _reconstruction_loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
+    def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
         if not ctx.compute_grads:
             raise RuntimeError(
                 "dres_fast: reconstruction_loss was computed with compute_grads=False, so it cannot be "
@@ -109,10 +126,40 @@ def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
             grad_y = grad_y * grad_loss.to(grad_y.dtype)[:, None]
             grad_y_coded = spline_mix_op(decoder.t().contiguous(), grad_y).neg()
         else:
-            scale = grad_loss.to(grad_y.dtype)
+            scale = grad_loss.to(grad_y.dtype)  # a tensor: no host sync to test whether it is 1
             grad_y = grad_y * scale
             grad_y_coded = grad_y_coded * scale
         return grad_y, grad_y_coded, None, None, None
 
-    reconstruction_loss_op.register_autograd(_reconstruction_loss_backward, setup_context=_reconstruction_loss_setup)
-    return SimpleNamespace(name=name, spline_mix=spline_mix_op, reconstruction_loss=reconstruction_loss_op)
+    torch.library.register_autograd(spline_mix_name, spline_mix_backward, setup_context=spline_mix_setup)
+    torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
+    return SimpleNamespace(spline_mix=spline_mix_op, reconstruction_loss=reconstruction_loss_op)
+
+
+def _define_coding_weights():
+    """``torch.ops.dres_fast.coding_weights(spec_key, num_samples, which, device, dtype)``: the cached
+    encoder (``which="encoder"``, ``(N, K)``) or decoder (``(K, N)``) of the
+    :class:`~dres_fast.smoothing.SmoothingSpec` whose key is ``spec_key``. ``num_samples`` is a
+    SymInt, so one compiled graph serves every batch size; the fake kernel only computes shapes.
+    Defined at import (not on first use): Dynamo cannot trace the lock a lazy definition needs."""
+
+    @torch.library.custom_op("dres_fast::coding_weights", mutates_args=())
+    def coding_weights(spec_key: str, num_samples: int, which: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        from .. import cache, smoothing
+
+        pair = cache.default_cache.weights(smoothing.from_key(spec_key), num_samples, device, dtype)
+        # a fresh tensor: a compiled graph may reuse an op's output buffer for later results
+        return pair[("encoder", "decoder").index(which)].clone()
+
+    @coding_weights.register_fake
+    def _(spec_key, num_samples, which, device, dtype):
+        from .. import smoothing
+
+        num_samples, num_coded = smoothing.from_key(spec_key).sizes(num_samples)
+        shape = (num_coded, num_samples) if which == "encoder" else (num_samples, num_coded)
+        return torch.empty(shape, device=device, dtype=compute_dtype(dtype))
+
+    return torch.ops.dres_fast.coding_weights
+
+
+coding_weights_op = _define_coding_weights()

@@ -1,0 +1,272 @@
+"""Backend "cuda": finds or builds the CUDA extension (sources in ``csrc/``) and adapts its ops.
+
+The kernels live in csrc/ (plain CUDA launchers + a torch binding that defines the ops
+``torch.ops.dres_fast_C.spline_mix`` and ``torch.ops.dres_fast_C.reconstruction_loss`` with CUDA and
+Meta kernels; the Meta kernels are their fake kernels). ``load()`` makes them available, in this
+order, then registers their autograd (:func:`dres_fast.ops.registry.register_autograd`, once):
+
+1. ``import dres_fast._C``: the extension built at install time by setup.py;
+2. a first-use build with ``torch.utils.cpp_extension.load`` (nvcc + ninja) into
+   ``$DRES_FAST_CACHE/<torch version>-cu<CUDA version>/cuda_ext`` (default cache root
+   ``~/.cache/dres_fast``), reused by later processes (torch rebuilds only when the sources change).
+
+``is_available()`` and ``is_built()`` never compile anything. ``spline_mix(weights, x)`` and
+``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)`` call the C++ ops directly
+(no autograd needed), as docs/ARCHITECTURE.md specifies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import threading
+import traceback
+
+from .._build_support import kernel_sources
+from . import BackendUnavailableError
+
+NAME = "cuda"
+JIT_NAME = "dres_fast_C_jit"
+PREBUILT_NAME = "dres_fast._C"
+OPS_NAMESPACE = "dres_fast_C"
+
+_LOCK = threading.RLock()
+_loaded_from: str | None = None  # "dres_fast._C" or the first-use build's directory
+_ops_with_autograd = None  # what load() returns, once the autograd formulas are registered
+
+
+def _package_dir() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_dir() -> str | None:
+    """The csrc/ directory with the kernel sources (shipped inside the package or beside it)."""
+    for candidate in (
+        os.path.join(_package_dir(), "csrc"),
+        os.path.join(os.path.dirname(_package_dir()), "csrc"),
+    ):
+        if os.path.isfile(os.path.join(candidate, "binding.cpp")):
+            return candidate
+    return None
+
+
+def source_files() -> list[str]:
+    src = source_dir()
+    return [] if src is None else kernel_sources(src)
+
+
+def cache_dir() -> str:
+    """Build directory of the first-use build; one per torch and CUDA version."""
+    import torch
+
+    root = os.environ.get("DRES_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dres_fast"
+    )
+    tag = f"{torch.__version__}-cu{torch.version.cuda or 'none'}"
+    return os.path.join(root, tag.replace(os.sep, "_"), "cuda_ext")
+
+
+def _jit_library_path() -> str:
+    return os.path.join(cache_dir(), JIT_NAME + ".so")
+
+
+def _runtime_missing() -> str | None:
+    """Why the kernels cannot run in this process at all (None when they can)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return (
+            f"the installed PyTorch ({torch.__version__}) is a CPU-only build without CUDA "
+            "support; install a CUDA-enabled torch, e.g. "
+            "`pip install torch --index-url https://download.pytorch.org/whl/cu126`"
+        )
+    if not torch.cuda.is_available():
+        return (
+            "no CUDA GPU is visible (torch.cuda.is_available() is False): check the NVIDIA "
+            "driver and CUDA_VISIBLE_DEVICES"
+        )
+    return None
+
+
+def _toolchain_missing() -> str | None:
+    """Why a first-use build cannot be attempted (None when it can)."""
+    if not source_files():
+        return (
+            "the CUDA sources (csrc/*.cu, csrc/binding.cpp) are not shipped with this install; "
+            "reinstall dres_fast from source with a CUDA toolkit so that dres_fast._C is built"
+        )
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    if CUDA_HOME is None or not (
+        shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    ):
+        return (
+            "no CUDA toolkit found (nvcc is not on PATH and CUDA_HOME is unset) to compile the "
+            "extension on first use; install the CUDA toolkit matching torch.version.cuda or "
+            "set CUDA_HOME"
+        )
+    if not is_ninja_available():
+        return "ninja is not installed (needed for the first-use build): `pip install ninja`"
+    return None
+
+
+def _prebuilt_present() -> bool:
+    try:
+        return importlib.util.find_spec(PREBUILT_NAME) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ops_registered() -> bool:
+    import torch
+
+    try:
+        getattr(torch.ops, OPS_NAMESPACE).spline_mix
+        getattr(torch.ops, OPS_NAMESPACE).reconstruction_loss
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def is_built() -> bool:
+    """True when the extension is loaded, installed (dres_fast._C) or in the first-use cache."""
+    if _loaded_from is not None:
+        return True
+    if _prebuilt_present():
+        return True
+    try:
+        return os.path.exists(_jit_library_path())
+    except ImportError:
+        return False
+
+
+def is_available(device_type: str = "cuda") -> tuple[bool, str]:
+    """(usable, reason) without building anything. Usable means load() is expected to succeed:
+    CUDA tensors, a CUDA torch, a visible GPU, and either a built extension or the tools to build it."""
+    if device_type != "cuda":
+        return False, f"backend 'cuda' needs CUDA tensors; these are on '{device_type}'"
+    missing = _runtime_missing()
+    if missing is not None:
+        return False, missing
+    if _loaded_from is not None:
+        return True, f"loaded from {_loaded_from}"
+    if _prebuilt_present():
+        return True, f"prebuilt extension {PREBUILT_NAME} is installed"
+    if os.path.exists(_jit_library_path()):
+        return True, f"first-use build cached at {cache_dir()}"
+    missing = _toolchain_missing()
+    if missing is not None:
+        return False, missing
+    return True, f"not built yet: compiled with nvcc on first use into {cache_dir()}"
+
+
+def _unavailable(reason: str) -> BackendUnavailableError:
+    return BackendUnavailableError(f"backend 'cuda' is not available: dres_fast CUDA extension: {reason}")
+
+
+def load(verbose: bool = False):
+    """Load (building on first use if needed) the CUDA extension and register the autograd of its
+    ops; returns the op packets (``.spline_mix``, ``.reconstruction_loss``). Thread-safe; later calls
+    are free. Raises BackendUnavailableError (a RuntimeError) naming what is missing or where the
+    build log is."""
+    global _ops_with_autograd
+    with _LOCK:
+        if _ops_with_autograd is None:
+            _load_extension(verbose)
+            from ..ops import registry
+
+            _ops_with_autograd = registry.register_autograd(
+                f"{OPS_NAMESPACE}::spline_mix", f"{OPS_NAMESPACE}::reconstruction_loss"
+            )
+        return _ops_with_autograd
+
+
+def _load_extension(verbose: bool) -> None:
+    global _loaded_from
+    with _LOCK:
+        if _loaded_from is not None:
+            return
+        missing = _runtime_missing()
+        if missing is not None:
+            raise _unavailable(missing)
+
+        prebuilt_error = None
+        if _prebuilt_present():
+            try:
+                importlib.import_module(PREBUILT_NAME)
+            except (ImportError, OSError) as exc:  # e.g. built against another torch
+                prebuilt_error = f"{PREBUILT_NAME} is installed but failed to import: {exc}"
+            else:
+                if _ops_registered():
+                    _loaded_from = PREBUILT_NAME
+                    if verbose:
+                        print(f"dres_fast: CUDA backend loaded from {PREBUILT_NAME}")
+                    return
+                prebuilt_error = f"{PREBUILT_NAME} imported but did not register the ops"
+
+        missing = _toolchain_missing()
+        if missing is not None:
+            if prebuilt_error:
+                missing = f"{prebuilt_error}; and {missing}"
+            raise _unavailable(missing)
+
+        build_dir = cache_dir()
+        os.makedirs(build_dir, exist_ok=True)
+        log_path = os.path.join(build_dir, "build_error.log")
+        try:
+            from torch.utils.cpp_extension import load as jit_load
+
+            jit_load(
+                name=JIT_NAME,
+                sources=source_files(),
+                extra_include_paths=[source_dir()],
+                # IEEE arithmetic: no --use_fast_math (the loss is sensitive to rounding).
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-lineinfo"],
+                build_directory=build_dir,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+            with open(log_path, "w") as log:
+                log.write(f"{exc}\n\n{traceback.format_exc()}")
+            raise _unavailable(
+                f"building the CUDA extension failed ({type(exc).__name__}); the compiler "
+                f"output is in {log_path} (build directory {build_dir})"
+            ) from exc
+        if not _ops_registered():
+            raise _unavailable(f"the build in {build_dir} loaded but did not register the ops")
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        _loaded_from = build_dir
+        if verbose:
+            print(f"dres_fast: CUDA backend built/loaded from {build_dir}")
+
+
+def _ops():
+    if _loaded_from is None:
+        _load_extension(verbose=False)
+    import torch
+
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+def spline_mix(weights, x):
+    """out = weights @ x over the batch axis: weights (M, K) in the compute dtype, x (K, d) of
+    float32/float64/float16/bfloat16 with any strides; returns (M, d), contiguous, x's dtype.
+    Accumulates in float32 (float64 for float64) with IEEE products, never TF32."""
+    return _ops().spline_mix(weights, x)
+
+
+def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
+    """r = y - decoder @ y_coded; per_sample = sum_j r^2; returns (loss, grad_y, grad_y_coded)
+    with the reductions, dtypes and gradient conventions of docs/ARCHITECTURE.md. Reductions are
+    deterministic (fixed-order per-block partial sums)."""
+    loss, grad_y, grad_y_coded = _ops().reconstruction_loss(
+        y, y_coded, decoder, reduction, bool(compute_grads)
+    )
+    return loss, grad_y, grad_y_coded

@@ -1,0 +1,123 @@
+"""The shape of the package: one module per backend, the op rules in one place, the smoothing spec.
+
+* every backend module has NAME, is_available and load, and dispatch finds it by name;
+* the autograd formulas registered by ``registry.register_autograd`` on ops defined outside Python's
+  ``custom_op`` (as the CUDA backend's C++ ops are) give the torch backend's gradients;
+* ``SmoothingSpec`` is frozen, validated, hashable, round-trips through its key, and keys the cache.
+"""
+
+import dataclasses
+import importlib
+import math
+
+import pytest
+import torch
+
+import dres_fast
+from dres_fast import contract
+from dres_fast.backends import reference
+from dres_fast.cache import WeightCache
+from dres_fast.ops import dispatch, registry
+from dres_fast.smoothing import SmoothingSpec, from_key
+
+
+@pytest.mark.parametrize("name", dispatch.BACKENDS)
+def test_every_backend_module_has_the_same_shape(name):
+    module = importlib.import_module(dispatch.BACKEND_MODULES[name])
+    assert module.NAME == name
+    ok, reason = module.is_available("cpu")
+    assert isinstance(ok, bool) and isinstance(reason, str)
+    assert ok or reason, "an unavailable backend must say why"
+    assert callable(module.load)
+
+
+def test_old_module_names_are_the_new_modules():
+    import dres_fast._cuda_ext as old_cuda
+    import dres_fast.torch_backend as old_reference
+    from dres_fast.backends import cuda
+
+    assert old_reference is reference and old_cuda is cuda
+
+
+@pytest.mark.parametrize("dtype", contract.FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
+def test_reference_backend_follows_the_contract(dtype, reduction):
+    y, y_coded = torch.randn(5, 3).to(dtype), torch.randn(4, 3).to(dtype)
+    decoder = torch.randn(5, 4, dtype=contract.compute_dtype(dtype))
+    loss, grad_y, _ = reference.reconstruction_loss(y, y_coded, decoder, reduction, True)
+    assert loss.dtype == contract.loss_dtype(dtype)
+    residual = y.to(decoder.dtype) - decoder @ y_coded.to(decoder.dtype)
+    scale = contract.gradient_scale(reduction, residual.numel())
+    assert scale == (2.0 / 15 if reduction == "mean" else 2.0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad_y.to(decoder.dtype), scale * residual, rtol=tol, atol=tol)
+
+
+_LIB = torch.library.Library("dres_test_cxx", "DEF")  # stands in for csrc/binding.cpp's TORCH_LIBRARY
+_LIB.define("spline_mix(Tensor weights, Tensor x) -> Tensor")
+_LIB.define("reconstruction_loss(Tensor y, Tensor y_coded, Tensor decoder, str reduction, bool compute_grads) "
+            "-> (Tensor, Tensor, Tensor)")
+_LIB.impl("spline_mix", reference.spline_mix, "CPU")
+_LIB.impl("reconstruction_loss", reference.reconstruction_loss, "CPU")
+_LIB.impl("spline_mix", registry._spline_mix_fake, "Meta")
+_LIB.impl("reconstruction_loss", registry._reconstruction_loss_fake, "Meta")
+CXX_STYLE_OPS = registry.register_autograd("dres_test_cxx::spline_mix", "dres_test_cxx::reconstruction_loss")
+
+
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
+def test_autograd_registered_on_ops_defined_elsewhere(reduction):
+    # the CUDA backend's path: ops defined (with Meta kernels) outside torch.library.custom_op
+    torch.manual_seed(0)
+    y = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y_coded = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    decoder = torch.randn(6, 5, dtype=torch.float64)
+    incoming = torch.rand(6, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+
+    loss, _, _ = CXX_STYLE_OPS.reconstruction_loss(y, y_coded, decoder, reduction, True)
+    grads = torch.autograd.grad(loss, (y, y_coded), incoming)
+    per_sample = (y - decoder @ y_coded).square().sum(1)
+    expected = {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.sum() / y.numel()}[reduction]
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (y, y_coded), incoming))
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: CXX_STYLE_OPS.spline_mix(decoder, t), (x,))
+
+
+def test_spec_is_validated_frozen_and_hashable():
+    spec = SmoothingSpec(num_coded=12, lam_enc=math.inf, dof_dec=5, alpha=torch.linspace(-1, 1, 8, dtype=torch.float64))
+    assert spec.alpha == tuple(torch.linspace(-1, 1, 8, dtype=torch.float64).tolist())
+    assert spec.dof_dec == 5.0 and isinstance(spec.dof_dec, float)
+    same = SmoothingSpec(12, math.inf, None, None, 5.0, tuple(spec.alpha), "lobatto")
+    assert spec == same and hash(spec) == hash(same) and spec.key == same.key
+    assert from_key(spec.key) == spec
+    assert from_key(SmoothingSpec().key) == SmoothingSpec()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.lam_enc = 1.0
+    with pytest.raises(ValueError, match="give lam_dec or dof_dec, not both"):
+        SmoothingSpec(lam_dec=1.0, dof_dec=3.0)
+    with pytest.raises(TypeError, match="lam_enc must be a real number"):
+        SmoothingSpec(lam_enc="0.1")
+    with pytest.raises(ValueError, match="beta must be strictly ascending"):
+        SmoothingSpec(beta=[0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="alpha must have 6 points"):
+        spec.sizes(6)
+    assert SmoothingSpec().sizes(7) == (7, 7) and SmoothingSpec(num_coded=4).sizes(7) == (7, 4)
+
+
+def test_spec_keys_the_cache():
+    cache = WeightCache()
+    first = cache.weights(SmoothingSpec(lam_enc=0.0, dof_dec=4.0), 6)
+    assert cache.weights(SmoothingSpec(lam_enc=0, dof_dec=4), 6)[0] is first[0]  # equal values: a hit
+    assert cache.get(6, None, lam_enc=0.0, dof_dec=4.0)[1] is first[1]
+    assert cache.weights(SmoothingSpec(lam_enc=0.0, dof_dec=4.5), 6)[0] is not first[0]
+    assert len(cache) == 2
+
+
+def test_modules_share_the_functional_spec():
+    loss_module = dres_fast.DReSLoss(num_coded=5, dof_enc=3.0, alpha="uniform")
+    assert loss_module.spec == SmoothingSpec(num_coded=5, dof_enc=3.0, alpha="uniform")
+    reg = dres_fast.SubmoduleDReS(torch.nn.Sequential(torch.nn.Linear(2, 2)), "0", lam_dec=0.1)
+    assert reg.spec == SmoothingSpec(lam_dec=0.1)
+    with pytest.raises(ValueError, match="give lam_enc or dof_enc, not both"):
+        dres_fast.DReSLoss(lam_enc=0.1, dof_enc=3.0)

@@ -72,72 +72,135 @@ class PenalizedSystem:
         self.factor = cholesky_banded(bands, lower=False, check_finite=False)
 
     # -- products with the sparse factors, for (n-2, k) or (n, k) blocks --------------------------
-    def apply_q(self, gamma: np.ndarray) -> np.ndarray:
+    # Each term goes through one scratch block instead of a fresh temporary: for a weight matrix
+    # these are (n, n) arrays, and every fresh one costs its page faults again.
+    @staticmethod
+    def _add_scaled(out: np.ndarray, coefficients: np.ndarray, block: np.ndarray, scratch: np.ndarray) -> None:
+        """out += coefficients[:, None] * block, without a temporary the size of block."""
+        scratch = scratch[: block.shape[0]]
+        np.multiply(coefficients[:, None], block, out=scratch)
+        out += scratch
+
+    def apply_q(self, gamma: np.ndarray, scratch: np.ndarray = None) -> np.ndarray:
         """Q @ gamma: row i gets a_i g_i + b_{i-1} g_{i-1} + c_{i-2} g_{i-2}."""
+        scratch = np.empty_like(gamma) if scratch is None else scratch
         m = gamma.shape[0]
-        out = np.zeros((m + 2,) + gamma.shape[1:])
-        out[:m] += self.a[:, None] * gamma
-        out[1 : m + 1] += self.b[:, None] * gamma
-        out[2:] += self.c[:, None] * gamma
+        out = np.empty((m + 2,) + gamma.shape[1:])
+        np.multiply(self.a[:, None], gamma, out=out[:m])
+        out[m:] = 0.0
+        self._add_scaled(out[1 : m + 1], self.b, gamma, scratch)
+        self._add_scaled(out[2:], self.c, gamma, scratch)
         return out
 
-    def apply_qt(self, g: np.ndarray) -> np.ndarray:
+    def apply_qt(self, g: np.ndarray, scratch: np.ndarray = None) -> np.ndarray:
         """Q^T @ g: row j gets a_j g_j + b_j g_{j+1} + c_j g_{j+2}."""
-        out = self.a[:, None] * g[:-2]
-        out += self.b[:, None] * g[1:-1]
-        out += self.c[:, None] * g[2:]
+        scratch = np.empty_like(g[2:]) if scratch is None else scratch
+        out = np.multiply(self.a[:, None], g[:-2])
+        self._add_scaled(out, self.b, g[1:-1], scratch)
+        self._add_scaled(out, self.c, g[2:], scratch)
         return out
 
-    def apply_r(self, gamma: np.ndarray) -> np.ndarray:
-        out = self.r_diag[:, None] * gamma
-        out[:-1] += self.r_off[:, None] * gamma[1:]
-        out[1:] += self.r_off[:, None] * gamma[:-1]
+    def subtract_r(self, gamma: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """out -= R @ gamma (R tridiagonal)."""
+        self._add_scaled(out, -self.r_diag, gamma, scratch)
+        self._add_scaled(out[:-1], -self.r_off, gamma[1:], scratch)
+        self._add_scaled(out[1:], -self.r_off, gamma[:-1], scratch)
         return out
 
     # -- solves -----------------------------------------------------------------------------------
     def _solve_inplace(self, rhs: np.ndarray, q_transpose_rhs: bool = False) -> np.ndarray:
-        """rhs <- M^{-1} rhs by row sweeps (rhs C-contiguous, (n-2, k)). With ``q_transpose_rhs``
-        the rhs has Q^T's pattern (row j nonzero only in columns j..j+2), so the forward sweep
-        touches only the nonzero prefix U^{-T} keeps: half the work."""
+        """rhs <- M^{-1} rhs by row sweeps (rhs C-contiguous float64, (n-2, k)). With
+        ``q_transpose_rhs`` the rhs has Q^T's pattern (row j nonzero only in columns j..j+2), so the
+        forward sweep touches only the nonzero prefix U^{-T} keeps: half the work."""
+        from scipy.linalg import blas
+
         m, width = rhs.shape
         if width < _ROW_SWEEP_MIN_COLUMNS:
             from scipy.linalg import cho_solve_banded
 
             rhs[...] = cho_solve_banded((self.factor, False), rhs, check_finite=False)
             return rhs
-        diag, sup1, sup2 = self.factor[2], self.factor[1], self.factor[0]  # U[i,i], U[i-1,i], U[i-2,i]
-        scratch = np.empty(width)
+        # BLAS axpy/scal update a row in place in one call each; they would silently work on a
+        # copy of a non-contiguous row
+        if not (rhs.flags.c_contiguous and rhs.dtype == np.float64):
+            raise ValueError("_solve_inplace needs a C-contiguous float64 array")
+        axpy, scal = blas.daxpy, blas.dscal
+        inverse_diag = (1.0 / self.factor[2]).tolist()  # U[i, i]
+        minus_sup1 = (-self.factor[1]).tolist()  # -U[i-1, i]
+        minus_sup2 = (-self.factor[0]).tolist()  # -U[i-2, i]
         for i in range(m):  # U^T z = rhs
             w = min(i + 3, width) if q_transpose_rhs else width
-            row, tmp = rhs[i, :w], scratch[:w]
+            row = rhs[i, :w]
             if i >= 1:
-                row -= np.multiply(rhs[i - 1, :w], sup1[i], out=tmp)
+                axpy(rhs[i - 1, :w], row, a=minus_sup1[i])
             if i >= 2:
-                row -= np.multiply(rhs[i - 2, :w], sup2[i], out=tmp)
-            row /= diag[i]
+                axpy(rhs[i - 2, :w], row, a=minus_sup2[i])
+            scal(inverse_diag[i], row)
         for i in range(m - 1, -1, -1):  # U x = z
             row = rhs[i]
             if i + 1 < m:
-                row -= np.multiply(rhs[i + 1], sup1[i + 1], out=scratch)
+                axpy(rhs[i + 1], row, a=minus_sup1[i + 1])
             if i + 2 < m:
-                row -= np.multiply(rhs[i + 2], sup2[i + 2], out=scratch)
-            row /= diag[i]
+                axpy(rhs[i + 2], row, a=minus_sup2[i + 2])
+            scal(inverse_diag[i], row)
         return rhs
 
     def _refinement_step(self, y, gamma: np.ndarray) -> np.ndarray:
         """gamma + M^{-1} rho / (1 + lam), rho = Q^T (y - lam Q gamma) - R gamma (``y`` None: I)."""
-        fit = self.apply_q(gamma)
-        fit *= -self.lam
-        if y is None:
-            fit[np.diag_indices(self.n)] += 1.0
+        if y is None and gamma.shape[1] >= _ROW_SWEEP_MIN_COLUMNS:
+            residual = self._identity_residual_by_rows(gamma)
         else:
-            fit += y
-        residual = self.apply_qt(fit)
-        del fit
-        residual -= self.apply_r(gamma)
+            scratch = np.empty_like(gamma)
+            fit = self.apply_q(gamma, scratch)
+            fit *= -self.lam
+            if y is None:
+                fit[np.diag_indices(self.n)] += 1.0
+            else:
+                fit += y
+            residual = self.apply_qt(fit, scratch)
+            del fit
+            self.subtract_r(gamma, residual, scratch)
+            del scratch
         residual /= 1.0 + self.lam
         gamma += self._solve_inplace(residual)
         return gamma
+
+    def _identity_residual_by_rows(self, gamma: np.ndarray) -> np.ndarray:
+        """rho = Q^T (I - lam Q gamma) - R gamma one row at a time with BLAS calls (broadcast numpy
+        products over (n, n) blocks run at a fraction of memory speed), keeping only the three rows
+        of the fit that the current row of rho needs."""
+        from scipy.linalg import blas
+
+        axpy = blas.daxpy
+        m, width = gamma.shape
+        a, b, c = self.a.tolist(), self.b.tolist(), self.c.tolist()
+        r_diag, r_off = self.r_diag.tolist(), self.r_off.tolist()
+        fit_rows = np.empty((3, width))
+        residual = np.empty_like(gamma)
+        for i in range(m + 2):
+            fit = fit_rows[i % 3]  # row i of y - lam Q gamma: a_i g_i + b_{i-1} g_{i-1} + c_{i-2} g_{i-2}
+            fit[:] = 0.0
+            if i < m:
+                axpy(gamma[i], fit, a=a[i])
+            if 1 <= i <= m:
+                axpy(gamma[i - 1], fit, a=b[i - 1])
+            if i >= 2:
+                axpy(gamma[i - 2], fit, a=c[i - 2])
+            fit *= -self.lam
+            fit[i] += 1.0
+            if i < 2:
+                continue
+            j = i - 2  # row j of rho = a_j fit_j + b_j fit_{j+1} + c_j fit_{j+2} - (R gamma)_j
+            row = residual[j]
+            np.multiply(fit_rows[j % 3], a[j], out=row)
+            axpy(fit_rows[(j + 1) % 3], row, a=b[j])
+            axpy(fit, row, a=c[j])
+            axpy(gamma[j], row, a=-r_diag[j])
+            if j + 1 < m:
+                axpy(gamma[j + 1], row, a=-r_off[j])
+            if j >= 1:
+                axpy(gamma[j - 1], row, a=-r_off[j - 1])
+        return residual
 
     def second_derivatives(self, y=None) -> np.ndarray:
         r""":math:`\gamma = (R + \lambda Q^T Q)^{-1} Q^T y`, (n-2, k) for ``y`` (n, k); for ``y`` None,

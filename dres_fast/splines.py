@@ -275,24 +275,39 @@ def _lam_for_dof_cached(src_key: tuple, dof: float) -> float:
     if dof <= 2.0:
         return math.inf
     t = np.asarray(src_key)
-    # lam scales like (knot spacing)^3: search log-lambda around that scale. tr S - 2 falls like a
-    # power of lambda (between lam^0 and lam^-1), so its logarithm is nearly linear in log-lambda
-    # and Brent's interpolation converges in a few steps.
-    centre = math.log(float(np.mean(np.diff(t))) ** 3)
+    # tr S - 2 falls like a power of lambda, lam^-p with 0 <= p <= 1 (about 1/4 for a fit with many
+    # degrees of freedom, 1 near the line), so its logarithm is nearly linear in log-lambda: a
+    # secant step from a guess brackets the root tightly, and Brent's interpolation finishes in a
+    # few O(n) trace evaluations.
     target = math.log(dof - 2.0)
+    values = {}
 
     def excess(log_lam: float) -> float:
-        return math.log(max(_trace_of_smoother(t, math.exp(log_lam)) - 2.0, 1e-300)) - target
+        if log_lam not in values:
+            trace = _trace_of_smoother(t, math.exp(log_lam))
+            values[log_lam] = math.log(max(trace - 2.0, 1e-300)) - target
+        return values[log_lam]
 
-    lo, hi = centre - 10.0, centre + 10.0
-    while excess(lo) < 0:
-        lo -= 10.0
-        if lo < centre - 200:
-            return 0.0
-    while excess(hi) > 0:
-        hi += 10.0
-        if hi > centre + 200:
+    # lam scales like (knot spacing)^3
+    start = lo = hi = math.log(float(np.mean(np.diff(t))) ** 3)
+    slope, last_step = -0.25, 0.0
+    while (excess(lo) < 0) == (excess(hi) < 0):
+        if lo < start - 200:
+            return 0.0  # even the interpolating spline has too few degrees of freedom
+        if hi > start + 200:
             return math.inf
+        moving = hi if excess(hi) > 0 else lo  # the end that must move past the root
+        if hi != lo:
+            slope = min(-0.05, max(-1.0, (excess(hi) - excess(lo)) / (hi - lo)))
+        # the secant prediction, overshooting a little; at least twice the last step where the
+        # function is flat (dof near n), at most 20 (e^20 in lambda)
+        step = -excess(moving) / slope
+        step = math.copysign(min(max(abs(step) * 1.5, 2.0 * last_step, 0.05), 20.0), step)
+        last_step = abs(step)
+        if moving == hi:
+            lo, hi = hi, hi + step
+        else:
+            lo, hi = lo + step, lo
     return math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12, maxiter=200))
 
 

@@ -343,3 +343,21 @@ def test_large_batch_weights_reproduce_constants_and_lines(lam):
         np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-11)
         np.testing.assert_allclose(W @ src, dst, atol=1e-11)
         del W
+
+
+@pytest.mark.parametrize("lam", [1e-6, 1.0, 1e6])
+def test_refinement_residual_by_rows_matches_block_form(lam):
+    # the weight matrix's refinement residual is formed row by row with BLAS, a probe's in blocks:
+    # one refinement step from the plain float64 solve must land on the same second derivatives
+    from dres_fast._banded import PenalizedSystem
+
+    n = 60
+    system = PenalizedSystem(chebyshev(n), lam)
+    q_transpose = np.zeros((n - 2, n))
+    rows = np.arange(n - 2)
+    q_transpose[rows, rows], q_transpose[rows, rows + 1], q_transpose[rows, rows + 2] = system.a, system.b, system.c
+    plain = system._solve_inplace(q_transpose / (1 + lam))
+    by_rows = system._refinement_step(None, plain.copy())
+    in_blocks = system._refinement_step(np.eye(n), plain.copy())
+    assert np.max(np.abs(by_rows - plain)) > 0  # the step did something
+    np.testing.assert_allclose(by_rows, in_blocks, rtol=0, atol=1e-13 * np.abs(in_blocks).max())

@@ -9,7 +9,7 @@ With :math:`m = n - 2` interior knots the system matrix, scaled so its entries s
 
 is symmetric positive definite with two off-diagonals. It is factored once by LAPACK's banded
 Cholesky (``scipy.linalg.cholesky_banded``, :math:`O(m)`); everything else here is :math:`O(m)` per
-right-hand side and needs no memory beyond the right-hand sides:
+right-hand side, with memory a small multiple of the right-hand sides':
 
 * solves by forward and back substitution one *row* at a time, vectorized over all right-hand sides
   (LAPACK's banded solve loops over right-hand sides one at a time, several times slower for the
@@ -54,7 +54,7 @@ def reinsch_bands(t: np.ndarray):
 class PenalizedSystem:
     r"""The Reinsch system of knots ``t`` at smoothing ``lam`` (finite), factored once.
 
-    :meth:`second_derivatives` solves :math:`(R + \lambda Q^T Q)\,\gamma = Q^T Y`;
+    :meth:`second_derivatives` gives :math:`(R + \lambda Q^T Q)^{-1} Q^T`;
     :meth:`smoother_trace` gives :math:`\operatorname{tr} S_\lambda`."""
 
     def __init__(self, t: np.ndarray, lam: float):
@@ -202,13 +202,11 @@ class PenalizedSystem:
                 axpy(gamma[j - 1], row, a=-r_off[j - 1])
         return residual
 
-    def second_derivatives(self, y=None) -> np.ndarray:
-        r""":math:`\gamma = (R + \lambda Q^T Q)^{-1} Q^T y`, (n-2, k) for ``y`` (n, k); for ``y`` None,
-        the (n-2, n) map from data to interior second derivatives (``y = I``), refined when a probe
-        shows the plain float64 solve is off by more than :data:`REFINE_THRESHOLD`."""
+    def second_derivatives(self) -> np.ndarray:
+        r"""The (n-2, n) map :math:`\Gamma = (R + \lambda Q^T Q)^{-1} Q^T` from data to interior second
+        derivatives, refined once when a probe shows the plain float64 solve is off by more than
+        :data:`REFINE_THRESHOLD`."""
         scale = 1.0 / (1.0 + self.lam)
-        if y is not None:
-            return self._refinement_step(y, self._solve_inplace(scale * self.apply_qt(y)))
         m = self.n - 2
         rhs = np.zeros((m, self.n))
         rows = np.arange(m)

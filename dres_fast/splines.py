@@ -236,7 +236,9 @@ def spline_weights(src, dst, lam: float = 0.0) -> torch.Tensor:
     ``src`` must be finite and strictly ascending with at least 3 points; ``dst`` any finite points
     (outside ``[src[0], src[-1]]`` the spline continues linearly). ``lam = 0`` interpolates,
     ``lam = math.inf`` fits the least-squares line. Properties: ``W @ 1 = 1``, ``W @ src = dst``.
-    Cost O(len(src) (len(src) + len(dst))) time and O(len(src) len(dst)) memory.
+    Cost O(len(src) (len(src) + len(dst))) time and O(len(src) len(dst)) memory. Accuracy: about 1e-13
+    absolute between and near the knots; a point a distance d beyond an end knot whose interval is h
+    carries the rounding of the end slope times d/h (~5e-11 at 0.5 beyond 1024 Chebyshev knots).
     """
     src_np = _to_numpy_1d(src, "src")
     dst_np = _to_numpy_1d(dst, "dst")

@@ -252,3 +252,112 @@ def test_lam_for_dof_bad_input():
         lam_for_dof(t, 9)
     with pytest.raises(ValueError, match="dof must be between 2"):
         lam_for_dof(t, 1.5)
+
+
+# -- banded solves, the trace recursion, large K ----------------------------------------------------
+def _dense_reinsch(t, lam):
+    """Fitted values G = I - lam Q (R + lam Q^T Q)^{-1} Q^T by a dense float64 solve (independent of
+    the banded code)."""
+    n = len(t)
+    h = np.diff(t)
+    Q = np.zeros((n, n - 2))
+    R = np.zeros((n - 2, n - 2))
+    for j in range(n - 2):
+        Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
+        R[j, j] = (h[j] + h[j + 1]) / 3
+        if j + 1 < n - 2:
+            R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+    return np.eye(n) - lam * Q @ np.linalg.solve(R + lam * Q.T @ Q, Q.T)
+
+
+@pytest.mark.parametrize("n", [3, 5, 40, 300])
+@pytest.mark.parametrize("lam", [1e-9, 1e-4, 1.0])
+def test_trace_recursion_matches_dense_trace(n, lam):
+    t = chebyshev(n)
+    assert degrees_of_freedom(t, lam) == pytest.approx(np.trace(_dense_reinsch(t, lam)), rel=1e-10)
+
+
+def test_trace_recursion_at_huge_lambda_matches_high_precision():
+    # tr S - 2 is tiny here; the recursion computes it directly (2 + tr((R + lam Q^T Q)^{-1} R)),
+    # without the cancellation of n - lam tr(...)
+    t = chebyshev(30)
+    lam = 1e6
+    with mpmath.workdps(50):
+        n = len(t)
+        tt = [mpmath.mpf(float(v)) for v in t]
+        h = [tt[i + 1] - tt[i] for i in range(n - 1)]
+        Q = mpmath.zeros(n, n - 2)
+        R = mpmath.zeros(n - 2, n - 2)
+        for j in range(n - 2):
+            Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
+            R[j, j] = (h[j] + h[j + 1]) / 3
+            if j + 1 < n - 2:
+                R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+        inv = mpmath.inverse(R + lam * Q.T * Q)
+        exact_excess = float(sum((inv * R)[i, i] for i in range(n - 2)))
+    assert degrees_of_freedom(t, lam) - 2.0 == pytest.approx(exact_excess, rel=1e-9)
+
+
+@pytest.mark.parametrize("columns", [1, 5, 200])
+def test_banded_solve_matches_lapack(columns):
+    from scipy.linalg import solveh_banded
+
+    from dres_fast._banded import PenalizedSystem
+
+    t = chebyshev(150)
+    system = PenalizedSystem(t, 1e-4)
+    rhs = np.random.default_rng(7).standard_normal((148, columns))
+    # M = U^T U in the upper banded storage scipy uses for both
+    upper = system.factor
+    bands = np.zeros_like(upper)
+    full = np.diag(upper[2]) + np.diag(upper[1, 1:], 1) + np.diag(upper[0, 2:], 2)
+    dense = full.T @ full
+    for offset in range(3):
+        bands[2 - offset, offset:] = np.diagonal(dense, offset)
+    expected = solveh_banded(bands, rhs)
+    np.testing.assert_allclose(system._solve_inplace(rhs.copy()), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("src_kind, dst_kind", [("chebyshev", "lobatto"), ("lobatto", "chebyshev"), ("uniform", "chebyshev")])
+@pytest.mark.parametrize("n", [64, 400])
+def test_banded_weights_match_dense_solve(src_kind, dst_kind, n):
+    # the smoothing spline is the natural cubic spline through its own fitted values
+    t = dres_fast.points(n, src_kind).numpy()
+    s = dres_fast.points(n + 7, dst_kind).numpy()
+    s = s[(s >= t[0]) & (s <= t[-1])]
+    for lam in (lam_for_dof(t, 0.75 * n), 1e-3):
+        ours = dres_fast.spline_weights(t, s, lam).numpy()
+        dense = CubicSpline(t, _dense_reinsch(t, lam), bc_type="natural", axis=0)(s)
+        assert np.max(np.abs(ours - dense)) < 1e-12
+
+
+@pytest.mark.parametrize("lam", ["dof", 1e-2])
+def test_large_batch_weights_reproduce_constants_and_lines(lam):
+    n = 4096
+    alpha = dres_fast.points(n, "chebyshev").numpy()
+    beta = dres_fast.points(n, "lobatto").numpy()
+    for src, dst in ((alpha, beta), (beta, alpha)):
+        smoothing = lam_for_dof(src, 0.75 * n) if lam == "dof" else lam
+        W = dres_fast.spline_weights(src, dst, smoothing).numpy()
+        assert W.shape == (n, n) and np.all(np.isfinite(W))
+        np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-11)
+        np.testing.assert_allclose(W @ src, dst, atol=1e-11)
+        del W
+
+
+@pytest.mark.parametrize("lam", [1e-6, 1.0, 1e6])
+def test_refinement_residual_by_rows_matches_block_form(lam):
+    # the weight matrix's refinement residual is formed row by row with BLAS, a probe's in blocks:
+    # one refinement step from the plain float64 solve must land on the same second derivatives
+    from dres_fast._banded import PenalizedSystem
+
+    n = 60
+    system = PenalizedSystem(chebyshev(n), lam)
+    q_transpose = np.zeros((n - 2, n))
+    rows = np.arange(n - 2)
+    q_transpose[rows, rows], q_transpose[rows, rows + 1], q_transpose[rows, rows + 2] = system.a, system.b, system.c
+    plain = system._solve_inplace(q_transpose / (1 + lam))
+    by_rows = system._refinement_step(None, plain.copy())
+    in_blocks = system._refinement_step(np.eye(n), plain.copy())
+    assert np.max(np.abs(by_rows - plain)) > 0  # the step did something
+    np.testing.assert_allclose(by_rows, in_blocks, rtol=0, atol=1e-13 * np.abs(in_blocks).max())

@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--device cpu|cuda]``: the whole benchmark.
 
-Kernels against their measured floors, the weight set-up time for K = N from 64 up (once
-bench/weights_setup.py is in the tree), then training steps of DReS against the baselines; writes
+Kernels against their measured floors, the weight set-up time for K = N from 64 up
+(bench/weights_setup.py), then training steps of DReS against the baselines; writes
 ``results.json``, ``summary.md`` and PNG plots to ``--out`` (default ``bench/out/``) and prints a
 compact table last. ``--quick`` keeps CPU sizes small (a few minutes on 2 cores); ``--smoke`` is a
 seconds-long run for the test suite.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -41,18 +40,12 @@ WEIGHT_SETUP_SIZES = {"smoke": [64, 128], "quick": [64, 256, 1024, 4096],
                       "full": [64, 128, 256, 512, 1024, 2048, 4096, 8192]}
 
 
-def run_weights_section(mode: str) -> tuple[list[dict], str | None]:
-    """Weight set-up: the time and peak memory to build the encoder and decoder for K = N from 64
-    up, rows with keys K, N, seconds, peak_mb. Returns (rows, why not measured).
-
-    The measurement lives in bench/weights_setup.py (``measure(sizes) -> list[dict]``); this is the
-    one place ``python -m bench`` calls it. Until that module is in the tree the section is
-    recorded as not measured, with the reason."""
-    if importlib.util.find_spec("bench.weights_setup") is None:
-        return [], "bench/weights_setup.py is not in this tree"
+def run_weights_section(mode: str) -> list[dict]:
+    """Weight set-up: the time and peak memory to build the encoder and decoder for K = N from 64 up
+    (bench/weights_setup.py; rows with K, N, dof_search_s, weights_s, total_s, cpu_s, peak_mib)."""
     from bench import weights_setup
 
-    return weights_setup.measure(WEIGHT_SETUP_SIZES[mode]), None
+    return weights_setup.run_weights_setup(WEIGHT_SETUP_SIZES[mode], memory=mode != "smoke")
 
 
 def main(argv=None) -> dict:
@@ -92,9 +85,7 @@ def main(argv=None) -> dict:
             kern = run_kernels(args.device, run_mode, progress=bar)
         results.update(rates=kern["rates"], kernels=kern["kernels"], kernels_skipped=kern["skipped"])
         results["kernel_floor_problems"] = report.floor_problems(kern["kernels"])
-    results["weights"], why_not = run_weights_section(run_mode)
-    if why_not:
-        results["weights_skipped"] = why_not
+    results["weights"] = run_weights_section(run_mode)
     models = args.models.split(",") if args.models else None
     results.update(run_steps(args.device, run_mode, models=models, progress_factory=progress))
     results["wall_s"] = time.perf_counter() - started

@@ -100,9 +100,10 @@ def kernel_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def weights_table(rows: list[dict], markdown: bool = False) -> str:
-    """Weight set-up rows (K, N, seconds, peak_mb): the time and memory to build E and D."""
-    head = ["K", "N", "seconds", "peak MB"]
-    body = [[str(r["K"]), str(r["N"]), f"{r['seconds']:.3f}", f"{r['peak_mb']:.1f}"] for r in rows]
+    """Weight set-up rows (bench/weights_setup.py): the time and memory to build E and D."""
+    head = ["K", "N", "dof search s", "weights s", "total s", "CPU s", "peak MiB"]
+    body = [[str(r["K"]), str(r["N"]), f"{r['dof_search_s']:.3f}", f"{r['weights_s']:.3f}", f"{r['total_s']:.3f}",
+             f"{r['cpu_s']:.3f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"] for r in rows]
     return grid(head, body, markdown, left=())
 
 
@@ -125,8 +126,6 @@ def console_table(results: dict) -> str:
         parts += ["measurement problems (kernel times under their floor):"] + [f"  {p}" for p in problems]
     if results.get("weights"):
         parts += ["", "weight set-up (encoder and decoder, first call):", weights_table(results["weights"])]
-    elif results.get("weights_skipped"):
-        parts += ["", f"weight set-up: not measured: {results['weights_skipped']}"]
     parts += ["", "training steps: median ms per step (x ERM) | peak step memory MB:",
               steps_table(results["steps"])]
     errs = errors(results["steps"])
@@ -163,8 +162,6 @@ def write_summary(results: dict, out_dir: str, plots: list[str]) -> str:
     if results.get("weights"):
         lines += ["", "## Weight set-up (encoder and decoder, first call)", "",
                   weights_table(results["weights"], markdown=True)]
-    elif results.get("weights_skipped"):
-        lines += ["", f"Weight set-up: not measured: {results['weights_skipped']}."]
     lines += ["", "## Training steps", "",
               "One step = forward, backward, optimizer step; median over interleaved rounds. "
               "`x` = relative to ERM on the same model. MB = peak memory of a step beyond the memory held "

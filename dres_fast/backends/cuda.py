@@ -25,6 +25,7 @@ import threading
 import traceback
 
 from .._build_support import kernel_sources
+from ..contract import FLOAT_DTYPES, REDUCTIONS
 from . import BackendUnavailableError
 
 NAME = "cuda"
@@ -255,10 +256,70 @@ def _ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
+_WHO = "dres_fast cuda backend: "
+
+
+def _check_2d_cuda(tensor, name: str) -> None:
+    # The binding checks the same (csrc/binding.cpp); checking here first keeps a bad argument from ever
+    # reaching C++: on the first GPU run a failed TORCH_CHECK inside the extension crashed the process
+    # instead of raising (bench/cpp_throw_probe.py tells whether a machine has that problem).
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{_WHO}{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cuda":
+        raise RuntimeError(f"{_WHO}{name} must be a CUDA tensor, got device {tensor.device}")
+    if tensor.dim() != 2:
+        raise RuntimeError(f"{_WHO}{name} must be 2-D, got shape {list(tensor.shape)}")
+
+
+def _check_same_device(a, a_name: str, b, b_name: str) -> None:
+    if a.device != b.device:
+        raise RuntimeError(f"{_WHO}{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")
+
+
+def _check_data_dtype(tensor, name: str) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{_WHO}{name} must be float32, float64, float16 or bfloat16, got {tensor.dtype}")
+
+
+def _check_spline_mix(weights, x) -> None:
+    _check_2d_cuda(weights, "weights")
+    _check_2d_cuda(x, "x")
+    _check_same_device(weights, "weights", x, "x")
+    _check_data_dtype(x, "x")
+    if not weights.is_floating_point():
+        raise RuntimeError(f"{_WHO}weights must be a floating-point tensor, got {weights.dtype}")
+    if weights.shape[1] != x.shape[0]:
+        raise RuntimeError(f"{_WHO}weights (M, K) and x (K, d) disagree on K: weights {list(weights.shape)}, "
+                           f"x {list(x.shape)}")
+
+
+def _check_reconstruction(y, y_coded, decoder, reduction) -> None:
+    for tensor, name in ((y, "y"), (y_coded, "y_coded"), (decoder, "decoder")):
+        _check_2d_cuda(tensor, name)
+    _check_same_device(y, "y", y_coded, "y_coded")
+    _check_same_device(y, "y", decoder, "decoder")
+    _check_data_dtype(y, "y")
+    if y_coded.dtype != y.dtype:
+        raise RuntimeError(f"{_WHO}y_coded must have the dtype of y ({y.dtype}), got {y_coded.dtype}")
+    if y_coded.shape[1] != y.shape[1]:
+        raise RuntimeError(f"{_WHO}y (K, d) and y_coded (N, d) disagree on d: y {list(y.shape)}, "
+                           f"y_coded {list(y_coded.shape)}")
+    if tuple(decoder.shape) != (y.shape[0], y_coded.shape[0]):
+        raise RuntimeError(f"{_WHO}decoder must be (K, N) = ({y.shape[0]}, {y_coded.shape[0]}), got "
+                           f"{list(decoder.shape)}")
+    if not decoder.is_floating_point():
+        raise RuntimeError(f"{_WHO}decoder must be a floating-point tensor, got {decoder.dtype}")
+    if reduction not in REDUCTIONS:
+        raise RuntimeError(f'{_WHO}reduction must be "mean", "sum" or "none", got "{reduction}"')
+
+
 def spline_mix(weights, x):
     """out = weights @ x over the batch axis: weights (M, K) in the compute dtype, x (K, d) of
     float32/float64/float16/bfloat16 with any strides; returns (M, d), contiguous, x's dtype.
     Accumulates in float32 (float64 for float64) with IEEE products, never TF32."""
+    _check_spline_mix(weights, x)
     return _ops().spline_mix(weights, x)
 
 
@@ -266,6 +327,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     """r = y - decoder @ y_coded; per_sample = sum_j r^2; returns (loss, grad_y, grad_y_coded)
     with the reductions, dtypes and gradient conventions of docs/ARCHITECTURE.md. Reductions are
     deterministic (fixed-order per-block partial sums)."""
+    _check_reconstruction(y, y_coded, decoder, reduction)
     loss, grad_y, grad_y_coded = _ops().reconstruction_loss(
         y, y_coded, decoder, reduction, bool(compute_grads)
     )

@@ -1,0 +1,51 @@
+"""The CUDA adapter checks its arguments in Python before the C++ op sees them (on the first GPU run a failed
+TORCH_CHECK inside the extension crashed the process). These checks run anywhere: no extension is loaded."""
+import pytest
+import torch
+
+from dres_fast.backends import cuda
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    def fail():
+        raise AssertionError("the extension must not be reached with a bad argument")
+
+    monkeypatch.setattr(cuda, "_ops", fail)
+
+
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device: enough to reach the checks that follow the device check."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def on_cuda(t):
+    return t.as_subclass(FakeCuda)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: cuda.spline_mix(torch.eye(3), torch.randn(3, 4)), "weights must be a CUDA tensor"),
+    (lambda: cuda.spline_mix(on_cuda(torch.eye(3)), torch.randn(3, 4)), "x must be a CUDA tensor"),
+    (lambda: cuda.spline_mix(on_cuda(torch.eye(3)), on_cuda(torch.randn(3))), "x must be 2-D"),
+    (lambda: cuda.spline_mix(on_cuda(torch.ones(3, 4)), on_cuda(torch.randn(5, 4))), "disagree on K"),
+    (lambda: cuda.spline_mix(on_cuda(torch.eye(3)), on_cuda(torch.ones(3, 4, dtype=torch.int32))),
+     "x must be float32, float64, float16 or bfloat16"),
+    (lambda: cuda.spline_mix(on_cuda(torch.eye(3, dtype=torch.int64)), on_cuda(torch.ones(3, 4))),
+     "weights must be a floating-point tensor"),
+    (lambda: cuda.reconstruction_loss(on_cuda(torch.ones(3, 4)), on_cuda(torch.ones(5, 4, dtype=torch.float64)),
+                                      on_cuda(torch.ones(3, 5)), "mean", True), "y_coded must have the dtype of y"),
+    (lambda: cuda.reconstruction_loss(on_cuda(torch.ones(3, 4)), on_cuda(torch.ones(5, 6)),
+                                      on_cuda(torch.ones(3, 5)), "mean", True), "disagree on d"),
+    (lambda: cuda.reconstruction_loss(on_cuda(torch.ones(3, 4)), on_cuda(torch.ones(5, 4)),
+                                      on_cuda(torch.ones(5, 3)), "mean", True), r"decoder must be \(K, N\) = \(3, 5\)"),
+    (lambda: cuda.reconstruction_loss(on_cuda(torch.ones(3, 4)), on_cuda(torch.ones(5, 4)),
+                                      on_cuda(torch.ones(3, 5)), "max", True), 'reduction must be "mean", "sum" or "none"'),
+    (lambda: cuda.reconstruction_loss(on_cuda(torch.ones(3, 4)), torch.ones(5, 4), on_cuda(torch.ones(3, 5)),
+                                      "mean", True), "y_coded must be a CUDA tensor"),
+])
+def test_bad_arguments_are_named_before_the_extension(no_extension, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()

@@ -44,6 +44,12 @@ OPS_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch
 # --------------------------------------------------------------------------------------------------
 
 
+TORCH_MODULE = "dres_fast.torch_backend"
+TRITON_MODULE = "dres_fast.kernels"  # kernels/, shipped under this name (setup.py package_dir)
+CUDA_LOADER_MODULE = "dres_fast._cuda_ext"  # finds, builds (first use) and loads csrc/ as the C++ ops
+BUILD_SUPPORT_FILE = pathlib.Path(__file__).resolve().parents[1] / "dres_fast" / "_build_support.py"  # setup.py's
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -90,17 +96,12 @@ def backend_module(name: str):
     ``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads) -> (loss, grad_y, grad_y_coded)``
     on 2-D inputs, below dispatch and autograd."""
     if name == "torch":
-        return importlib.import_module("dres_fast.torch_backend")
+        return importlib.import_module(TORCH_MODULE)
     if name == "triton":
         return importlib.import_module(TRITON_MODULE)
     if name == "cuda":
         return cuda_loader().load(verbose=True)  # a build failure on a GPU machine fails, not skips
     raise ValueError(f"unknown backend {name!r}")
-
-
-TRITON_MODULE = "dres_fast.kernels"  # kernels/, shipped under this name (setup.py package_dir)
-CUDA_LOADER_MODULE = "dres_fast._cuda_ext"  # finds, builds (first use) and loads csrc/ as the C++ ops
-BUILD_SUPPORT_FILE = pathlib.Path(__file__).resolve().parents[1] / "dres_fast" / "_build_support.py"  # setup.py's
 
 
 def cuda_loader():

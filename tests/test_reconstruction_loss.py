@@ -140,7 +140,7 @@ def test_property_against_float64(backend, K, N, d, dtype, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("K,N,rest", [(5, 3, (131,)), (17, 64, (7,)), (64, 17, (2, 3)), (17, 300, (5,)),
-                                      (17, 17, (131,)), gpu_case(256, 256, (4099,)), gpu_case(3, 1024, (7,))])
+                                      gpu_case(17, 17, (131,)), gpu_case(256, 256, (4099,)), gpu_case(3, 1024, (7,))])
 @pytest.mark.parametrize("backend", KERNELS)
 def test_forward_backward_against_torch(backend, K, N, rest, reduction, dtype):
     """Loss and both gradients (a non-unit incoming gradient) against the torch backend, and for fp32 and

@@ -1,0 +1,209 @@
+// The CUDA kernel bodies of csrc/ run on the CPU (csrc/host_emulation.h: every block as 256 std::threads)
+// and checked against float64 loops. Built and run by tests/test_cuda_backend.py:
+//   g++ -std=c++20 -O1 -pthread -DDRES_HOST_EMULATION -I csrc -I <cuda include> harness.cpp
+// Includes the .cu files with DRES_HOST_EMULATION (kernels only, no launchers); replicates the
+// launchers' grid and vector-path decisions. The persistent grid runs with fewer blocks than column
+// tiles; layouts cover contiguous, transposed/strided and misaligned. Prints one OK/FAIL line per check
+// and "<n> failure(s)"; exits non-zero on any failure.
+#include "spline_mix.cu"
+#include "reconstruction_loss.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+using namespace dres;
+
+static std::mt19937_64 rng(12345);
+static double randn() { static std::normal_distribution<double> n(0.0, 1.0); return n(rng); }
+
+template <typename T>
+struct Mat {  // a (rows, cols) view with element strides into its own storage
+  std::vector<T> storage;
+  int64_t rows = 0, cols = 0, sr = 0, sc = 0, offset = 0;
+  T* ptr() { return storage.data() + offset; }
+  double at(int64_t i, int64_t j) const {
+    return static_cast<double>(Elem<T>::in(storage[offset + i * sr + j * sc]));
+  }
+};
+
+// layout 0: contiguous; 1: transposed storage with a stride-2 slice (no unit stride);
+// 2: contiguous rows of a larger matrix, offset by one row and one column (misaligned, odd stride).
+template <typename T>
+Mat<T> make(int64_t rows, int64_t cols, int layout) {
+  using Acc = typename Elem<T>::Acc;
+  Mat<T> m;
+  m.rows = rows; m.cols = cols;
+  if (layout == 0) { m.storage.resize(rows * cols); m.sr = cols; m.sc = 1; }
+  if (layout == 1) { m.storage.resize(2 * cols * rows); m.sr = 1; m.sc = 2 * rows; }
+  if (layout == 2) { m.storage.resize((rows + 1) * (cols + 1)); m.sr = cols + 1; m.sc = 1; m.offset = cols + 2; }
+  for (auto& v : m.storage) v = Elem<T>::out(static_cast<Acc>(randn()));
+  return m;
+}
+
+template <typename Acc>
+std::vector<Acc> weights(int64_t rows, int64_t cols) {
+  std::vector<Acc> w(rows * cols);
+  for (auto& v : w) v = static_cast<Acc>(randn() / std::sqrt(static_cast<double>(cols)));
+  return w;
+}
+
+template <typename T> constexpr double tolerance() {
+  if (std::is_same<T, double>::value) return 1e-12;
+  if (std::is_same<T, float>::value) return 2e-6;
+  if (std::is_same<T, __half>::value) return 2e-3;  // one rounding to fp16 (relative to max |ref|)
+  return 1e-2;                                          // bf16
+}
+
+static int failures = 0;
+
+template <typename T>
+void report(const char* what, double max_err, double max_ref, double tol, const char* name) {
+  const double rel = max_err / std::max(max_ref, 1e-300);
+  const bool ok = rel <= tol && std::isfinite(rel);
+  if (!ok) ++failures;
+  std::printf("%s %-44s %-9s rel err %.3e (tol %.1e)\n", ok ? "OK  " : "FAIL", what, name, rel, tol);
+}
+
+template <typename T>
+void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* name) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  auto w = weights<Acc>(M, K);
+  auto x = make<T>(K, d, layout);
+  std::vector<T> out(M * d, Elem<T>::out(Acc(1e4)));  // sentinel: unwritten entries fail
+  const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
+  constexpr int kVec = 16 / sizeof(T), kHalf = C::TD / 2;
+  const bool x_vec_ok = x.sc == 1 && x.sr % kVec == 0 && is_aligned(x.ptr(), 16);
+  const bool out_vec_ok = d % kHalf == 0 && is_aligned(out.data(), sizeof(Pack<T, kHalf>));
+  dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
+    spline_mix_kernel<T>(w.data(), x.ptr(), out.data(), M, K, d, x.sr, x.sc, row_tiles, x_vec_ok,
+                         out_vec_ok);
+  });
+  double max_err = 0, max_ref = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < d; ++j) {
+      double ref = 0;
+      for (int64_t k = 0; k < K; ++k) ref += static_cast<double>(w[m * K + k]) * x.at(k, j);
+      max_err = std::max(max_err, std::abs(static_cast<double>(Elem<T>::in(out[m * d + j])) - ref));
+      max_ref = std::max(max_ref, std::abs(ref));
+    }
+  char what[128];
+  std::snprintf(what, sizeof what, "spline_mix M=%ld K=%ld d=%ld layout=%d", (long)M, (long)K, (long)d, layout);
+  report<T>(what, max_err, max_ref, tolerance<T>(), name);
+}
+
+template <typename T>
+void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool grads, int layout,
+                          int64_t grid, const char* name) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  auto D = weights<Acc>(K, N);
+  auto y = make<T>(K, d, layout);
+  auto yc = make<T>(N, d, layout == 1 ? 2 : layout);
+  const int64_t num_tiles = (d + C::BD - 1) / C::BD;
+  const int64_t blocks = std::min(grid, num_tiles);
+  std::vector<Acc> partials((blocks + 1) * K, Acc(-7)), loss(reduction == DRES_REDUCTION_NONE ? K : 1, Acc(-7));
+  std::vector<T> grad_y(K * d, Elem<T>::out(Acc(1e4))), grad_yc(N * d, Elem<T>::out(Acc(1e4)));
+  const bool write_gyc = grads && reduction != DRES_REDUCTION_NONE && N > 0;
+  std::vector<Acc> scratch(!std::is_same<T, Acc>::value && write_gyc ? K * d : 0);
+  Acc* scratch_ptr = scratch.empty() ? nullptr : scratch.data();
+  const double kd = static_cast<double>(K) * static_cast<double>(d);
+  const Acc scale = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0);
+  constexpr int kVec = 16 / sizeof(T), kHalf = C::TD / 2, kAccVec = 16 / sizeof(Acc);
+  const bool y_vec_ok = y.sc == 1 && y.sr % kHalf == 0 && is_aligned(y.ptr(), sizeof(Pack<T, kHalf>));
+  const bool yc_vec_ok = yc.sc == 1 && yc.sr % kVec == 0 && is_aligned(yc.ptr(), 16);
+  const bool grad_vec_ok = d % kHalf == 0;
+  const void* source = scratch_ptr ? static_cast<const void*>(scratch_ptr) : static_cast<const void*>(grad_y.data());
+  const bool src_vec_ok = d % kAccVec == 0 && is_aligned(source, 16);
+  dres_emu::launch(static_cast<unsigned>(blocks), C::THREADS, [&] {
+    reconstruction_kernel<T>(y.ptr(), y.sr, y.sc, yc.ptr(), yc.sr, yc.sc, D.data(), K, N, d, num_tiles,
+                             scale, grads, write_gyc, grad_y.data(), grad_yc.data(), scratch_ptr,
+                             partials.data(), y_vec_ok, yc_vec_ok, grad_vec_ok, src_vec_ok);
+  });
+  Acc* per_sample = reduction == DRES_REDUCTION_NONE ? loss.data() : partials.data() + blocks * K;
+  dres_emu::launch(static_cast<unsigned>((K + kRowSumRows - 1) / kRowSumRows), kRowSumRows * kRowSumGroups,
+                   [&] { row_sum_kernel<Acc>(partials.data(), blocks, K, per_sample); });
+  if (reduction != DRES_REDUCTION_NONE) {
+    const Acc divisor = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? kd : 1.0);
+    dres_emu::launch(1, kTotalThreads, [&] { total_kernel<Acc>(per_sample, K, divisor, loss.data()); });
+  }
+  // float64 reference from the same (rounded) inputs
+  std::vector<double> r(K * d), ps(K, 0.0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < d; ++j) {
+      double s = 0;
+      for (int64_t n = 0; n < N; ++n) s += static_cast<double>(D[k * N + n]) * yc.at(n, j);
+      r[k * d + j] = y.at(k, j) - s;
+      ps[k] += r[k * d + j] * r[k * d + j];
+    }
+  double total = 0;
+  for (double v : ps) total += v;
+  const double c = reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0;
+  char what[160];
+  const char* red = reduction == DRES_REDUCTION_MEAN ? "mean" : reduction == DRES_REDUCTION_SUM ? "sum" : "none";
+  std::snprintf(what, sizeof what, "recon K=%ld N=%ld d=%ld %s grads=%d lay=%d grid=%ld", (long)K, (long)N,
+                (long)d, red, (int)grads, layout, (long)blocks);
+  const double loss_tol = std::is_same<Acc, double>::value ? 1e-12 : 1e-5;
+  if (reduction == DRES_REDUCTION_NONE) {
+    double e = 0, m = 0;
+    for (int64_t k = 0; k < K; ++k) { e = std::max(e, std::abs(loss[k] - ps[k])); m = std::max(m, ps[k]); }
+    report<T>((std::string(what) + " loss").c_str(), e, m, loss_tol, name);
+  } else {
+    const double ref = reduction == DRES_REDUCTION_MEAN ? total / kd : total;
+    report<T>((std::string(what) + " loss").c_str(), std::abs(loss[0] - ref), std::abs(ref), loss_tol, name);
+  }
+  if (!grads) return;
+  double e = 0, m = 0;
+  for (int64_t i = 0; i < K * d; ++i) {
+    e = std::max(e, std::abs(static_cast<double>(Elem<T>::in(grad_y[i])) - c * r[i]));
+    m = std::max(m, std::abs(c * r[i]));
+  }
+  report<T>((std::string(what) + " grad_y").c_str(), e, m, tolerance<T>(), name);
+  if (!write_gyc) return;
+  e = 0; m = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < d; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s -= static_cast<double>(D[k * N + n]) * c * r[k * d + j];
+      e = std::max(e, std::abs(static_cast<double>(Elem<T>::in(grad_yc[n * d + j])) - s));
+      m = std::max(m, std::abs(s));
+    }
+  report<T>((std::string(what) + " grad_y_coded").c_str(), e, m, tolerance<T>() * 2, name);
+}
+
+int main() {
+  // spline_mix: one and several row/column tiles, ragged edges, K not a multiple of BK, all layouts
+  check_spline_mix<float>(3, 3, 1, 0, "fp32");
+  check_spline_mix<float>(17, 17, 131, 0, "fp32");
+  check_spline_mix<float>(130, 20, 260, 0, "fp32");
+  check_spline_mix<float>(5, 40, 7, 1, "fp32");
+  check_spline_mix<float>(17, 33, 131, 2, "fp32");
+  check_spline_mix<__half>(17, 33, 136, 0, "fp16");
+  check_spline_mix<__half>(9, 5, 131, 2, "fp16");
+  check_spline_mix<__nv_bfloat16>(140, 18, 129, 1, "bf16");
+  check_spline_mix<double>(70, 20, 131, 0, "fp64");
+  check_spline_mix<double>(3, 17, 65, 2, "fp64");
+  check_spline_mix<double>(66, 18, 130, 0, "fp64");
+  // reconstruction_loss: every reduction, with and without grads, persistent grid (grid < tiles)
+  for (int reduction = 0; reduction < 3; ++reduction) {
+    check_reconstruction<float>(17, 5, 131, reduction, true, 0, 2, "fp32");
+    check_reconstruction<float>(130, 140, 300, reduction, true, 0, 2, "fp32");
+    check_reconstruction<float>(3, 17, 7, reduction, true, 1, 4, "fp32");
+    check_reconstruction<__half>(20, 9, 133, reduction, true, 0, 1, "fp16");
+    check_reconstruction<__nv_bfloat16>(33, 130, 64, reduction, true, 2, 3, "bf16");
+    check_reconstruction<double>(70, 3, 131, reduction, true, 0, 2, "fp64");
+    check_reconstruction<double>(5, 66, 130, reduction, true, 0, 2, "fp64");
+    check_reconstruction<__half>(9, 20, 136, reduction, true, 0, 1, "fp16");
+    check_reconstruction<__nv_bfloat16>(130, 7, 264, reduction, true, 0, 2, "bf16");
+  }
+  check_reconstruction<float>(17, 20, 257, DRES_REDUCTION_MEAN, false, 0, 2, "fp32");
+  check_reconstruction<float>(1, 1, 1, DRES_REDUCTION_SUM, true, 0, 1, "fp32");
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -114,13 +114,15 @@ run_step build 180 bash -c step_build
 run_step cpp 100 "$PY" -m bench.cpp_throw_probe
 # Fixed Triton tiles keep the tests quick (every autotune config has its own test); no -x: one failure must
 # not hide the others on a scarce device. With pytest-xdist a crashing test (a segfault in an extension) is
-# reported and its worker replaced instead of ending the run. CPU-toolchain and multi-process tests ran in CI.
+# reported and its worker replaced instead of ending the run. The op tests run every backend on the GPU; the
+# CPU-toolchain, multi-process and slow tests ran in CI.
 step_tests() {
     local parallel=()
     "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-    DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" tests \
-        -k "not syntax_check and not kernel_bodies_on_cpu and not compile_for_sm90 and not broken_file and not ddp and not fsdp and not bench_smoke and not generalization" \
-        --junitxml="$LOG_DIR/tests.xml"
+    DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" -m "not slow" \
+        tests/test_spline_mix.py tests/test_reconstruction_loss.py tests/test_triton_backend.py \
+        tests/test_cuda_backend.py tests/test_cuda_adapter.py tests/test_compile.py tests/test_training_loops.py \
+        -k "not broken_file" --junitxml="$LOG_DIR/tests.xml"
 }
 export LOG_DIR; export -f step_tests
 run_step tests 200 bash -c step_tests

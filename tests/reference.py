@@ -44,9 +44,9 @@ OPS_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch
 # --------------------------------------------------------------------------------------------------
 
 
-TORCH_MODULE = "dres_fast.torch_backend"
+TORCH_MODULE = "dres_fast.backends.reference"
 TRITON_MODULE = "dres_fast.kernels"  # kernels/, shipped under this name (setup.py package_dir)
-CUDA_LOADER_MODULE = "dres_fast._cuda_ext"  # finds, builds (first use) and loads csrc/ as the C++ ops
+CUDA_LOADER_MODULE = "dres_fast.backends.cuda"  # finds, builds (first use) and loads csrc/ as the C++ ops
 BUILD_SUPPORT_FILE = pathlib.Path(__file__).resolve().parents[1] / "dres_fast" / "_build_support.py"  # setup.py's
 
 
@@ -100,7 +100,9 @@ def backend_module(name: str):
     if name == "triton":
         return importlib.import_module(TRITON_MODULE)
     if name == "cuda":
-        return cuda_loader().load(verbose=True)  # a build failure on a GPU machine fails, not skips
+        loader = cuda_loader()
+        loader.load(verbose=True)  # a build failure on a GPU machine fails, not skips
+        return loader  # its spline_mix / reconstruction_loss check the arguments, then call the C++ ops
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -111,7 +113,9 @@ def cuda_loader():
 
 def registered_op(backend: str, op: str):
     """The ``torch.library`` op that ``dres_fast.ops`` dispatches ``op`` to on ``backend``."""
-    return getattr(torch.ops.dres_fast, f"{op}_{backend}").default
+    from dres_fast.ops.dispatch import load_backend
+
+    return getattr(load_backend(backend), op).default
 
 
 def skip_if_interpreter_lacks(name: str, dtype: torch.dtype) -> None:

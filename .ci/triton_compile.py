@@ -116,7 +116,7 @@ def spline_mix_variants():
     """Every launch of spline_mix_into (forward layout: W row-major, x contiguous), every config."""
     for dtype, (data_ptr, acc_ptr, default_mode) in DTYPES.items():
         for mode in [default_mode] + OPT_IN_MODES.get(dtype, []):
-            for i, config in enumerate(SM._SPLINE_MIX_CONFIGS):
+            for i, config in enumerate(SM.configs_for(mode)):
                 meta = dict(config.kwargs, BLOCK_K=SM.mix_block_k(mode), DOT_MODE=mode)
                 args = dict(w_ptr=acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr, M=256, K=256, D=65536,
                             stride_wm=256, stride_wk=1, stride_xk=65536, stride_xd=1, stride_om=65536,

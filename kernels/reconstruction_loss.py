@@ -14,38 +14,42 @@ Math
 
 Kernel layouts
 --------------
-Fused ("resident", ``N <= N_RESIDENT_MAX`` and enough column tiles to fill the GPU): one program owns a
-column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in ``BLOCK_K`` tiles. The
-column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
+Fused ("resident": ``N <= resident_n_max(mode)`` and enough column tiles to fill the GPU): one program
+owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in ``BLOCK_K`` tiles.
+The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
 ``grad_y_coded`` accumulator: every ``r`` tile is local, so ``D^T r`` for the column tile needs no atomics
 and no second pass. ``y`` and ``y_coded`` are read once, ``grad_y`` and ``grad_y_coded`` written once.
-Every program reads the whole decoder (from L2): ``4 K N`` bytes per ``BLOCK_D`` columns, so
-``BLOCK_D = RESIDENT_TILE_ELEMS / BLOCK_N`` is as wide as the registers allow (32 at N = 256).
+Every program reads the whole decoder (from L2), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D``
+is as wide as the registers allow (``resident_block_d``): 32 at N = 256 (was 16), which halves
+that L2 traffic, at K = N = 256 and d = 2^16 from 1 GiB to 512 MiB against 256 MiB of HBM traffic.
 
-Row-split ("rows": small ``d``, or ``N > N_RESIDENT_MAX``): a 2-D grid of ``BLOCK_K x BLOCK_D`` tiles of
-``r`` (row tiles of one column tile launched back to back, so ``y_coded``'s column tile comes from HBM
-once and from L2 for the other row tiles); each program sums ``D[rows, :] @ y_coded[:, cols]`` over
-``N`` in ``BLOCK_N`` chunks and writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix``
-launch, which splits ``N`` rows over programs too (for fp16/bf16 ``c r`` goes through an fp32 buffer so
-that it is not rounded first). At d = 7 this is ``K / BLOCK_K`` programs instead of one.
+Row-split ("rows": small ``d``, ``N`` above the fused limit, or fp16/bf16 at N > 128): a 2-D grid of
+``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to back, so ``y_coded``'s
+column tile comes from HBM once and from L2 for the other row tiles; the old chunked path re-read it per
+16-row tile); each program sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks and
+writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N``
+rows over programs too (for fp16/bf16 ``c r`` is also written in fp32, so that the gradient dot does not
+sum values already rounded to 8-11 bits). At d = 7 this is ``K / BLOCK_K`` programs instead of one.
 
-Floor (bytes moved, flops) per forward+backward call, s = bytes per element of y, K = N:
-bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder);
-flops = 2 K N d (D y_coded) + 2 K N d (D^T c r) + 4 K d. At K = N = 256, d = 2^16: fp32 256 MiB and
-17.2 GFLOP (H100: 85 us of HBM at 3.0 TB/s, 286 us of fp32 FMA at 60 TFLOP/s: compute-bound with "ieee"
-dots); bf16 128 MiB (43 us) against 6 tensor-core dots (~52 GFLOP at 790 TFLOP/s: 65 us with
-"split3"'s three passes and the tf32x3 gradient dot). Without gradients: half the bytes and flops.
-Traffic beyond the floor: fused path, decoder reads from L2 = 4 K N d / BLOCK_D (= the HBM floor at
-BLOCK_D = 32, K = N = 256, fp32); rows path, one more write and read of ``c r`` (fp32: +50% bytes).
+Floor (per call with gradients, K = N, s = bytes per element of y; what bench/kernels.py divides by):
+bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder),
+flops = 4 K N d (``D y_coded`` and ``D^T c r``). At K = N = 256, d = 2^16: fp32 256 MiB (89 us at
+3.0 TB/s) and 17.2 GFLOP (286 us at 60 TFLOP/s of fp32 FMA): compute-bound with "ieee" dots. bf16:
+128 MiB (45 us); one tensor-core pass is 22 us at 790 TFLOP/s, but split3 (3 bf16 passes) plus the
+tf32x3 gradient dot (3 passes at the TF32 rate) is ~100 us. The rows path moves more than the floor:
+fp32 ``c r`` is read back by the gradient launch (fp32: 24 instead of 16 bytes per column element;
+fp16/bf16: 16 instead of 8). Without gradients: bytes 2 K d s + 4 K N, flops 2 K N d.
 
 Determinism
 -----------
 Each program writes its per-row partial sums of ``r^2`` to ``partials[column tile, k]``; the launcher sums
-that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order). No atomics anywhere,
-so the same inputs give bit-identical results run after run. ``BLOCK_D`` is therefore not autotuned
-(it fixes the partials' layout); ``BLOCK_K``, warps and stages are.
+that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order).
+No atomics anywhere, so the same inputs give bit-identical results run after run. ``BLOCK_D`` (the
+partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are therefore not autotuned;
+the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
+device's multiprocessor count only, so two processes on the same GPU model take the same path.
 
-Precision: the data dot ``D @ y_coded`` uses ``spline_mix.mix_dot`` (IEEE fp32, or exact-product split
+Precision: the data dot ``D @ y_coded`` uses ``_common.mix_dot`` (IEEE fp32, or exact-product split
 dots for fp16/bf16). The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32
 inputs; for fp16/bf16 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
@@ -61,8 +65,6 @@ from .spline_mix import spline_mix_into
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
 # (128 for the tensor-core modes, whose split operands need more registers: see resident_n_max).
 N_RESIDENT_MAX = 256
-# BLOCK_N x BLOCK_D of the resident path: elements of each of the two register-resident tiles.
-RESIDENT_TILE_ELEMS = 8192
 
 
 @triton.jit
@@ -173,9 +175,11 @@ _RECON_CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
     for (bk, w, s) in [(16, 8, 1)]
 ]
+# Rows path: 16-row tiles for small d (more programs), 64-row tiles for wide d (fewer re-reads of
+# y_coded's column tile from L2). 16 rows with 4 or 8 warps spills fp64 under Triton 3.6; 2 warps does not.
 _RECON_ROWS_CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for (bk, w, s) in [(32, 4, 3), (16, 4, 3), (64, 4, 3), (64, 8, 3)]
+    for (bk, w, s) in [(32, 4, 3), (16, 2, 3), (64, 4, 3), (64, 8, 3)]
 ]
 AUTOTUNE_KEY_ARGS = ("K_BUCKET", "N_BUCKET", "D_BUCKET")
 ROWS_BLOCK_N = 64
@@ -200,13 +204,14 @@ def resident_block_n(N):
     return max(64, triton.next_power_of_2(N))
 
 
-def resident_block_d(block_n):
+def resident_block_d(block_n, mode="ieee"):
     """Columns per program of the fused path. Not autotuned: it fixes the layout of the deterministic
-    partials buffer. Two BLOCK_N x BLOCK_D tiles live in registers (RESIDENT_TILE_ELEMS elements each);
-    wider tiles mean fewer programs re-reading the decoder."""
+    partials buffer. Two BLOCK_N x BLOCK_D tiles live in registers; wider tiles mean fewer programs
+    re-reading the decoder. The widest that spills in no dot mode under Triton 3.6 and 3.9 (sm_90):
+    64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and 256."""
     if INTERPRET:
         return INTERPRETER_RECON_TILE["BLOCK_D"]
-    return max(16, min(64, RESIDENT_TILE_ELEMS // block_n))
+    return 64 if block_n <= 64 and mode != "fp64" else 32
 
 
 def resident_n_max(mode):
@@ -221,7 +226,7 @@ def choose_path(N, d, device, mode="ieee"):
     the GPU idle). A function of the shapes, dtype and device only, so every process picks the same path."""
     if N > resident_n_max(mode):
         return "rows"
-    columns = triton.cdiv(d, resident_block_d(resident_block_n(N)))
+    columns = triton.cdiv(d, resident_block_d(resident_block_n(N), mode))
     return "resident" if columns >= 2 * multiprocessors(device) else "rows"
 
 
@@ -233,7 +238,7 @@ def launch_plans(mode):
     for block_n in (64, 128, 256)[:3 if resident_n_max(mode) >= 256 else 2]:
         for grad_y, grad_yc in ((False, False), (True, False), (True, True)):
             plans.append((f"resident N<={block_n} grads={int(grad_y)}{int(grad_yc)}", _reconstruction_loss_kernel,
-                          _RECON_CONFIGS, dict(BLOCK_N=block_n, BLOCK_D=resident_block_d(block_n),
+                          _RECON_CONFIGS, dict(BLOCK_N=block_n, BLOCK_D=resident_block_d(block_n, mode),
                                                WRITE_GRAD_Y=grad_y, WRITE_GRAD_YC=grad_yc, DOT_MODE=mode,
                                                GRAD_DOT_MODE=grad_mode), False))
     for grad_y, grad_r in ((False, False), (True, False), (True, True)):
@@ -270,7 +275,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     path = choose_path(N, d, y.device, mode)
     if path == "resident":
         block_n = resident_block_n(N)
-        block_d = resident_block_d(block_n)
+        block_d = resident_block_d(block_n, mode)
     else:
         block_n = INTERPRETER_RECON_TILE["BLOCK_N_CHUNK"] if INTERPRET else ROWS_BLOCK_N
         block_d = INTERPRETER_RECON_TILE["BLOCK_D"] if INTERPRET else ROWS_BLOCK_D
@@ -286,7 +291,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     grad_yc = torch.empty((N, d) if want_grad_yc else (0,), dtype=y_coded.dtype, device=y.device)
 
     if d > 0:
-        keys = (bucket(K), bucket(N), bucket(d, low=256))
+        keys = (bucket(K), bucket(N), bucket(d))
         strides = (y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
                    decoder.stride(0), decoder.stride(1))
         with device_guard(y):

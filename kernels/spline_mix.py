@@ -24,8 +24,9 @@ program sums another's output, so there is no cross-program reduction at any ``d
 Floor (per call, K = M = N): bytes = (K + M) d s + 4 M K (s = bytes per element of x; W in fp32, read
 once from HBM), flops = 2 M K d. At K = M = 256, d = 2^16: fp32 128 MiB + 256 KiB and 8.6 GFLOP, so
 ~45 us on an H100 at 3.0 TB/s against ~143 us of fp32 FMA at 60 TFLOP/s: with "ieee" dots the kernel is
-compute-bound (floor = flops / FMA rate); bf16 ("split3": 3 tensor-core dots, 26 GFLOP) is memory-bound
-(64 MiB: ~22 us). The benchmark's multiple of floor divides by max(bytes / bandwidth, flops / rate).
+compute-bound (floor = flops / FMA rate). bf16: 64 MiB (~22 us) against one tensor-core pass of 11 us at
+790 TFLOP/s, so the floor is memory; "split3" runs three passes (~33 us), 1.5x that floor by design.
+The benchmark's multiple of floor divides by max(bytes / bandwidth, flops / rate).
 
 Precision: see ``_common`` (``DOT_MODE``): IEEE fp32, split-precision, or fp64 dots, never plain TF32.
 """
@@ -96,6 +97,11 @@ _SPLINE_MIX_CONFIGS = [
         (16, 32, 4, 2),
     ]
 ]
+# fp64 operands take twice the registers: the same tiles with two stages (three spill 8-40 bytes per
+# thread under Triton 3.6 on sm_90).
+_SPLINE_MIX_FP64_CONFIGS = [
+    triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=2) for config in _SPLINE_MIX_CONFIGS
+]
 AUTOTUNE_KEY_ARGS = ("M_BUCKET", "K_BUCKET", "D_BUCKET")
 INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_D": 32}
 # DRES_TRITON_AUTOTUNE=0: the first tile, the small-d tile below SMALL_D columns
@@ -104,12 +110,19 @@ FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG = config_dict(_SPLINE_MIX_CONFIGS[3])
 SMALL_D = 256
 
 _spline_mix_tuned = autotune(_spline_mix_kernel, _SPLINE_MIX_CONFIGS, key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE"])
+_spline_mix_tuned_fp64 = autotune(_spline_mix_kernel, _SPLINE_MIX_FP64_CONFIGS, key=list(AUTOTUNE_KEY_ARGS))
 
 
-def _fixed_config(d):
+def configs_for(mode):
+    """The autotune configs of dot mode ``mode`` (.ci/triton_compile.py compiles each)."""
+    return _SPLINE_MIX_FP64_CONFIGS if mode == "fp64" else _SPLINE_MIX_CONFIGS
+
+
+def _fixed_config(d, mode):
     if INTERPRET:
         return INTERPRETER_SPLINE_MIX_TILE
-    return FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG if d < SMALL_D else FIXED_GPU_SPLINE_MIX_CONFIG
+    config = FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG if d < SMALL_D else FIXED_GPU_SPLINE_MIX_CONFIG
+    return dict(config, num_stages=2) if mode == "fp64" else config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,14 +141,15 @@ def spline_mix_into(weights, x, out, scale=1.0, mode=None):
     mode = mode or dot_mode(x.dtype)
     args = (weights, x, out, M, K, d,
             weights.stride(0), weights.stride(1), x.stride(0), x.stride(1), out.stride(0),
-            float(scale), bucket(M), bucket(K), bucket(d, low=256))
+            float(scale), bucket(M), bucket(K), bucket(d))
     block_k = mix_block_k(mode)
     if autotuning():
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)
-        launch(_spline_mix_tuned, grid, *args, BLOCK_K=block_k, DOT_MODE=mode)
+        tuned = _spline_mix_tuned_fp64 if mode == "fp64" else _spline_mix_tuned
+        launch(tuned, grid, *args, BLOCK_K=block_k, DOT_MODE=mode)
     else:
-        config = _fixed_config(d)
+        config = _fixed_config(d, mode)
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_D"]),)
         launch(_spline_mix_kernel, grid, *args, BLOCK_K=block_k, DOT_MODE=mode, **config)
     return out

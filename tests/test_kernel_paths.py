@@ -10,6 +10,8 @@ float64 computations of the same rounded inputs; fp32 must be within twice the t
 import importlib.util
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -259,3 +261,29 @@ def test_every_config_gives_the_same_bits(dtype, monkeypatch):
         if dtype == torch.float32:
             for got, t32, r, what in zip(results[0], torch32, ref, ("loss", "grad_y", "grad_y_coded")):
                 check(got, t32, r, dtype, f"{path} {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# .ci/compile_cuda.sh fails on register spills (ptxas -v)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_compile_script_reports_spills(tmp_path):
+    # at most 32 registers per thread (1024 threads, 2 blocks per SM) while 96 values are live at once
+    (tmp_path / "spilling.cu").write_text(r"""
+__global__ void __launch_bounds__(1024, 2) spilling(const float* in, float* out, int n) {
+  float v[96];
+#pragma unroll
+  for (int i = 0; i < 96; ++i) v[i] = in[i * n + threadIdx.x];
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 96; ++i) s += v[i];
+#pragma unroll
+  for (int i = 0; i < 96; ++i) out[i * n + threadIdx.x] = v[i] * s;
+}
+""")
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "compile_cuda.sh")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "CUDA_ARCHS": "90", "CSRC_DIR": str(tmp_path)}, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert result.stdout.startswith("SPILL") and "spill stores" in result.stdout, result.stdout

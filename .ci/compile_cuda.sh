@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check every csrc/*.cu with nvcc for sm_90 (Hopper) and sm_80 (Ampere), no GPU needed.
 # Uses the defines torch's extension builder passes to nvcc (no implicit half conversions), writes
-# object files to a temporary directory, prints one line per file, exits non-zero on any error.
+# object files to a temporary directory, prints one line per file, exits non-zero on any error or
+# when ptxas reports register spills (-Xptxas -v: "N bytes spill stores" with N > 0) in any kernel.
 # Runs one nvcc at a time (CI machines are small).
 # Overrides: NVCC (compiler), CUDA_ARCHS (default "90 80"), CSRC_DIR (default csrc; the tests point
 # it at a directory with a broken file to check that failures are reported).
@@ -18,7 +19,8 @@ csrc="${CSRC_DIR:-csrc}"
 archs="${CUDA_ARCHS:-90 80}"
 flags=(-std=c++17 -O3 "-I$csrc"
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
-       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
+       -Xptxas -v)
 arch_names=""
 for arch in $archs; do
     flags+=("-gencode=arch=compute_$arch,code=sm_$arch")
@@ -36,8 +38,17 @@ for src in "${files[@]}"; do
     start=$(date +%s)
     if log=$("$NVCC" "${flags[@]}" -c "$src" -o "$obj" 2>&1); then
         warnings=$(printf '%s\n' "$log" | grep -c "warning" || true)
-        echo "OK    $src  $arch_names  $(( $(date +%s) - start )) s  ($warnings warnings)"
-        [ "$warnings" -gt 0 ] && printf '%s\n' "$log"
+        # ptxas -v prints, per kernel and architecture, a "Compiling entry function" line and then
+        # "N bytes stack frame, S bytes spill stores, ..."
+        spills=$(printf '%s\n' "$log" | grep -B1 -E "[1-9][0-9]* bytes spill stores" | grep -v "^--$" || true)
+        if [ -n "$spills" ]; then
+            echo "SPILL $src  $arch_names  $(( $(date +%s) - start )) s"
+            printf '%s\n' "$spills"
+            status=1
+        else
+            echo "OK    $src  $arch_names  $(( $(date +%s) - start )) s  ($warnings warnings, no spills)"
+        fi
+        [ "$warnings" -gt 0 ] && printf '%s\n' "$log" | grep -v "ptxas info\|bytes stack frame"
     else
         echo "FAIL  $src  $arch_names  $(( $(date +%s) - start )) s"
         printf '%s\n' "$log"

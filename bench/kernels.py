@@ -1,7 +1,8 @@
 """Kernel benchmark: ``spline_mix`` and ``reconstruction_loss`` (forward + backward) on every available
 backend, each time set against its floor measured on the same machine in the same run.
 
-Run alone: ``python -m bench.kernels [--device cpu|cuda] [--full|--quick] [--out FILE.json]``
+Run alone: ``python -m bench.kernels [--device cpu|cuda] [--full|--quick|--sweep] [--out FILE.json]``
+(``--sweep``: d = 10 .. 2^20 at K = N = 256, every backend, fp32 and bf16: the small-d cliffs).
 (``bench/gpu_check.sh`` calls ``python -m bench.kernels --device cuda --full``).
 
 Floor of one call (both ops, forward + backward; x viewed as (K, d), N coded rows, element size s):
@@ -49,9 +50,14 @@ SHAPES = {
     "cpu_full": [(64, 64, 2**16), (256, 256, 2**14), (256, 128, 2**16), (512, 512, 2**12)],
     # GPU: the shapes the GPU check asks for; kept to two so the check fits a short device lease.
     "gpu": [(256, 256, 2**16), (256, 256, 2**20)],
+    # --sweep: feature widths from logits to wide activations at K = N = 256, where the kernels change
+    # path (small-d row split, fused reconstruction) and where a cliff would show as a jump in x floor.
+    "sweep": [(256, 256, d) for d in (10, 100, 1000, 2**12, 2**14, 2**16, 2**18, 2**20)],
 }
+SWEEP_CPU_MAX_D = 2**14  # on CPU the sweep stops here (a 2^20-wide fp32 batch of 256 is 1 GiB)
 OPS = ("spline_mix", "reconstruction_loss")
-DTYPE_SETS = {"smoke": ["float32"], "quick": ["float32", "bfloat16"], "full": ["float32", "bfloat16"]}
+DTYPE_SETS = {"smoke": ["float32"], "quick": ["float32", "bfloat16"], "full": ["float32", "bfloat16"],
+              "sweep": ["float32", "bfloat16"]}
 
 
 def choose_threads(device: str, threads: int | None = None) -> str:
@@ -206,7 +212,9 @@ def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
     from dres_fast import ops
 
     cuda = device.startswith("cuda")
-    if cuda:
+    if mode == "sweep":
+        shapes = [s for s in SHAPES["sweep"] if cuda or s[2] <= SWEEP_CPU_MAX_D]
+    elif cuda:
         shapes = SHAPES["gpu"] if mode == "full" else SHAPES["gpu"][:1]
     else:
         shapes = SHAPES["cpu_full"] if mode == "full" else SHAPES[mode]
@@ -218,7 +226,9 @@ def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
             notes["triton"] = "Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1); not timed"
         names = [n for n in names if n not in ("triton", "cuda")]
     cases = [(op, b, shape, dt) for op in OPS for b in names for shape in shapes for dt in dtype_names]
-    if cuda or mode == "full":
+    if mode == "sweep":
+        notes["torch_compile"] = "not timed in --sweep (one compile per shape); --full times it at 2^16 and 2^20"
+    elif cuda or mode == "full":
         cases += [(op, "torch_compile", shape, dt) for op in OPS for shape in shapes for dt in dtype_names]
     elif mode == "quick":
         # Inductor compiles C++ per shape and dtype (~10 s each on 2 cores): one case per op.
@@ -300,13 +310,15 @@ def main(argv=None) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="all shapes (the GPU check uses this)")
     size.add_argument("--quick", action="store_true", help="few small shapes (default)")
+    size.add_argument("--sweep", action="store_true",
+                      help="d = 10 .. 2^20 at K = N = 256, fp32 and bf16 (shows the small-d and wide-d paths)")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, or 1 when the load average shows other work)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.kernels: --device cuda asked for but torch.cuda.is_available() is False")
-    mode = "full" if args.full else "quick"
+    mode = "full" if args.full else "sweep" if args.sweep else "quick"
     threads_note = choose_threads(args.device, args.threads)
     from tqdm import tqdm
 

@@ -12,24 +12,44 @@ Math
     dloss/dy       = c r                 c = 2/(K d) ("mean"), 2 ("sum"; and per sample for "none")
     dloss/dy_coded = -D^T (c r)          ("none": left to backward, it needs the per-sample gradient)
 
-Kernel layout
--------------
-One program owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in
-``BLOCK_K`` tiles. For ``N <= N_RESIDENT_MAX`` the column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is
-loaded once and stays on-chip, and so does the ``grad_y_coded`` accumulator: every ``r`` tile is local, so
-``D^T r`` for the column tile needs no atomics and no second pass. ``y`` and ``y_coded`` are read once,
-``grad_y`` and ``grad_y_coded`` written once. For larger ``N`` the kernel loops over ``N`` in chunks,
-writes ``grad_y``, and ``grad_y_coded = -D^T grad_y`` runs as a ``spline_mix`` launch (one more read of
-``grad_y``; for fp16/bf16 inputs ``c r`` goes through an fp32 buffer so that it is not rounded first).
+Kernel layouts
+--------------
+Fused ("resident": ``N <= resident_n_max(mode)`` and enough column tiles to fill the GPU): one program
+owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in ``BLOCK_K`` tiles.
+The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
+``grad_y_coded`` accumulator: every ``r`` tile is local, so ``D^T r`` for the column tile needs no atomics
+and no second pass. ``y`` and ``y_coded`` are read once, ``grad_y`` and ``grad_y_coded`` written once.
+Every program reads the whole decoder (from L2), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D``
+is as wide as the registers allow (``resident_block_d``): 32 at N = 256 (was 16), which halves
+that L2 traffic, at K = N = 256 and d = 2^16 from 1 GiB to 512 MiB against 256 MiB of HBM traffic.
+
+Row-split ("rows": small ``d``, ``N`` above the fused limit, or fp16/bf16 at N > 128): a 2-D grid of
+``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to back, so ``y_coded``'s
+column tile comes from HBM once and from L2 for the other row tiles; the old chunked path re-read it per
+16-row tile); each program sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks and
+writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N``
+rows over programs too (for fp16/bf16 ``c r`` is also written in fp32, so that the gradient dot does not
+sum values already rounded to 8-11 bits). At d = 7 this is ``K / BLOCK_K`` programs instead of one.
+
+Floor (per call with gradients, K = N, s = bytes per element of y; what bench/kernels.py divides by):
+bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder),
+flops = 4 K N d (``D y_coded`` and ``D^T c r``). At K = N = 256, d = 2^16: fp32 256 MiB (89 us at
+3.0 TB/s) and 17.2 GFLOP (286 us at 60 TFLOP/s of fp32 FMA): compute-bound with "ieee" dots. bf16:
+128 MiB (45 us); one tensor-core pass is 22 us at 790 TFLOP/s, but split3 (3 bf16 passes) plus the
+tf32x3 gradient dot (3 passes at the TF32 rate) is ~100 us. The rows path moves more than the floor:
+fp32 ``c r`` is read back by the gradient launch (fp32: 24 instead of 16 bytes per column element;
+fp16/bf16: 16 instead of 8). Without gradients: bytes 2 K d s + 4 K N, flops 2 K N d.
 
 Determinism
 -----------
 Each program writes its per-row partial sums of ``r^2`` to ``partials[column tile, k]``; the launcher sums
-that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order). No atomics anywhere,
-so the same inputs give bit-identical results run after run. ``BLOCK_D`` is therefore not autotuned
-(it fixes the partials' layout); ``BLOCK_K``, warps and stages are.
+that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order).
+No atomics anywhere, so the same inputs give bit-identical results run after run. ``BLOCK_D`` (the
+partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are therefore not autotuned;
+the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
+device's multiprocessor count only, so two processes on the same GPU model take the same path.
 
-Precision: the data dot ``D @ y_coded`` uses ``spline_mix.mix_dot`` (IEEE fp32, or exact-product split
+Precision: the data dot ``D @ y_coded`` uses ``_common.mix_dot`` (IEEE fp32, or exact-product split
 dots for fp16/bf16). The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32
 inputs; for fp16/bf16 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
@@ -38,10 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .spline_mix import (INTERPRET, acc_zeros, autotuning, check_device, compute_dtype, d_bucket, device_guard, dot_mode,
-                         launch, mix_dot, spline_mix_into)
+from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
+                      config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors)
+from .spline_mix import spline_mix_into
 
-# y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N.
+# y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
+# (128 for the tensor-core modes, whose split operands need more registers: see resident_n_max).
 N_RESIDENT_MAX = 256
 
 
@@ -51,47 +73,34 @@ def _reconstruction_loss_kernel(
     K, N, D,
     stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
     grad_scale,
-    D_BUCKET,  # only an autotuning key
+    K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_RESIDENT: tl.constexpr, WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_YC: tl.constexpr,
+    WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_YC: tl.constexpr,
     DOT_MODE: tl.constexpr, GRAD_DOT_MODE: tl.constexpr,
 ):
+    """Fused path: one program per column tile, all K rows, y_coded's tile resident (N <= BLOCK_N)."""
     pid_d = tl.program_id(0)
     cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     ns = tl.arange(0, BLOCK_N)
+    n_ok = ns < N
 
     acc_zero = acc_zeros(BLOCK_K, BLOCK_D, DOT_MODE)
-
-    if N_RESIDENT:
-        # y_coded's column tile: read from HBM once, reused by every row tile
-        yc_tile = tl.load(yc_ptr + ns[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
-                          mask=(ns < N)[:, None] & col_ok[None, :], other=0.0)
-        if WRITE_GRAD_YC:
-            grad_yc_acc = acc_zeros(BLOCK_N, BLOCK_D, DOT_MODE)
+    # y_coded's column tile: read from HBM once, reused by every row tile
+    yc_tile = tl.load(yc_ptr + ns[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
+                      mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+    if WRITE_GRAD_YC:
+        grad_yc_acc = acc_zeros(BLOCK_N, BLOCK_D, DOT_MODE)
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         tile_mask = k_ok[:, None] & col_ok[None, :]
+        dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn,
+                           mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        decoded = mix_dot(dec_tile, yc_tile, acc_zero, DOT_MODE)
         y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
                          mask=tile_mask, other=0.0).to(acc_zero.dtype)
-
-        if N_RESIDENT:
-            dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn,
-                               mask=k_ok[:, None] & (ns < N)[None, :], other=0.0)
-            decoded = mix_dot(dec_tile, yc_tile, acc_zero, DOT_MODE)
-        else:
-            decoded = acc_zero
-            for n0 in range(0, N, BLOCK_N):
-                nn = n0 + ns
-                n_ok = nn < N
-                dec_chunk = tl.load(dec_ptr + ks[:, None] * stride_dk + nn[None, :] * stride_dn,
-                                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                yc_chunk = tl.load(yc_ptr + nn[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
-                                   mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-                decoded = mix_dot(dec_chunk, yc_chunk, decoded, DOT_MODE)
-
         # masked rows / columns / n are loaded as 0, so r is exactly 0 there
         r = y_tile - decoded
         tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
@@ -106,39 +115,145 @@ def _reconstruction_loss_kernel(
 
     if WRITE_GRAD_YC:
         tl.store(grad_yc_ptr + ns[:, None].to(tl.int64) * D + cols[None, :],
-                 (-grad_yc_acc).to(grad_yc_ptr.dtype.element_ty),
-                 mask=(ns < N)[:, None] & col_ok[None, :])
+                 (-grad_yc_acc).to(grad_yc_ptr.dtype.element_ty), mask=n_ok[:, None] & col_ok[None, :])
 
 
-# sm_90 register use (compiled here without a GPU, read back with cuobjdump): with y_coded resident and
-# BLOCK_N * BLOCK_D = 4096, BLOCK_K = 16 and 8 warps is the one fp32 config that does not spill; the
-# fp16/bf16 split dots spill ~200-300 bytes per thread at BLOCK_N = 256 and none at BLOCK_N <= 128.
+@triton.jit
+def _reconstruction_rows_kernel(
+    y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_r_ptr, partial_ptr,
+    K, N, D,
+    stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
+    grad_scale,
+    K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_R: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Row-split path: one program per (row tile, column tile) of r; grad_y = c r in y's dtype and, for
+    fp16/bf16 inputs whose grad_y_coded is computed from it afterwards, c r in fp32 (grad_r)."""
+    pid = tl.program_id(0)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    # the row tiles of one column tile run back to back: y_coded's column tile is read from L2 by all
+    # but the first
+    pid_k = pid % num_k_tiles
+    pid_d = pid // num_k_tiles
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_ok = ks < K
+    col_ok = cols < D
+    tile_mask = k_ok[:, None] & col_ok[None, :]
+
+    decoded = acc_zeros(BLOCK_K, BLOCK_D, DOT_MODE)
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        dec_chunk = tl.load(dec_ptr + ks[:, None] * stride_dk + nn[None, :] * stride_dn,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        yc_chunk = tl.load(yc_ptr + nn[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
+                           mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+        decoded = mix_dot(dec_chunk, yc_chunk, decoded, DOT_MODE)
+
+    y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
+                     mask=tile_mask, other=0.0).to(decoded.dtype)
+    r = y_tile - decoded
+    # row k of column tile pid_d: written by exactly one program, summed later in a fixed order
+    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
+    if WRITE_GRAD_Y:
+        grad = r * grad_scale
+        out_offsets = ks[:, None].to(tl.int64) * D + cols[None, :]
+        tl.store(grad_y_ptr + out_offsets, grad.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
+        if WRITE_GRAD_R:
+            tl.store(grad_r_ptr + out_offsets, grad, mask=tile_mask)
+
+
+# At most four configs per path. BLOCK_D (the partials' layout) and BLOCK_N (the rows path's reduction
+# chunk) are fixed by the launcher; configs change only the row tile, warps and stages, so the summation
+# order, and the result bits, do not depend on which config a process picked.
+# The fused path holds two BLOCK_N x BLOCK_D tiles in registers: compiled for sm_90 (.ci/triton_compile.py),
+# 16-row tiles, 8 warps and one stage is the configuration that spills in no dot mode (4 warps, 32-row
+# tiles or two stages spill 16-700 bytes per thread), so it is the only one.
 _RECON_CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for (bk, w, s) in [(16, 8, 2), (16, 4, 2), (16, 8, 3), (32, 8, 2), (16, 16, 2), (32, 4, 2)]
+    for (bk, w, s) in [(16, 8, 1)]
 ]
+# Rows path: 16-row tiles for small d (more programs), 64-row tiles for wide d (fewer re-reads of
+# y_coded's column tile from L2). 16 rows with 4 or 8 warps spills fp64 under Triton 3.6; 2 warps does not.
+_RECON_ROWS_CONFIGS = [
+    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for (bk, w, s) in [(32, 4, 3), (16, 2, 3), (64, 4, 3), (64, 8, 2)]
+]
+AUTOTUNE_KEY_ARGS = ("K_BUCKET", "N_BUCKET", "D_BUCKET")
+# the rows path's reduction chunk over N: 64 spills 400-3500 bytes per thread on sm_80 with FMA dots
+ROWS_BLOCK_N = 32
+ROWS_BLOCK_D = 64
 INTERPRETER_RECON_TILE = {"BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_N_CHUNK": 32}
-FIXED_GPU_RECON_CONFIG = {"BLOCK_K": 16, "num_warps": 8, "num_stages": 2}
+FIXED_GPU_RECON_CONFIG = config_dict(_RECON_CONFIGS[0])
+FIXED_GPU_RECON_ROWS_CONFIG = config_dict(_RECON_ROWS_CONFIGS[0])
 
-if INTERPRET:
-    _reconstruction_loss_tuned = None
-else:
-    # the constexpr variants are part of the key: a config tuned for the forward-only kernel (or for one
-    # dot mode) must not be reused for the kernel that also writes both gradients
-    _reconstruction_loss_tuned = triton.autotune(
-        configs=_RECON_CONFIGS,
-        key=["K", "N", "D_BUCKET", "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])(_reconstruction_loss_kernel)
+# the constexpr variants are part of the key: a config tuned for the forward-only kernel (or for one dot
+# mode) is not reused for the kernel that also writes both gradients
+_reconstruction_loss_tuned = autotune(
+    _reconstruction_loss_kernel, _RECON_CONFIGS,
+    key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])
+_reconstruction_rows_tuned = autotune(
+    _reconstruction_rows_kernel, _RECON_ROWS_CONFIGS,
+    key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_R"])
 
 
-def _column_block(n_block, resident):
-    """Columns per program. Not autotuned: it fixes the layout of the deterministic partials buffer.
-    With y_coded resident, two BLOCK_N x BLOCK_D fp32 tiles live in registers: keep their size near 2048
-    elements (4096 at BLOCK_N = 256, where BLOCK_D cannot go below the 16 that tl.dot needs)."""
+def resident_block_n(N):
+    """y_coded's rows on-chip: N rounded up to a power of two, at least 64 (fewer kernel variants; the
+    masked rows cost no memory traffic, and at N <= 64 the fused kernel is memory-bound anyway)."""
+    return max(64, triton.next_power_of_2(N))
+
+
+def resident_block_d(block_n, mode="ieee"):
+    """Columns per program of the fused path. Not autotuned: it fixes the layout of the deterministic
+    partials buffer. Two BLOCK_N x BLOCK_D tiles live in registers; wider tiles mean fewer programs
+    re-reading the decoder. The widest that spills in no dot mode under Triton 3.6 and 3.9 (sm_90):
+    64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and 256."""
     if INTERPRET:
         return INTERPRETER_RECON_TILE["BLOCK_D"]
-    if not resident:
-        return 64
-    return max(16, min(64, 2048 // n_block))
+    return 64 if block_n <= 64 and mode != "fp64" else 32
+
+
+def resident_n_max(mode):
+    """Largest N of the fused path: 256 for FMA and fp64 dots; 128 for the tensor-core split modes, whose
+    operand parts spill at N = 256 (88-280 bytes per thread on sm_90)."""
+    return N_RESIDENT_MAX if mode in ("ieee", "fp64") else N_RESIDENT_MAX // 2
+
+
+def choose_path(N, d, device, mode="ieee"):
+    """``"resident"`` when N fits on-chip and the fused path has at least two column tiles per
+    multiprocessor; ``"rows"`` otherwise (large N, or small d, where the fused path would leave most of
+    the GPU idle). A function of the shapes, dtype and device only, so every process picks the same path."""
+    if N > resident_n_max(mode):
+        return "rows"
+    columns = triton.cdiv(d, resident_block_d(resident_block_n(N), mode))
+    return "resident" if columns >= 2 * multiprocessors(device) else "rows"
+
+
+def launch_plans(mode):
+    """Every (kernel, configs, constexprs, fp32 gradient buffer) combination the launcher below can produce
+    for dot mode ``mode`` (.ci/triton_compile.py compiles them all)."""
+    grad_mode = grad_dot_mode(mode)
+    plans = []
+    for block_n in (64, 128, 256)[:3 if resident_n_max(mode) >= 256 else 2]:
+        for grad_y, grad_yc in ((False, False), (True, False), (True, True)):
+            plans.append((f"resident N<={block_n} grads={int(grad_y)}{int(grad_yc)}", _reconstruction_loss_kernel,
+                          _RECON_CONFIGS, dict(BLOCK_N=block_n, BLOCK_D=resident_block_d(block_n, mode),
+                                               WRITE_GRAD_Y=grad_y, WRITE_GRAD_YC=grad_yc, DOT_MODE=mode,
+                                               GRAD_DOT_MODE=grad_mode), False))
+    for grad_y, grad_r in ((False, False), (True, False), (True, True)):
+        if grad_r and mode != "split3":
+            continue
+        plans.append((f"rows grads={int(grad_y)}{int(grad_r)}", _reconstruction_rows_kernel, _RECON_ROWS_CONFIGS,
+                      dict(BLOCK_N=ROWS_BLOCK_N, BLOCK_D=ROWS_BLOCK_D, WRITE_GRAD_Y=grad_y, WRITE_GRAD_R=grad_r,
+                           DOT_MODE=mode), grad_r))
+    return plans
+
+
+def grad_dot_mode(mode):
+    """The gradient dot multiplies two fp32 operands: split3's half-precision parts do not apply."""
+    return {"split3": "tf32x3"}.get(mode, mode)
 
 
 def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
@@ -157,44 +272,52 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     grad_scale = 2.0 / (K * d) if reduction == "mean" else 2.0
     want_grad_yc = write_grad_y and reduction != "none"
 
-    resident = N <= N_RESIDENT_MAX
-    if resident:
-        block_n = max(16, triton.next_power_of_2(N))
+    mode = dot_mode(y.dtype)
+    path = choose_path(N, d, y.device, mode)
+    if path == "resident":
+        block_n = resident_block_n(N)
+        block_d = resident_block_d(block_n, mode)
     else:
-        block_n = INTERPRETER_RECON_TILE["BLOCK_N_CHUNK"] if INTERPRET else 64
-    block_d = _column_block(block_n, resident)
+        block_n = INTERPRETER_RECON_TILE["BLOCK_N_CHUNK"] if INTERPRET else ROWS_BLOCK_N
+        block_d = INTERPRETER_RECON_TILE["BLOCK_D"] if INTERPRET else ROWS_BLOCK_D
     num_col_tiles = triton.cdiv(d, block_d)
 
     partials = torch.empty((num_col_tiles, K), dtype=acc_dtype, device=y.device)
     # distinct empty tensors: op outputs must not alias each other
     grad_y = torch.empty((K, d) if write_grad_y else (0,), dtype=y.dtype, device=y.device)
-    # chunked path for fp16/bf16: grad_y_coded is computed from an fp32 c*r, not from grad_y rounded to
+    # rows path for fp16/bf16: grad_y_coded is computed from an fp32 c*r, not from grad_y rounded to
     # 8-11 bits (whose rounding errors D^T would sum into a result that is much smaller than its terms)
-    chunked_half = want_grad_yc and not resident and acc_dtype != y.dtype
-    grad_r = torch.empty((K, d), dtype=acc_dtype, device=y.device) if chunked_half else grad_y
+    fp32_grad = want_grad_yc and path == "rows" and acc_dtype != y.dtype
+    grad_r = torch.empty((K, d), dtype=acc_dtype, device=y.device) if fp32_grad else None
     grad_yc = torch.empty((N, d) if want_grad_yc else (0,), dtype=y_coded.dtype, device=y.device)
 
     if d > 0:
-        mode = dot_mode(y.dtype)
-        grad_mode = {"split3": "tf32x3"}.get(mode, mode)
-        args = (y, y_coded, decoder, grad_r, grad_yc, partials, K, N, d,
-                y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
-                decoder.stride(0), decoder.stride(1), grad_scale, d_bucket(d))
-        meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, N_RESIDENT=resident, WRITE_GRAD_Y=write_grad_y,
-                    WRITE_GRAD_YC=want_grad_yc and resident, DOT_MODE=mode, GRAD_DOT_MODE=grad_mode)
-        grid = (num_col_tiles,)
+        keys = (bucket(K), bucket(N), bucket(d))
+        strides = (y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
+                   decoder.stride(0), decoder.stride(1))
         with device_guard(y):
-            if autotuning():
-                launch(_reconstruction_loss_tuned, grid, *args, **meta)
-            elif INTERPRET:
-                launch(_reconstruction_loss_kernel, grid, *args, BLOCK_K=INTERPRETER_RECON_TILE["BLOCK_K"], **meta)
+            if path == "resident":
+                args = (y, y_coded, decoder, grad_y, grad_yc, partials, K, N, d, *strides, grad_scale, *keys)
+                meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
+                            WRITE_GRAD_YC=want_grad_yc, DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode))
+                _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel, FIXED_GPU_RECON_CONFIG,
+                              (num_col_tiles,), lambda meta_: (num_col_tiles,), args, meta)
             else:
-                launch(_reconstruction_loss_kernel, grid, *args, **FIXED_GPU_RECON_CONFIG, **meta)
-            if want_grad_yc and not resident:
-                # N too large to keep the accumulator on-chip: grad_y_coded = -D^T grad_y, W^T by strides
-                spline_mix_into(decoder.t(), grad_r, grad_yc, scale=-1.0)
-                if chunked_half:
-                    grad_y = grad_r.to(y.dtype)
+                args = (y, y_coded, decoder, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
+                        *strides, grad_scale, *keys)
+                meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
+                            WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode)
+                fixed = (INTERPRET and {"BLOCK_K": INTERPRETER_RECON_TILE["BLOCK_K"]}) or FIXED_GPU_RECON_ROWS_CONFIG
+
+                def grid(meta_):
+                    return (triton.cdiv(K, meta_["BLOCK_K"]) * num_col_tiles,)
+                _launch_tuned(_reconstruction_rows_tuned, _reconstruction_rows_kernel, fixed,
+                              grid(fixed), grid, args, meta)
+                if want_grad_yc:
+                    # grad_y_coded = -D^T (c r): W^T by strides; spline_mix splits the N rows too. Two fp32
+                    # operands: the gradient dot mode (tf32x3 for fp16/bf16 inputs, as in the fused path)
+                    spline_mix_into(decoder.t(), grad_y if grad_r is None else grad_r, grad_yc, scale=-1.0,
+                                    mode=grad_dot_mode(mode))
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.
@@ -206,3 +329,13 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     else:
         loss = per_sample.sum() / (K * d)
     return loss.to(acc_dtype), grad_y, grad_yc
+
+
+def _launch_tuned(tuned, kernel, fixed_config, fixed_grid, grid, args, meta):
+    """The autotuned kernel on the GPU, else one fixed config (interpreter: its small tile)."""
+    if autotuning():
+        launch(tuned, grid, *args, **meta)
+    elif INTERPRET:
+        launch(kernel, fixed_grid, *args, BLOCK_K=INTERPRETER_RECON_TILE["BLOCK_K"], **meta)
+    else:
+        launch(kernel, fixed_grid, *args, **fixed_config, **meta)

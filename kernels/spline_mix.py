@@ -17,136 +17,26 @@ launched back to back (program id = column tile * num_m_tiles + m tile), so the 
 from HBM once and from L2 for the other ``M`` tiles; ``W`` (at most a few MiB) stays in L2/L1. ``out`` is
 written once. Tiles are masked, so any ``d`` (1, primes, ...) and any strides of ``x`` and ``W`` work.
 
-Dot precision (``DOT_MODE``)
-----------------------------
-``tl.dot`` defaults to TF32 on NVIDIA tensor cores (10-bit mantissa); DReS residuals are small
-differences of large numbers, so TF32 is not allowed (docs/DESIGN.md section 4). Modes:
+Small ``d`` (logits: d = 10 .. 1000): the grid is ``cdiv(M, BLOCK_M) * cdiv(d, BLOCK_D)``, so the batch rows
+``M`` are split as well as the columns; a 16 x 32 tile config gives ``M / 16`` programs even at d = 7. No
+program sums another's output, so there is no cross-program reduction at any ``d``.
 
-- ``"ieee"``   fp32 inputs: IEEE fp32 products, fp32 accumulation (``input_precision="ieee"``: FMA units).
-- ``"tf32x3"`` fp32 inputs, opt-in: Triton's split-precision tensor-core dot (3 TF32 products).
-- ``"split3"`` fp16/bf16 inputs: ``x`` is exact in its own dtype, so only ``W`` needs care. ``W`` is split
-  into three parts of ``x``'s dtype, ``W = W1 + W2 + W3`` (24+ significant bits together), and three
-  half-precision tensor-core dots accumulate in fp32: every product is exact, as with fp32 FMAs.
-- ``"fp64"``   float64 inputs: float64 dot.
+Floor (per call, K = M = N): bytes = (K + M) d s + 4 M K (s = bytes per element of x; W in fp32, read
+once from HBM), flops = 2 M K d. At K = M = 256, d = 2^16: fp32 128 MiB + 256 KiB and 8.6 GFLOP, so
+~45 us on an H100 at 3.0 TB/s against ~143 us of fp32 FMA at 60 TFLOP/s: with "ieee" dots the kernel is
+compute-bound (floor = flops / FMA rate). bf16: 64 MiB (~22 us) against one tensor-core pass of 11 us at
+790 TFLOP/s, so the floor is memory; "split3" runs three passes (~33 us), 1.5x that floor by design.
+The benchmark's multiple of floor divides by max(bytes / bandwidth, flops / rate).
 
-Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
-deprecated spelling). The interpreter ignores ``input_precision`` (it multiplies with numpy).
+Precision: see ``_common`` (``DOT_MODE``): IEEE fp32, split-precision, or fp64 dots, never plain TF32.
 """
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------------------------------
-# Shared launch helpers (also used by reconstruction_loss.py)
-# ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _probe_kernel(ptr):
-    pass
-
-
-# ``triton.jit`` returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton was
-# imported: the only reliable sign (across Triton versions) that kernels run on the host.
-INTERPRET = type(_probe_kernel).__name__ == "InterpretedFunction"
-
-_wrap_triton = getattr(torch.library, "wrap_triton", None)
-
-CPU_WITHOUT_INTERPRETER = (
-    "the Triton backend got CPU tensors, but Triton runs on CPU tensors only through its interpreter, "
-    "which is off: set the environment variable TRITON_INTERPRET=1 before anything imports triton "
-    "(slow; meant for tests), move the tensors to a CUDA device, or use backend='torch'"
-)
-
-
-def check_device(*tensors):
-    """Raise a clear error for CPU tensors when the interpreter is off (compiled Triton needs a GPU)."""
-    for t in tensors:
-        if t.device.type == "cpu" and not INTERPRET:
-            raise RuntimeError(CPU_WITHOUT_INTERPRETER)
-
-
-def device_guard(tensor):
-    """Make ``tensor``'s GPU the current device while launching: Triton launches on the *current* device
-    and stream, so tensors on ``cuda:1`` with ``cuda:0`` current would be read from the wrong device."""
-    if INTERPRET or tensor.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(tensor.device)
-
-
-def launch(kernel, grid, *args, **kwargs):
-    """Launch through ``torch.library.wrap_triton`` so a ``triton_op`` caller is traceable by
-    ``torch.compile``; interpreted kernels are launched directly (older torch's wrap_triton rejects them)."""
-    if _wrap_triton is not None and not INTERPRET:
-        kernel = _wrap_triton(kernel)
-    kernel[grid](*args, **kwargs)
-
-
-def autotuning():
-    """Autotune on the GPU unless ``DRES_TRITON_AUTOTUNE=0`` (then one fixed config: quick GPU tests).
-    Never under the interpreter, where a fixed small config keeps CI fast."""
-    return not INTERPRET and os.environ.get("DRES_TRITON_AUTOTUNE", "1") != "0"
-
-
-def d_bucket(d):
-    """Autotuning key for the column count: the next power of two, clamped to [2^8, 2^20]."""
-    return min(max(triton.next_power_of_2(d), 256), 1 << 20)
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def dot_mode(dtype):
-    """How the data dot runs for inputs of ``dtype`` (see the module docstring).
-
-    ``DRES_TRITON_FP32_DOT=tf32x3`` opts fp32 inputs into split-precision tensor cores (for measurement)."""
-    if dtype == torch.float64:
-        return "fp64"
-    if dtype in (torch.float16, torch.bfloat16):
-        return "split3"
-    mode = os.environ.get("DRES_TRITON_FP32_DOT", "ieee")
-    if mode not in ("ieee", "tf32x3"):
-        raise ValueError(f"DRES_TRITON_FP32_DOT must be 'ieee' or 'tf32x3', got {mode!r}")
-    return mode
-
-
-@triton.jit
-def acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, DOT_MODE: tl.constexpr):
-    """A zero accumulator tile in the compute dtype: float64 for float64 inputs, else float32."""
-    if DOT_MODE == "fp64":
-        return tl.zeros((ROWS, COLS), dtype=tl.float64)
-    else:
-        return tl.zeros((ROWS, COLS), dtype=tl.float32)
-
-
-@triton.jit
-def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
-    """``acc + w @ x`` with ``w`` in the compute dtype (fp32/fp64) and ``x`` in the data dtype."""
-    if DOT_MODE == "ieee":
-        acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="ieee")
-    elif DOT_MODE == "tf32x3":
-        acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="tf32x3")
-    elif DOT_MODE == "split3":
-        # W = W1 + W2 + W3 in x's dtype; x is exact in its dtype, so each half-precision product is exact
-        # in fp32. Smallest part first so the large terms are added to an accumulator that already holds
-        # the small ones.
-        w1 = w.to(x.dtype)
-        rest = w - w1.to(tl.float32)
-        w2 = rest.to(x.dtype)
-        w3 = (rest - w2.to(tl.float32)).to(x.dtype)
-        acc = tl.dot(w3, x, acc=acc)
-        acc = tl.dot(w2, x, acc=acc)
-        acc = tl.dot(w1, x, acc=acc)
-    else:  # "fp64"
-        # out_dtype must be named: Triton 3.6 defaults it to fp32 and rejects the fp64 accumulator
-        acc = tl.dot(w, x.to(tl.float64), acc=acc, out_dtype=tl.float64)
-    return acc
-
+from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, acc_zeros, autotune, autotuning, bucket,  # noqa: F401
+                      check_device, compute_dtype, config_dict, device_guard, dot_mode, launch, mix_dot)
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel
@@ -159,7 +49,7 @@ def _spline_mix_kernel(
     M, K, D,
     stride_wm, stride_wk, stride_xk, stride_xd, stride_om,
     scale,
-    D_BUCKET,  # only an autotuning key
+    M_BUCKET, K_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
@@ -190,30 +80,49 @@ def _spline_mix_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Small set of tiles for the GPU; all are correct for every shape (masks), the autotuner picks per
-# (M, K, d bucket, dtypes). Under the interpreter one fixed small tile keeps CI fast.
+def mix_block_k(mode):
+    """The reduction chunk: fixed per dot mode, never autotuned, so every config adds the products of an
+    output element in the same order (bit-identical results whichever config a process picked)."""
+    return 16 if mode == "fp64" else 32
+
+
+# At most four tiles; all are correct for every shape (masks). The autotuner picks per (M, K, d) bucket,
+# dot mode and dtypes; the 16 x 32 tile is the small-d one (logits), the others cover wide batches.
 _SPLINE_MIX_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-    for (bm, bk, bd, w, s) in [
-        (32, 32, 64, 4, 3),
-        (64, 32, 64, 4, 3),
-        (64, 32, 128, 8, 3),
-        (128, 32, 64, 8, 3),
-        (128, 32, 128, 8, 3),
-        (64, 64, 128, 8, 2),
-        (128, 64, 128, 8, 2),
-        (16, 32, 128, 4, 4),
+    triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+    for (bm, bd, w, s) in [
+        (64, 64, 4, 3),
+        (128, 64, 8, 3),
+        (64, 128, 8, 3),
+        (16, 32, 4, 2),
     ]
 ]
-INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_D": 32}
-FIXED_GPU_SPLINE_MIX_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+# fp64 operands take twice the registers: the same tiles with two stages (three spill 8-40 bytes per
+# thread under Triton 3.6 on sm_90).
+_SPLINE_MIX_FP64_CONFIGS = [
+    triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=2) for config in _SPLINE_MIX_CONFIGS
+]
+AUTOTUNE_KEY_ARGS = ("M_BUCKET", "K_BUCKET", "D_BUCKET")
+INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_D": 32}
+# DRES_TRITON_AUTOTUNE=0: the first tile, the small-d tile below SMALL_D columns
+FIXED_GPU_SPLINE_MIX_CONFIG = config_dict(_SPLINE_MIX_CONFIGS[0])
+FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG = config_dict(_SPLINE_MIX_CONFIGS[3])
+SMALL_D = 256
 
-if INTERPRET:
-    _spline_mix_tuned = None
-else:
-    # DOT_MODE is part of the key: "ieee" and "tf32x3" fp32 dots have different best tiles
-    _spline_mix_tuned = triton.autotune(configs=_SPLINE_MIX_CONFIGS, key=["M", "K", "D_BUCKET", "DOT_MODE"])(
-        _spline_mix_kernel)
+_spline_mix_tuned = autotune(_spline_mix_kernel, _SPLINE_MIX_CONFIGS, key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE"])
+_spline_mix_tuned_fp64 = autotune(_spline_mix_kernel, _SPLINE_MIX_FP64_CONFIGS, key=list(AUTOTUNE_KEY_ARGS))
+
+
+def configs_for(mode):
+    """The autotune configs of dot mode ``mode`` (.ci/triton_compile.py compiles each)."""
+    return _SPLINE_MIX_FP64_CONFIGS if mode == "fp64" else _SPLINE_MIX_CONFIGS
+
+
+def _fixed_config(d, mode):
+    if INTERPRET:
+        return INTERPRETER_SPLINE_MIX_TILE
+    config = FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG if d < SMALL_D else FIXED_GPU_SPLINE_MIX_CONFIG
+    return dict(config, num_stages=2) if mode == "fp64" else config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,25 +130,28 @@ else:
 # ----------------------------------------------------------------------------------------------------
 
 
-def spline_mix_into(weights, x, out, scale=1.0):
+def spline_mix_into(weights, x, out, scale=1.0, mode=None):
     """``out = scale * weights @ x``; ``out`` contiguous ``(M, d)``; strides of ``weights`` and ``x`` are
-    passed to the kernel, so transposed views (backward's ``W^T``) cost nothing."""
+    passed to the kernel, so transposed views (backward's ``W^T``) cost nothing. ``mode``: the dot mode,
+    by default the one of ``x``'s dtype."""
     M, K = weights.shape
     d = x.shape[1]
     if d == 0 or M == 0:
         return out
-    mode = dot_mode(x.dtype)
+    mode = mode or dot_mode(x.dtype)
     args = (weights, x, out, M, K, d,
             weights.stride(0), weights.stride(1), x.stride(0), x.stride(1), out.stride(0),
-            float(scale), d_bucket(d))
+            float(scale), bucket(M), bucket(K), bucket(d))
+    block_k = mix_block_k(mode)
     if autotuning():
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)
-        launch(_spline_mix_tuned, grid, *args, DOT_MODE=mode)
+        tuned = _spline_mix_tuned_fp64 if mode == "fp64" else _spline_mix_tuned
+        launch(tuned, grid, *args, BLOCK_K=block_k, DOT_MODE=mode)
     else:
-        config = INTERPRETER_SPLINE_MIX_TILE if INTERPRET else FIXED_GPU_SPLINE_MIX_CONFIG
+        config = _fixed_config(d, mode)
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_D"]),)
-        launch(_spline_mix_kernel, grid, *args, DOT_MODE=mode, **config)
+        launch(_spline_mix_kernel, grid, *args, BLOCK_K=block_k, DOT_MODE=mode, **config)
     return out
 
 

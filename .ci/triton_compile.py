@@ -1,0 +1,221 @@
+"""Compile every Triton kernel variant the backends can launch for sm_90 and sm_80, without a GPU.
+
+For each variant (kernel x data dtype x dot mode x path x constexpr combination the launchers produce
+x autotune config, plus the fixed config that ``DRES_TRITON_AUTOTUNE=0`` uses) this runs
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``,
+then reads the cubin's resources back with ``cuobjdump --dump-resource-usage`` (registers, stack =
+local memory per thread, which is where ptxas puts spills) and the shared memory from the compiled
+kernel's metadata. ``CompiledKernel.n_regs`` / ``n_spills`` exist only after loading the binary on a
+device, so they are not used here.
+
+Arguments are specialised the way Triton's launcher specialises a typical call (Triton 3.6 and 3.9
+agree): pointers 16-byte aligned, integer arguments equal to 1 become constexprs (unit strides of
+contiguous tensors), the other integers divisible by 16 (K = N = 256, d = 2^16).
+
+Exit status 1 when a variant fails to compile or when a variant the launchers use by default spills
+(every config of a dtype's default dot mode: the autotuner may pick any of them, and the fixed
+``DRES_TRITON_AUTOTUNE=0`` configs are among them). Opt-in modes (``DRES_TRITON_FP32_DOT=tf32x3``) are
+reported but fail the run only with ``--strict``.
+
+Usage: python .ci/triton_compile.py [--arch 90 80] [--filter SUBSTRING] [--strict] [--list]
+Runs with the Triton it finds (CI: the newest Triton in .venv and Triton 3.6 in .venv-triton36).
+"""
+
+import argparse
+import concurrent.futures
+import importlib.util
+import multiprocessing
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is the default
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_kernels():
+    """kernels/ under its installed name dres_fast.kernels (its modules use relative imports)."""
+    spec = importlib.util.spec_from_file_location(
+        "dres_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dres_fast.kernels"] = module
+    spec.loader.exec_module(module)
+    return sys.modules["dres_fast.kernels.spline_mix"], sys.modules["dres_fast.kernels.reconstruction_loss"]
+
+
+SM, RL = load_kernels()
+
+# data dtype -> (Triton pointer type of the data, of the compute-dtype operands, default dot mode)
+DTYPES = {
+    "fp32": ("*fp32", "*fp32", "ieee"),
+    "fp16": ("*fp16", "*fp32", "split3"),
+    "bf16": ("*bf16", "*fp32", "split3"),
+    "fp64": ("*fp64", "*fp64", "fp64"),
+}
+OPT_IN_MODES = {"fp32": ["tf32x3"]}  # DRES_TRITON_FP32_DOT=tf32x3
+GRAD_MODES = {RL.grad_dot_mode(mode) for _, _, mode in DTYPES.values()}
+
+
+def cuobjdump_path():
+    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if bundled.exists():
+        return str(bundled)
+    return shutil.which("cuobjdump")
+
+
+def signature_for(fn, args, constexprs):
+    """``args``: name -> Triton type string or an int; ints equal to 1 become constexprs (as at launch).
+    Returns (signature, constexprs, attrs) in the ASTSource format of Triton 3.3 through 3.9."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                consts[name] = 1
+                continue
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = value
+            if value.startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def resources(cubin, tmpdir):
+    path = pathlib.Path(tmpdir) / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    match = RESOURCE.search(out)
+    if match is None:
+        raise RuntimeError(f"cuobjdump printed no resource line:\n{out}")
+    regs, stack, _, local = (int(v) for v in match.groups())
+    return regs, max(stack, local)
+
+
+def spline_mix_variants():
+    """Every launch of spline_mix_into (forward layout: W row-major, x contiguous), every config."""
+    for dtype, (data_ptr, acc_ptr, default_mode) in DTYPES.items():
+        for mode in [default_mode] + OPT_IN_MODES.get(dtype, []):
+            for i, config in enumerate(SM.configs_for(mode)):
+                meta = dict(config.kwargs, BLOCK_K=SM.mix_block_k(mode), DOT_MODE=mode)
+                args = dict(w_ptr=acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr, M=256, K=256, D=65536,
+                            stride_wm=256, stride_wk=1, stride_xk=65536, stride_xd=1, stride_om=65536,
+                            scale="fp32")
+                args.update({key: 256 for key in SM.AUTOTUNE_KEY_ARGS})
+                # the gradient dot modes are launched by default too (tf32x3: fp16/bf16 grad_y_coded)
+                default = mode == default_mode or mode in GRAD_MODES
+                yield (f"spline_mix {dtype} {mode} cfg{i} {config_label(config)}",
+                       SM._spline_mix_kernel, args, meta, config, default)
+
+
+def reconstruction_variants():
+    """Every launch of reconstruction_loss: both paths, every BLOCK_N the launcher derives from N, with
+    and without gradients, every config (reconstruction_loss.launch_plans lists them)."""
+    for dtype, (data_ptr, acc_ptr, default_mode) in DTYPES.items():
+        for mode in [default_mode] + OPT_IN_MODES.get(dtype, []):
+            for label, kernel, configs, constexprs, fp32_grad in RL.launch_plans(mode):
+                for i, config in enumerate(configs):
+                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=acc_ptr,
+                                grad_y_ptr=data_ptr, grad_r_ptr=acc_ptr if fp32_grad else data_ptr,
+                                grad_yc_ptr=data_ptr,
+                                partial_ptr=acc_ptr, K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,
+                                stride_ck=65536, stride_cd=1, stride_dk=256, stride_dn=1, grad_scale="fp32")
+                    args.update({key: 256 for key in RL.AUTOTUNE_KEY_ARGS})
+                    meta = dict(config.kwargs, **constexprs)
+                    yield (f"recon {dtype} {mode} {label} cfg{i} {config_label(config)}",
+                           kernel, args, meta, config, mode == default_mode)
+
+
+def config_label(config):
+    tiles = " ".join(f"{name.replace('BLOCK_', '')}{value}" for name, value in config.kwargs.items())
+    return f"[{tiles} w{config.num_warps} s{config.num_stages}]"
+
+
+VARIANTS = list(spline_mix_variants()) + list(reconstruction_variants())
+
+
+def compile_one(job):
+    """Compile variant ``index`` for ``arch``; returns (arch, index, regs, spill, shared, error)."""
+    arch, index = job
+    name, fn, args, meta, config, default = VARIANTS[index]
+    signature, consts, attrs = signature_for(fn, args, meta)
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        with tempfile.TemporaryDirectory() as tmpdir:
+            regs, spill = resources(compiled.asm["cubin"], tmpdir)
+        return arch, index, regs, spill, compiled.metadata.shared, None
+    except Exception as exc:  # reported, then exit 1
+        return arch, index, 0, 0, 0, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", type=int, default=[90, 80])
+    parser.add_argument("--filter", default="", help="only variants whose name contains this")
+    parser.add_argument("--strict", action="store_true", help="opt-in dot modes must not spill either")
+    parser.add_argument("--list", action="store_true", help="list the variants, compile nothing")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    opts = parser.parse_args()
+    if cuobjdump_path() is None:
+        print("triton_compile: cuobjdump not found (neither bundled with Triton nor on PATH)", file=sys.stderr)
+        return 1
+    chosen = [i for i, v in enumerate(VARIANTS) if opts.filter in v[0]]
+    print(f"triton {triton.__version__}: {len(chosen)} variants x sm_{'/sm_'.join(map(str, opts.arch))}, "
+          f"{opts.jobs} jobs")
+    if opts.list:
+        for i in chosen:
+            print(VARIANTS[i][0])
+        return 0
+    jobs = [(arch, i) for arch in opts.arch for i in chosen]
+    failures, spills, start = [], [], time.time()
+    print(f"{'arch':>6} {'regs':>4} {'spill':>5} {'smem':>6}  variant")
+    if opts.jobs > 1:
+        pool = concurrent.futures.ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(compile_one, jobs)
+    else:
+        pool, results = None, map(compile_one, jobs)
+    for arch, index, regs, spill, shared, error in results:
+        name, default = VARIANTS[index][0], VARIANTS[index][5]
+        if error:
+            failures.append(f"sm_{arch} {name}: {error}")
+            print(f"sm_{arch} FAIL {name}: {error}", flush=True)
+            continue
+        flag = ""
+        if spill:
+            flag = "  SPILLS" + ("" if default or opts.strict else " (opt-in mode)")
+            if default or opts.strict:
+                spills.append(f"sm_{arch} {name}: {spill} bytes")
+        print(f"sm_{arch} {regs:4d} {spill:5d} {shared:6d}  {name}{flag}", flush=True)
+    if pool is not None:
+        pool.shutdown()
+    print(f"{len(jobs)} compiles in {time.time() - start:.0f} s; "
+          f"{len(failures)} failure(s), {len(spills)} spilling default variant(s)")
+    for line in failures + spills:
+        print("  " + line)
+    return 1 if failures or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

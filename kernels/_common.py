@@ -1,0 +1,163 @@
+"""Helpers shared by the Triton kernels: launch plumbing, autotuning, dot precision.
+
+Dot precision (``DOT_MODE``)
+----------------------------
+``tl.dot`` defaults to TF32 on NVIDIA tensor cores (10-bit mantissa); DReS residuals are small
+differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accuracy). Modes:
+
+- ``"ieee"``   fp32 inputs: IEEE fp32 products, fp32 accumulation (``input_precision="ieee"``: FMA units).
+- ``"tf32x3"`` fp32 inputs, opt-in: Triton's split-precision tensor-core dot (3 TF32 products).
+- ``"split3"`` fp16/bf16 inputs: ``x`` is exact in its own dtype, so only ``W`` needs care. ``W`` is split
+  into three parts of ``x``'s dtype, ``W = W1 + W2 + W3`` (24+ significant bits together), and three
+  half-precision tensor-core dots accumulate in fp32: every product is exact, as with fp32 FMAs.
+- ``"fp64"``   float64 inputs: float64 dot.
+
+Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
+deprecated spelling). The interpreter ignores ``input_precision`` (it multiplies with numpy).
+
+Determinism across autotune choices
+-----------------------------------
+Two processes (two DDP ranks) may pick different configs. Configs therefore never change the order of a
+floating-point sum: the reduction chunk (``BLOCK_K`` of ``spline_mix``, ``BLOCK_N`` of the loss) and the
+column tile that fixes the loss partials' layout are chosen by the launchers from the shape and dtype;
+configs only change the other tile sizes, warps and stages. An IEEE FMA dot adds the products of each
+output element in k order whatever the tile; tensor-core dots add k16 (k8) slices in k order.
+"""
+
+import contextlib
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe_kernel(ptr):
+    pass
+
+
+# ``triton.jit`` returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton was
+# imported: the only reliable sign (across Triton versions) that kernels run on the host.
+INTERPRET = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
+
+CPU_WITHOUT_INTERPRETER = (
+    "the Triton backend got CPU tensors, but Triton runs on CPU tensors only through its interpreter, "
+    "which is off: set the environment variable TRITON_INTERPRET=1 before anything imports triton "
+    "(slow; meant for tests), move the tensors to a CUDA device, or use backend='torch'"
+)
+
+# Stand-in for the multiprocessor count under the interpreter, so that the small-d paths are taken
+# (and tested) at small d there too.
+INTERPRETER_MULTIPROCESSORS = 2
+
+
+def check_device(*tensors):
+    """Raise a clear error for CPU tensors when the interpreter is off (compiled Triton needs a GPU)."""
+    for t in tensors:
+        if t.device.type == "cpu" and not INTERPRET:
+            raise RuntimeError(CPU_WITHOUT_INTERPRETER)
+
+
+def device_guard(tensor):
+    """Make ``tensor``'s GPU the current device while launching: Triton launches on the *current* device
+    and stream, so tensors on ``cuda:1`` with ``cuda:0`` current would be read from the wrong device."""
+    if INTERPRET or tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
+def multiprocessors(device):
+    """Streaming multiprocessors of ``device`` (the interpreter's stand-in on CPU)."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch through ``torch.library.wrap_triton`` so a ``triton_op`` caller is traceable by
+    ``torch.compile``; interpreted kernels are launched directly (older torch's wrap_triton rejects them)."""
+    if _wrap_triton is not None and not INTERPRET:
+        kernel = _wrap_triton(kernel)
+    kernel[grid](*args, **kwargs)
+
+
+def autotuning():
+    """Autotune on the GPU unless ``DRES_TRITON_AUTOTUNE=0`` (then one fixed config: quick GPU tests).
+    Never under the interpreter, where a fixed small config keeps CI fast."""
+    return not INTERPRET and os.environ.get("DRES_TRITON_AUTOTUNE", "1") != "0"
+
+
+def autotune(kernel, configs, key):
+    """``triton.autotune`` with the timings cached on disk where Triton supports it (``cache_results``:
+    Triton >= 3.3), so a new process does not benchmark the configs again. None under the interpreter."""
+    if INTERPRET:
+        return None
+    extra = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        extra["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **extra)(kernel)
+
+
+def config_dict(config):
+    """A ``triton.Config`` as the keyword arguments of a direct launch."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def bucket(n, low=16, high=1 << 20):
+    """Autotuning key of a size: the next power of two, clamped to [low, high], so nearby batch sizes
+    and widths share one tuning run."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), low), high)
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_mode(dtype):
+    """How the data dot runs for inputs of ``dtype`` (see the module docstring).
+
+    ``DRES_TRITON_FP32_DOT=tf32x3`` opts fp32 inputs into split-precision tensor cores (for measurement)."""
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "split3"
+    mode = os.environ.get("DRES_TRITON_FP32_DOT", "ieee")
+    if mode not in ("ieee", "tf32x3"):
+        raise ValueError(f"DRES_TRITON_FP32_DOT must be 'ieee' or 'tf32x3', got {mode!r}")
+    return mode
+
+
+@triton.jit
+def acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """A zero accumulator tile in the compute dtype: float64 for float64 inputs, else float32."""
+    if DOT_MODE == "fp64":
+        return tl.zeros((ROWS, COLS), dtype=tl.float64)
+    else:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
+    """``acc + w @ x`` with ``w`` in the compute dtype (fp32/fp64) and ``x`` in the data dtype."""
+    if DOT_MODE == "ieee":
+        acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="ieee")
+    elif DOT_MODE == "tf32x3":
+        acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="tf32x3")
+    elif DOT_MODE == "split3":
+        # W = W1 + W2 + W3 in x's dtype; x is exact in its dtype, so each half-precision product is exact
+        # in fp32. Smallest part first so the large terms are added to an accumulator that already holds
+        # the small ones. W2 and W3 are rebuilt from W when needed, so at most two parts are live.
+        w1 = w.to(x.dtype)
+        rest = w - w1.to(tl.float32)
+        w2 = rest.to(x.dtype)
+        acc = tl.dot((rest - w2.to(tl.float32)).to(x.dtype), x, acc=acc)
+        acc = tl.dot(w2, x, acc=acc)
+        acc = tl.dot(w1, x, acc=acc)
+    else:  # "fp64"
+        # out_dtype must be named: Triton 3.6 defaults it to fp32 and rejects the fp64 accumulator
+        acc = tl.dot(w, x.to(tl.float64), acc=acc, out_dtype=tl.float64)
+    return acc

@@ -1,0 +1,289 @@
+"""The Triton kernels' launch paths: small-d row split, resident and row-split reconstruction, autotune keys.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), where the
+multiprocessor count is a stand-in (``_common.INTERPRETER_MULTIPROCESSORS``) and the tiles are 32 wide,
+so the path choice of a GPU at d ~ 10 .. 4000 happens here at d ~ 1 .. 100. Each path is also forced
+(monkeypatched ``choose_path``) on the same inputs, so both are checked at every shape. References are
+float64 computations of the same rounded inputs; fp32 must be within twice the torch fp32 error.
+"""
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_kernels():
+    try:
+        import dres_fast.kernels as k
+        return k
+    except ImportError:
+        pass
+    if "dres_fast.kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "dres_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["dres_fast.kernels"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["dres_fast.kernels"]
+
+
+K_MOD = _load_kernels()
+SM = sys.modules["dres_fast.kernels.spline_mix"]
+RL = sys.modules["dres_fast.kernels.reconstruction_loss"]
+COMMON = sys.modules["dres_fast.kernels._common"]
+DEVICE = "cpu" if K_MOD.INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(not K_MOD.is_available(DEVICE)[0], reason=K_MOD.is_available(DEVICE)[1])
+FP32_FLOOR = 8 * 2.0 ** -24
+
+
+def make(shape, dtype=torch.float32, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    if noncontiguous:  # transposed storage, every second column: no unit stride at all
+        t = torch.randn(2 * cols, rows, generator=g, dtype=torch.float64).t()[:, ::2]
+    else:
+        t = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return t.to(device=DEVICE, dtype=dtype)
+
+
+def make_decoder(rows, cols, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols ** 0.5
+    return (w - w.mean(dim=1, keepdim=True) + 1.0 / cols).to(device=DEVICE, dtype=torch.float32)
+
+
+def rel_err(got, ref):
+    ref = ref.double()
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(got, torch_got, ref, dtype, what):
+    """fp32: at most twice torch fp32's error against float64 (+ a few ulps); halves: a few half ulps."""
+    assert got.shape == ref.shape, what
+    if dtype == torch.float32:
+        ours, theirs = rel_err(got, ref), rel_err(torch_got, ref)
+        assert ours <= 2 * theirs + FP32_FLOOR, f"{what}: rel err {ours:.3e} > 2 x torch {theirs:.3e}"
+    else:
+        ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+        assert rel_err(got, ref) <= 2 * ulp, f"{what}: rel err {rel_err(got, ref):.3e}"
+
+
+def reference(y, y_coded, decoder, reduction):
+    """float64 and torch-fp32 loss and gradients (unit incoming gradient) of the same rounded inputs."""
+    out = {}
+    for name, dt in (("f64", torch.float64), ("f32", torch.float32)):
+        r = y.to(dt) - decoder.to(dt) @ y_coded.to(dt)
+        per_sample = (r * r).sum(dim=1)
+        loss = {"mean": per_sample.sum() / r.numel(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+        c = 2.0 / r.numel() if reduction == "mean" else 2.0
+        out[name] = (loss, c * r, -decoder.to(dt).t() @ (c * r))
+    return out["f64"], out["f32"]
+
+
+def force_path(monkeypatch, path):
+    monkeypatch.setattr(RL, "choose_path", lambda N, d, device, mode="ieee": path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Path choice
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_path_choice_follows_d_and_n():
+    device = torch.device(DEVICE)
+    sms = COMMON.multiprocessors(device)
+    block_d = RL.resident_block_d(RL.resident_block_n(256))
+    assert RL.choose_path(256, 7, device) == "rows"          # logits: one column tile would run alone
+    assert RL.choose_path(256, (2 * sms - 1) * block_d, device) == "rows"
+    assert RL.choose_path(256, (2 * sms - 1) * block_d + 1, device) == "resident"
+    assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 1 << 20, device) == "rows"  # y_coded does not fit on-chip
+
+
+def test_autotune_keys_are_bucketed_powers_of_two():
+    assert [COMMON.bucket(n) for n in (1, 7, 16, 17, 200, 256, 257)] == [16, 16, 16, 32, 256, 256, 512]
+    assert COMMON.bucket(3 << 20) == 1 << 20 and COMMON.bucket(5, low=256) == 256
+    for configs in (SM.configs_for("ieee"), SM.configs_for("fp64"), RL._RECON_CONFIGS, RL._RECON_ROWS_CONFIGS):
+        assert 1 <= len(configs) <= 4
+    # the summation order is fixed by the launcher, never by a config
+    for config in SM.configs_for("ieee") + SM.configs_for("fp64"):
+        assert "BLOCK_K" not in config.kwargs
+    for config in RL._RECON_CONFIGS + RL._RECON_ROWS_CONFIGS:
+        assert set(config.kwargs) == {"BLOCK_K"}  # the row tile only: BLOCK_N and BLOCK_D are the launcher's
+
+
+# ----------------------------------------------------------------------------------------------------
+# spline_mix at small d: the batch rows are split over programs
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,d,noncontiguous", [(3, 2, 1, False), (37, 41, 7, False), (70, 33, 13, True),
+                                                 (100, 64, 10, False), (5, 97, 3, True)])
+def test_spline_mix_small_d(M, K, d, noncontiguous, dtype):
+    weights = make_decoder(M, K)
+    x = make((K, d), dtype, seed=2, noncontiguous=noncontiguous)
+    out = K_MOD.spline_mix(weights, x)
+    ref = weights.double() @ x.double()
+    check(out, weights @ x.float(), ref, dtype, f"spline_mix M={M} K={K} d={d}")
+    # backward's layout: the transposed weights as a view
+    grad_x = K_MOD.spline_mix(weights.t(), out.float().to(dtype))
+    check(grad_x, weights.t() @ out.float(), weights.double().t() @ out.double(), dtype, "spline_mix W^T")
+
+
+# ----------------------------------------------------------------------------------------------------
+# reconstruction_loss: both paths, every reduction, gradients
+# ----------------------------------------------------------------------------------------------------
+
+# primes, below one tile (3 x 5 x 1), several row tiles (70 > 2 x 32), N > N_RESIDENT_MAX, d at the
+# path boundary of the interpreter (d = 96: three 32-wide column tiles) and above it
+RECON_SHAPES = [(3, 5, 1), (37, 41, 7), (70, 23, 13), (17, 300, 5), (29, 31, 96), (41, 19, 131)]
+
+
+@pytest.mark.parametrize("path", ["rows", "resident"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("K,N,d", RECON_SHAPES)
+def test_reconstruction_paths_fp32(K, N, d, reduction, path, monkeypatch):
+    if path == "resident" and N > RL.N_RESIDENT_MAX:
+        pytest.skip("N > N_RESIDENT_MAX always takes the rows path")
+    force_path(monkeypatch, path)
+    decoder = make_decoder(K, N)
+    y, y_coded = make((K, d), seed=3), make((N, d), seed=4, noncontiguous=(d % 2 == 1))
+    loss, grad_y, grad_yc = K_MOD.reconstruction_loss(y, y_coded, decoder, reduction, True)
+    ref, torch32 = reference(y, y_coded, decoder, reduction)
+    check(loss, torch32[0], ref[0], torch.float32, f"{path} loss")
+    check(grad_y, torch32[1], ref[1], torch.float32, f"{path} grad_y")
+    if reduction == "none":
+        assert grad_yc.numel() == 0
+    else:
+        check(grad_yc, torch32[2], ref[2], torch.float32, f"{path} grad_y_coded")
+    # without gradients: the same loss bits, no gradient tensors
+    loss_only, gy, gyc = K_MOD.reconstruction_loss(y, y_coded, decoder, reduction, False)
+    assert torch.equal(loss_only, loss) and gy.numel() == 0 and gyc.numel() == 0
+
+
+@pytest.mark.parametrize("path", ["rows", "resident"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N,d", [(37, 41, 7), (20, 9, 70)])
+def test_reconstruction_paths_half(K, N, d, dtype, path, monkeypatch):
+    if dtype == torch.bfloat16 and K_MOD.INTERPRET:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    force_path(monkeypatch, path)
+    decoder = make_decoder(K, N)
+    y, y_coded = make((K, d), dtype, seed=5), make((N, d), dtype, seed=6)
+    loss, grad_y, grad_yc = K_MOD.reconstruction_loss(y, y_coded, decoder, "sum", True)
+    ref, torch32 = reference(y, y_coded, decoder, "sum")
+    assert grad_y.dtype == dtype and grad_yc.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=0)
+    check(grad_y, None, ref[1], dtype, f"{path} grad_y")
+    check(grad_yc, None, ref[2], dtype, f"{path} grad_y_coded")
+
+
+@pytest.mark.parametrize("K,N,d", [(37, 41, 7), (17, 300, 5), (41, 19, 131)])
+def test_reconstruction_paths_agree_and_repeat_bitwise(K, N, d, monkeypatch):
+    decoder = make_decoder(K, N)
+    y, y_coded = make((K, d), seed=7), make((N, d), seed=8)
+    first = K_MOD.reconstruction_loss(y, y_coded, decoder, "mean", True)
+    again = K_MOD.reconstruction_loss(y, y_coded, decoder, "mean", True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # no atomics: the same inputs give the same bits
+    if N <= RL.N_RESIDENT_MAX:
+        other = "resident" if RL.choose_path(N, d, y.device) == "rows" else "rows"
+        force_path(monkeypatch, other)
+        for a, b in zip(first, K_MOD.reconstruction_loss(y, y_coded, decoder, "mean", True)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("K,N,d", [(37, 41, 7), (23, 300, 3), (31, 17, 131)])
+def test_non_unit_incoming_gradient_through_ops(K, N, d, reduction):
+    ops = pytest.importorskip("dres_fast.ops")
+    decoder = make_decoder(K, N)
+    y, y_coded = make((K, d), seed=9), make((N, d), seed=10)
+    grad = (torch.linspace(-1.0, 2.0, K, device=DEVICE) if reduction == "none"
+            else torch.tensor(0.37, device=DEVICE))
+    results = {}
+    for backend in ("triton", "torch"):
+        ly, lyc = y.clone().requires_grad_(), y_coded.clone().requires_grad_()
+        loss = ops.reconstruction_loss(ly, lyc, decoder, reduction, backend=backend)
+        loss.backward(grad)
+        results[backend] = (loss.detach(), ly.grad, lyc.grad)
+    y64, yc64 = y.double().requires_grad_(), y_coded.double().requires_grad_()
+    r = y64 - decoder.double() @ yc64
+    per_sample = (r * r).sum(dim=1)
+    ref_loss = {"mean": per_sample.sum() / r.numel(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    ref_loss.backward(grad.double())
+    for got, torch_got, ref, what in zip(results["triton"], results["torch"], (ref_loss, y64.grad, yc64.grad),
+                                         ("loss", "grad_y", "grad_y_coded")):
+        check(got, torch_got, ref.detach(), torch.float32, f"ops {reduction} {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only: every config of every path gives the same bits (configs never change a summation order)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(K_MOD.INTERPRET, reason="configs apply to compiled kernels only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_config_gives_the_same_bits(dtype, monkeypatch):
+    monkeypatch.setenv("DRES_TRITON_AUTOTUNE", "0")
+    weights = make_decoder(256, 256)
+    x = make((256, 3000), dtype, seed=11)
+    outs = []
+    for config in SM._SPLINE_MIX_CONFIGS:
+        monkeypatch.setattr(SM, "FIXED_GPU_SPLINE_MIX_CONFIG", COMMON.config_dict(config))
+        outs.append(K_MOD.spline_mix(weights, x))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    y, y_coded = make((256, 40000), dtype, seed=12), make((256, 40000), dtype, seed=13)
+    for path, name, configs in (("resident", "FIXED_GPU_RECON_CONFIG", RL._RECON_CONFIGS),
+                                ("rows", "FIXED_GPU_RECON_ROWS_CONFIG", RL._RECON_ROWS_CONFIGS)):
+        force_path(monkeypatch, path)
+        results = []
+        for config in configs:
+            monkeypatch.setattr(RL, name, COMMON.config_dict(config))
+            results.append(K_MOD.reconstruction_loss(y, y_coded, weights, "mean", True))
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], other)), path
+        ref, torch32 = reference(y, y_coded, weights, "mean")
+        if dtype == torch.float32:
+            for got, t32, r, what in zip(results[0], torch32, ref, ("loss", "grad_y", "grad_y_coded")):
+                check(got, t32, r, dtype, f"{path} {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# .ci/compile_cuda.sh fails on register spills (ptxas -v)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_compile_script_reports_spills(tmp_path):
+    # at most 32 registers per thread (1024 threads, 2 blocks per SM) while 96 values are live at once
+    (tmp_path / "spilling.cu").write_text(r"""
+__global__ void __launch_bounds__(1024, 2) spilling(const float* in, float* out, int n) {
+  float v[96];
+#pragma unroll
+  for (int i = 0; i < 96; ++i) v[i] = in[i * n + threadIdx.x];
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 96; ++i) s += v[i];
+#pragma unroll
+  for (int i = 0; i < 96; ++i) out[i * n + threadIdx.x] = v[i] * s;
+}
+""")
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "compile_cuda.sh")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "CUDA_ARCHS": "90", "CSRC_DIR": str(tmp_path)}, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert result.stdout.startswith("SPILL") and "spill stores" in result.stdout, result.stdout

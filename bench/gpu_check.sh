@@ -16,6 +16,7 @@
 #   dots     fp32 dot modes (ieee vs tf32x3): error against float64 relative to torch's own fp32 error,
 #            and time; the fp16/bf16 split dots
 #   kernels  python -m bench.kernels --device cuda: every backend and torch.compile against measured floors
+#   sweep    python -m bench.kernels --device cuda --sweep: d = 10 .. 2^20 at K = N = 256 (the small-d cliffs)
 #   steps    python -m bench --device cuda --skip-kernels: training steps (ResNet-18 and the small models)
 # Each step has its own cap, cut to what is left of the budget, so one slow step cannot eat the rest; a step
 # that runs out of time gets SIGINT first (pytest still prints its summary). Logs, per-step JSON and
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 # The device tool returns at most 8 files from $OUT: logs go to a scratch folder, packed into one archive there.
 if [ -n "${OUT:-}" ]; then LOG_DIR=$(mktemp -d); else LOG_DIR=bench/out/gpu_check; fi
 mkdir -p "$LOG_DIR"
-STEPS="${STEPS:-deps install build cpp tests dots kernels steps}"
+STEPS="${STEPS:-deps install build cpp tests dots kernels sweep steps}"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-480}"
 KERNELS_MODE="${KERNELS_MODE:-full}"
@@ -128,18 +129,23 @@ export LOG_DIR; export -f step_tests
 run_step tests 200 bash -c step_tests
 run_step dots 90 "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"
 run_step kernels 150 "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --out "$LOG_DIR/kernels.json"
+run_step sweep 120 "$PY" -m bench.kernels --device cuda --sweep --out "$LOG_DIR/sweep.json"
 run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"
 
 ( IFS=,; echo "{\"gpu\": \"$(head -n 1 "$LOG_DIR/gpu.txt" | sed 's/"/\\"/g')\", \"budget_s\": $BUDGET, \"steps\": [${JSON_ROWS[*]}]}" ) \
     > "$LOG_DIR/gpu_check.json"
 if [ -n "${OUT:-}" ]; then
     tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$LOG_DIR" .
-    for f in gpu_check.json kernels.json dots.json; do [ -f "$LOG_DIR/$f" ] && cp "$LOG_DIR/$f" "$OUT/"; done
+    for f in gpu_check.json kernels.json sweep.json dots.json; do [ -f "$LOG_DIR/$f" ] && cp "$LOG_DIR/$f" "$OUT/"; done
 fi
 echo
-if [ -f "$LOG_DIR/kernels.log" ]; then grep -E "^(op |-----|spline_mix|reconstruction_loss|    error|measured)" "$LOG_DIR/kernels.log" | cut -c1-120; echo; fi
+for f in kernels sweep; do [ -f "$LOG_DIR/$f.log" ] && grep -E "^(op |-----|spline_mix|reconstruction_loss|    error|measured)" "$LOG_DIR/$f.log" | cut -c1-120; echo; done
+if [ -f "$LOG_DIR/cpp.log" ]; then echo "cpp:"; cat "$LOG_DIR/cpp.log" | cut -c1-300; echo; fi
 if [ -f "$LOG_DIR/dots.log" ]; then echo "dot modes:"; grep -A12 "^case" "$LOG_DIR/dots.log" | head -n 12; echo; fi
-if [ -f "$LOG_DIR/tests.log" ]; then echo "tests: $(grep -E '(passed|failed|error)' "$LOG_DIR/tests.log" | tail -n 1)"; fi
+if [ -f "$LOG_DIR/tests.log" ]; then
+    grep -E "^(FAILED|ERROR)" "$LOG_DIR/tests.log" | head -n 40 | cut -c1-220
+    echo "tests: $(grep -E '(passed|failed|error)' "$LOG_DIR/tests.log" | tail -n 1)"
+fi
 echo "=== gpu_check summary: $(head -n 1 "$LOG_DIR/gpu.txt")"
 printf '%-8s %-8s %6s\n' step status time
 for line in "${SUMMARY[@]}"; do echo "$line"; done | tee "$LOG_DIR/summary.txt"

@@ -9,6 +9,7 @@ Environment variables (as torchvision's ``FORCE_CUDA``):
   FORCE_CUDA=1      build it even when the CUDA toolkit or a CUDA-enabled torch is not detected
                     (e.g. a build container without a GPU); the build then fails loudly if the
                     toolkit really is missing.
+  DRES_CXX=path     the host C++ compiler for the binding (default: see ``host_compiler``).
 Otherwise the extension is built when torch is a CUDA build and torch finds a CUDA toolkit (nvcc).
 A GPU is not needed at build time; without TORCH_CUDA_ARCH_LIST and without a visible GPU the
 extension is built for sm_80 and sm_90 (torch's own list can name architectures that a newer nvcc
@@ -48,6 +49,30 @@ def csrc_sources(relative: bool = True) -> list[str]:
     return [os.path.relpath(p, root) if relative else p for p in found]
 
 
+# The system compiler builds against the C++ runtime that the Python process loads at run time. On the
+# first GPU machine (H200, 2026-11-26) the default `c++` was a wrapper in /opt/gcc: a torch op built with
+# it crashed (SIGSEGV) whenever it raised a C++ error (TORCH_CHECK), while the same op built with
+# /usr/bin/g++ raised a RuntimeError as it should (bench/cpp_throw_probe.py shows this per machine).
+SYSTEM_CXX = "/usr/bin/g++"
+
+
+def host_compiler() -> str | None:
+    """The C++ compiler for the extension: ``DRES_CXX``, else ``CXX`` when set, else the system g++ when
+    there is one, else ``None`` (torch's default, ``c++`` on PATH)."""
+    for variable in ("DRES_CXX", "CXX"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return SYSTEM_CXX if os.path.exists(SYSTEM_CXX) else None
+
+
+def use_host_compiler() -> str | None:
+    """Set ``CXX`` (read by torch's extension builders) to :func:`host_compiler`; returns it."""
+    compiler = host_compiler()
+    if compiler:
+        os.environ["CXX"] = compiler
+    return compiler
+
+
 def cuda_build_decision() -> tuple[bool, str]:
     """(build the extension?, why) from the environment, torch and the CUDA toolkit."""
     if _flag("DRES_SKIP_CUDA"):
@@ -79,6 +104,7 @@ def cuda_extensions() -> list:
 
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    use_host_compiler()
     try:
         extension = CUDAExtension(
             name=EXTENSION_NAME,

@@ -68,11 +68,21 @@ N_RESIDENT_MAX = 256
 
 
 @triton.jit
+def scaled(r, scale_hi, scale_lo, DOT_MODE: tl.constexpr):
+    """``c r``. Triton passes Python floats as fp32 scalars, so ``c = 2 / (K d)`` arrives rounded to 24 bits;
+    for float64 data it is passed as hi + lo (48 bits), for the others hi alone is exact enough."""
+    if DOT_MODE == "fp64":
+        return r * scale_hi + r * scale_lo
+    else:
+        return r * scale_hi
+
+
+@triton.jit
 def _reconstruction_loss_kernel(
     y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
     K, N, D,
     stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
-    grad_scale,
+    grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
     K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_YC: tl.constexpr,
@@ -106,7 +116,7 @@ def _reconstruction_loss_kernel(
         tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
 
         if WRITE_GRAD_Y:
-            grad_r = r * grad_scale
+            grad_r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
             tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
                      grad_r.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
             if WRITE_GRAD_YC:
@@ -123,7 +133,7 @@ def _reconstruction_rows_kernel(
     y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_r_ptr, partial_ptr,
     K, N, D,
     stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
-    grad_scale,
+    grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
     K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_R: tl.constexpr, DOT_MODE: tl.constexpr,
@@ -158,7 +168,7 @@ def _reconstruction_rows_kernel(
     # row k of column tile pid_d: written by exactly one program, summed later in a fixed order
     tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
     if WRITE_GRAD_Y:
-        grad = r * grad_scale
+        grad = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
         out_offsets = ks[:, None].to(tl.int64) * D + cols[None, :]
         tl.store(grad_y_ptr + out_offsets, grad.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
         if WRITE_GRAD_R:
@@ -270,6 +280,8 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     decoder = decoder.to(acc_dtype)
     write_grad_y = bool(compute_grads)
     grad_scale = 2.0 / (K * d) if reduction == "mean" else 2.0
+    grad_scale_hi = float(torch.tensor(grad_scale, dtype=torch.float32))
+    grad_scale_lo = grad_scale - grad_scale_hi  # what fp32 rounding drops; fp32 again when passed
     want_grad_yc = write_grad_y and reduction != "none"
 
     mode = dot_mode(y.dtype)
@@ -297,14 +309,15 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
                    decoder.stride(0), decoder.stride(1))
         with device_guard(y):
             if path == "resident":
-                args = (y, y_coded, decoder, grad_y, grad_yc, partials, K, N, d, *strides, grad_scale, *keys)
+                args = (y, y_coded, decoder, grad_y, grad_yc, partials, K, N, d, *strides,
+                        grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
                             WRITE_GRAD_YC=want_grad_yc, DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode))
                 _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel, FIXED_GPU_RECON_CONFIG,
                               (num_col_tiles,), lambda meta_: (num_col_tiles,), args, meta)
             else:
                 args = (y, y_coded, decoder, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
-                        *strides, grad_scale, *keys)
+                        *strides, grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
                             WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode)
                 fixed = (INTERPRET and {"BLOCK_K": INTERPRETER_RECON_TILE["BLOCK_K"]}) or FIXED_GPU_RECON_ROWS_CONFIG

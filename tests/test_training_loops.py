@@ -71,12 +71,14 @@ def test_dres_loss_bad_batch_dim(batch_dim, err, match):
 
 @pytest.mark.parametrize("backend", [b for b in dres_fast.ops.available_backends() if b != "torch"])
 def test_other_backends_with_batch_dim_match_torch(backend):
-    fn = PerPosition()
-    x = torch.randn(5, 9, 3, requires_grad=True)  # samples along dim 1: a strided view for the ops
+    # compiled Triton and the CUDA backend run on a GPU; on CPU, Triton runs in its interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = PerPosition().to(device)
+    x = torch.randn(5, 9, 3, device=device, requires_grad=True)  # samples along dim 1: a strided view for the ops
     losses, grads = [], []
     for name in ("torch", backend):
         loss = dres_fast.dres_loss(fn, x, batch_dim=1, num_coded=7, reduction="none", backend=name)
-        (grad,) = torch.autograd.grad(loss, x, torch.linspace(0.5, 2.0, 9))
+        (grad,) = torch.autograd.grad(loss, x, torch.linspace(0.5, 2.0, 9, device=device))
         losses.append(loss)
         grads.append(grad)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ order, then registers their autograd (:func:`dres_fast.ops.registry.register_aut
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -24,7 +25,7 @@ import shutil
 import threading
 import traceback
 
-from .._build_support import kernel_sources
+from .._build_support import host_compiler, kernel_sources
 from ..contract import FLOAT_DTYPES, REDUCTIONS
 from . import BackendUnavailableError
 
@@ -59,13 +60,15 @@ def source_files() -> list[str]:
 
 
 def cache_dir() -> str:
-    """Build directory of the first-use build; one per torch and CUDA version."""
+    """Build directory of the first-use build; one per torch version, CUDA version and host compiler
+    (a build made with another compiler is never reused: see ``_build_support.host_compiler``)."""
     import torch
 
     root = os.environ.get("DRES_FAST_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "dres_fast"
     )
-    tag = f"{torch.__version__}-cu{torch.version.cuda or 'none'}"
+    compiler = host_compiler() or "c++"
+    tag = f"{torch.__version__}-cu{torch.version.cuda or 'none'}-{compiler.strip(os.sep)}"
     return os.path.join(root, tag.replace(os.sep, "_"), "cuda_ext")
 
 
@@ -221,17 +224,18 @@ def _load_extension(verbose: bool) -> None:
         try:
             from torch.utils.cpp_extension import load as jit_load
 
-            jit_load(
-                name=JIT_NAME,
-                sources=source_files(),
-                extra_include_paths=[source_dir()],
-                # IEEE arithmetic: no --use_fast_math (the loss is sensitive to rounding).
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "-lineinfo"],
-                build_directory=build_dir,
-                is_python_module=False,
-                verbose=verbose,
-            )
+            with _compiler_env():
+                jit_load(
+                    name=JIT_NAME,
+                    sources=source_files(),
+                    extra_include_paths=[source_dir()],
+                    # IEEE arithmetic: no --use_fast_math (the loss is sensitive to rounding).
+                    extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-lineinfo"],
+                    build_directory=build_dir,
+                    is_python_module=False,
+                    verbose=verbose,
+                )
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
             with open(log_path, "w") as log:
                 log.write(f"{exc}\n\n{traceback.format_exc()}")
@@ -246,6 +250,21 @@ def _load_extension(verbose: bool) -> None:
         _loaded_from = build_dir
         if verbose:
             print(f"dres_fast: CUDA backend built/loaded from {build_dir}")
+
+
+@contextlib.contextmanager
+def _compiler_env():
+    """``CXX`` set to the chosen host compiler for the duration of the build only."""
+    compiler, previous = host_compiler(), os.environ.get("CXX")
+    if compiler:
+        os.environ["CXX"] = compiler
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = previous
 
 
 def _ops():

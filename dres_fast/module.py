@@ -33,11 +33,9 @@ class DReSLoss(nn.Module):
 
     ``loss = DReSLoss(num_coded=64)(model.encoder, x, y=features)``
 
-    ``every=k`` (lazy DReS): each call is a step; the coded branch runs on steps 0, k, 2k, ...
-    (counted by :attr:`step_count`) and its loss is multiplied by ``k``, so its average strength is
-    unchanged; the other calls return a zero tensor without calling ``fn``. A ``k``-th of the
-    extra cost per step, in exchange for a penalty that is seen in bursts (as lazy R1 in StyleGAN2).
-    ``order`` and ``anchor``: see :func:`dres_fast.dres_loss`.
+    ``every=k`` (lazy DReS, as lazy R1 in StyleGAN2): each call is a step; the coded branch runs on
+    steps 0, k, 2k, ... (counted by :attr:`step_count`) with its loss multiplied by ``k``; the other
+    calls return a zero tensor without calling ``fn``. ``order``, ``anchor``: :func:`dres_fast.dres_loss`.
     """
 
     def __init__(
@@ -66,15 +64,16 @@ class DReSLoss(nn.Module):
         self.options = dict(**self.spec.options(), reduction=reduction, return_decoded=return_decoded,
                             backend=backend, batch_dim=check_batch_dim(batch_dim), order=check_order(order),
                             anchor=check_anchor(anchor))
-        #: steps (calls) counted so far; the next call runs the coded branch when ``step_count % every == 0``
+        #: calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``
         self.step_count = 0
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        if self.every == 1:  # no counter: a changing int would recompile a torch.compile'd step
+            return dres_loss(fn, x, y=y, **self.options)
         step, self.step_count = self.step_count, self.step_count + 1
         if step % self.every != 0:
             return skipped_step_loss(x, self.options["batch_dim"], self.options["reduction"])
-        loss = dres_loss(fn, x, y=y, **self.options)
-        return loss * self.every if self.every > 1 else loss
+        return dres_loss(fn, x, y=y, **self.options) * self.every
 
     def extra_repr(self) -> str:
         options = dict(self.options, every=self.every)
@@ -130,15 +129,12 @@ class SubmoduleDReS:
     Options beyond the paper (README "Options beyond the paper"):
 
     * ``every=k``: lazy DReS. A step is a ``with`` block, or (after :meth:`attach`) a forward of the
-      model with gradients enabled and the model in training mode; the coded branch runs on steps
-      0, k, 2k, ... (:attr:`step_count` counts them) and its loss is multiplied by ``k``. On the
-      other steps ``reg.loss`` is a zero tensor and the submodule runs exactly as without DReS.
-    * ``order="principal"``: the coded samples are built from the batch sorted along its leading
-      principal direction, so the loss does not depend on the batch's order (the real batch still
-      flows through the model in its own order).
-    * ``anchor="reconstructed"``: compare ``D f(E x)`` with ``f(D E x)`` instead of ``f(x)``: zero
-      for every affine submodule. The submodule then also runs on the ``K`` samples ``D E x``
-      (``"concat"``: one call on ``K + N + K`` samples).
+      model with gradients enabled in training mode; the coded branch runs on steps 0, k, 2k, ...
+      (:attr:`step_count`) with its loss multiplied by ``k``; on the others ``reg.loss`` is zero.
+    * ``order="principal"``: the coded samples come from the batch sorted along its leading principal
+      direction, so the loss does not depend on the batch's order (the real batch keeps its order).
+    * ``anchor="reconstructed"``: compare ``D f(E x)`` with ``f(D E x)``, not ``f(x)``: zero for an
+      affine submodule; the submodule also runs on ``D E x`` (concat: one call on ``K + N + K``).
     """
 
     MODES = ("concat", "separate")
@@ -215,6 +211,8 @@ class SubmoduleDReS:
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
+        if record_per_forward and self.every > 1:  # imports torch._dynamo: only when needed
+            self._count_step = torch.compiler.disable(self._begin_forward_step)
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
         if record_per_forward:  # registered first: it runs before the others when submodule == model
             self._handles.append(self.model.register_forward_pre_hook(BoundHook(self, "_start_record")))
@@ -236,8 +234,14 @@ class SubmoduleDReS:
         return self._install(record_per_forward=False)
 
     def _begin_step(self) -> None:
-        self._coded_step = self.step_count % self.every == 0
-        self.step_count += 1
+        if self.every > 1:  # every=1 counts nothing: an int that changes would recompile a compiled model
+            self._coded_step = self.step_count % self.every == 0
+            self.step_count += 1
+
+    def _begin_forward_step(self) -> None:
+        # wrapped in torch.compiler.disable by attach: a graph break beats a recompile per counter value
+        if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
+            self._begin_step()
 
     def __exit__(self, *exc) -> None:
         self.detach()
@@ -298,11 +302,9 @@ class SubmoduleDReS:
         return spec
 
     def _coding(self, batch: torch.Tensor, args, kwargs):
-        """The coded inputs of one call: ``(K, N, spec, sort, branches, arguments)``. ``branches(v)``
-        maps a per-sample tensor to its coded branches, ``[E v]`` or, with ``anchor="reconstructed"``,
-        ``[E v, D E v]`` (``v`` sorted first with ``order="principal"``); ``arguments(pick)`` gives the
-        submodule's arguments with each per-sample extra argument replaced by ``pick(v, branches(v))``
-        (per ``extra_args``)."""
+        """``(K, N, spec, sort, branches, arguments)`` of one call. ``branches(v)``: ``[E v]``, or ``[E v,
+        D E v]`` (anchor="reconstructed"), of ``v`` sorted by ``sort``; ``arguments(pick)``: the submodule's
+        arguments, each per-sample extra one ``v`` replaced by ``pick(v, branches(v))`` (``extra_args``)."""
         axis = batch_axis(self.batch_dim, batch)
         num_samples, num_coded = self.spec.sizes(batch.shape[axis])
         spec = self._spec_for(num_samples, num_coded)
@@ -318,10 +320,8 @@ class SubmoduleDReS:
             return [branch.movedim(0, value_axis) for branch in out]
 
         def arguments(pick):
-            return rewrite_extra_args(
-                args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
-                transform=lambda value: pick(value, branches(value)), owner=f"SubmoduleDReS({self.name!r})",
-            )
+            return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
+                                      transform=lambda value: pick(value, branches(value)), owner=f"SubmoduleDReS({self.name!r})")
 
         return num_samples, num_coded, spec, sort, branches, arguments
 
@@ -329,8 +329,8 @@ class SubmoduleDReS:
     def _start_record(self, module, args):
         if not self._inside:  # the coded branch re-enters the model when the submodule is the model
             self.reset()
-            if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
-                self._begin_step()
+            if self.every > 1:
+                self._count_step()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:

@@ -327,3 +327,38 @@ def test_bad_options_name_the_argument(kwargs, err, match):
             dres_loss(model, torch.randn(5, 5, dtype=torch.float64), **kwargs)
     with pytest.raises(ValueError, match="return_decoded"):
         DReSLoss(every=2, return_decoded=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_submodule_every_on_a_compiled_model_compiles_twice_at_most(mode):
+    """The step counter is counted outside the graph: one graph for coded steps, one for plain ones,
+    not a recompile per counter value."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    reg = SubmoduleDReS(model, "2", mode=mode, every=4, order="principal").attach()
+    compiled = torch.compile(model, backend="aot_eager")
+    coded = []
+    for _ in range(9):
+        out = compiled(torch.randn(32, 5))
+        (out.sum() + reg.loss).backward()
+        coded.append(reg.loss.item() != 0)
+    reg.detach()
+    assert coded == [step % 4 == 0 for step in range(9)] and reg.step_count == 9
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
+
+
+def test_every_one_counts_nothing():
+    """every=1 keeps no counter (a changing int would recompile a compiled step)."""
+    net = _mlp()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    module = DReSLoss()
+    module(net, x)
+    reg = SubmoduleDReS(net, "2")
+    with reg:
+        net(x)
+    assert module.step_count == 0 and reg.step_count == 0

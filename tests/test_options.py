@@ -362,3 +362,36 @@ def test_every_one_counts_nothing():
     with reg:
         net(x)
     assert module.step_count == 0 and reg.step_count == 0
+
+
+def _other_backends():
+    return [b for b in dres_fast.ops.available_backends() if b != "torch"] or [
+        pytest.param("triton", marks=pytest.mark.skip(reason="no backend besides torch available"))]
+
+
+@pytest.mark.parametrize("backend", _other_backends())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_options_on_other_backends_match_torch(backend, reduction):
+    """Non-contiguous float32 input (a transposed view), principal order, reconstructed anchor,
+    decoded output, non-unit incoming gradient: every backend against the torch backend."""
+    net = _mlp(torch.float32)
+    x = _elongated_batch(K=11, d=5, dtype=torch.float32).t().contiguous().t()  # (11, 5), strides (1, 11)
+    assert not x.is_contiguous()
+    results = {}
+    for name in ("torch", backend):
+        net.zero_grad()
+        loss, decoded = dres_loss(net, x, order="principal", anchor="reconstructed", reduction=reduction,
+                                  return_decoded=True, backend=name)
+        weight = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+        ((weight * loss).sum() + 0.3 * decoded.square().sum()).backward()
+        results[name] = (loss.detach(), decoded.detach(), [p.grad.clone() for p in net.parameters()])
+    for got, want in zip(results[backend][:2] + tuple(results[backend][2]), results["torch"][:2] + tuple(results["torch"][2])):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_principal_order_low_precision_matches_float32(dtype):
+    x = _elongated_batch(K=9, d=4, dtype=torch.float32)
+    assert torch.equal(principal_order(x.to(dtype)), principal_order(x.to(dtype).float()))
+    loss = dres_loss(lambda z: torch.tanh(z), x.to(dtype), order="principal", anchor="reconstructed", backend="torch")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -4,8 +4,8 @@ Time: every (model, method) gets its own copy of the same initial model, its own
 the same batch. After warm-up steps, each round times one step of every method, rotating the
 starting method each round, so slow drifts of the machine (thermal, other processes) hit all
 methods alike; a row's ``ms`` is the median over rounds. A method that regularizes only every
-``interval`` steps (lazy_grad_penalty) times one regularized and one plain step per round and
-reports their amortized average.
+``interval`` steps (lazy_grad_penalty, and lazy DReS: dres(every=k)) times one regularized and one
+plain step per round and reports their amortized average.
 
 Peak memory, ``peak_mem_mb``: the memory a step needs beyond what is held between steps (model,
 optimizer state, batch): activations kept for backward, gradients, temporaries. ``peak_total_mb``

@@ -10,6 +10,15 @@ For a batch :math:`x_1..x_K` at points :math:`\alpha` and coded points :math:`\b
 with :math:`E = W(\alpha\to\beta, \lambda_{enc})` and :math:`D = W(\beta\to\alpha, \lambda_{dec})`
 (:func:`dres_fast.spline_weights`). If :math:`f` is affine and the batch lies on a line through
 :math:`\alpha`, :math:`L = 0`; curvature of :math:`f` along the batch's spline curve makes it grow.
+
+Two options go beyond the paper (README "Options beyond the paper"):
+
+* ``order="principal"`` places the batch along the points in the order of its projections on its
+  leading principal direction (:func:`principal_order`), so :math:`L` no longer depends on the
+  order in which the samples arrive.
+* ``anchor="reconstructed"`` replaces :math:`f(x_k)` by :math:`f((DEx)_k)`:
+  :math:`L = \operatorname{reduce}_k \lVert f(DEx)_k - \hat y_k \rVert^2`, which is exactly zero for
+  every affine :math:`f = Ax + b` (:math:`D f(Ex) = ADEx + b` because :math:`D1 = 1`), for any batch.
 """
 
 from __future__ import annotations
@@ -19,9 +28,38 @@ import torch
 from . import ops
 from ._hooks import batch_axis, check_batch_dim
 from .cache import weights_for
-from .smoothing import SmoothingSpec, check_num_coded
+from .contract import compute_dtype
+from .smoothing import SmoothingSpec, check_anchor, check_num_coded, check_order
 
-__all__ = ["dres_loss", "check_num_coded", "coding_weights"]
+__all__ = ["dres_loss", "check_num_coded", "coding_weights", "principal_order"]
+
+#: Power iterations of :func:`principal_order`: the order only needs a good direction, not a converged
+#: one, and every iterate is a function of the batch's covariance, so any count keeps the invariance.
+POWER_ITERATIONS = 8
+
+
+def principal_order(batch: torch.Tensor, iterations: int = POWER_ITERATIONS) -> torch.Tensor:
+    r"""The permutation (int64, on the batch's device) that sorts the samples of ``batch`` (samples
+    along dim 0) by their projection on the batch's leading principal direction.
+
+    With :math:`X` the centred, flattened batch (:math:`K \times d`): start from the centred sample
+    of largest norm, apply :math:`v \leftarrow X^\top X v / \lVert\cdot\rVert` ``iterations`` times
+    (:math:`O(K d)` each), orient :math:`v` so that its largest-magnitude entry is positive, and
+    ``argsort`` :math:`X v` (stable). Every step is a function of the set of samples, so permuting the
+    batch permutes the result the same way; nothing leaves the device (no host sync). No gradient.
+    """
+    with torch.no_grad():
+        flat = batch.detach().reshape(batch.shape[0], -1).to(compute_dtype(batch.dtype))
+        centred = flat - flat.mean(dim=0, keepdim=True)
+        largest = centred.square().sum(dim=1).argmax().reshape(1)
+        direction = centred.index_select(0, largest).reshape(-1)
+        tiny = torch.finfo(centred.dtype).tiny
+        for _ in range(iterations):
+            direction = centred.t() @ (centred @ direction)
+            direction = direction / direction.norm().clamp_min(tiny)
+        sign = direction.index_select(0, direction.abs().argmax().reshape(1)).sign()
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # an all-equal batch keeps its order
+        return torch.argsort(centred @ (direction * sign), stable=True)
 
 
 def coding_weights(num_samples, num_coded, device, dtype, smoothing):
@@ -49,6 +87,8 @@ def dres_loss(
     return_decoded: bool = False,
     backend: str = "auto",
     batch_dim: int = 0,
+    order: str = "given",
+    anchor: str = "observed",
 ):
     r"""DReS discrepancy of ``fn`` on the batch ``x`` (module docstring).
 
@@ -70,6 +110,13 @@ def dres_loss(
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         batch_dim: the axis of ``x`` and of ``fn``'s output that holds the samples; the encoder and
             decoder mix along it and nowhere else (``1`` for ``(T, B, C)`` sequence-first data).
+        order: ``"given"`` (the paper: sample ``k`` sits at ``alpha_k``) or ``"principal"``: sort the
+            batch along its leading principal direction first (:func:`principal_order`, a few
+            ``O(K d)`` matrix-vector products, no host sync), so the loss does not depend on the order
+            of the batch. ``reduction="none"`` and ``y_hat`` stay in the caller's order.
+        anchor: ``"observed"`` (the paper: compare ``y_hat`` with ``fn(x)``) or ``"reconstructed"``:
+            compare it with ``fn(D E x)``, exactly zero for every affine ``fn``. Costs one more forward
+            of ``fn`` on ``K`` samples; ``y`` is not used (``fn(x)`` is not what is compared).
 
     Returns:
         ``loss``, or ``(loss, y_hat)`` when ``return_decoded``.
@@ -88,17 +135,26 @@ def dres_loss(
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
+    order, anchor = check_order(order), check_anchor(anchor)
     spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
     num_samples, num_coded = spec.sizes(x.shape[x_axis])
 
     # The ops mix along dim 0; movedim is a view (no copy) and a no-op for batch_dim=0.
+    x_first = x.movedim(x_axis, 0)
+    sort = principal_order(x_first) if order == "principal" else None
+    if sort is not None:
+        x_first = x_first.index_select(0, sort)
     encoder = weights_for(spec, num_samples, x.device, x.dtype, "encoder")
-    x_coded = ops.spline_mix(encoder, x.movedim(x_axis, 0), backend=backend).movedim(0, x_axis)
-    if y is None:
+    x_coded = ops.spline_mix(encoder, x_first, backend=backend)
+    if anchor == "observed" and y is None:
         y = fn(x)
-    y_coded = fn(x_coded)
+    y_coded = fn(x_coded.movedim(0, x_axis))
+    if anchor == "reconstructed":  # f(D E x): what the coded samples decode to, one more forward
+        decode_x = weights_for(spec, num_samples, x.device, x.dtype, "decoder")
+        y = fn(ops.spline_mix(decode_x, x_coded, backend=backend).movedim(0, x_axis))
     samples_first, axes = [], []
-    for name, value, count in (("y", y, num_samples), ("fn(x_coded)", y_coded, num_coded)):
+    y_name = "y" if anchor == "observed" else "fn(D E x)"
+    for name, value, count in ((y_name, y, num_samples), ("fn(x_coded)", y_coded, num_coded)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor (fn must return one tensor), got {type(value).__name__}")
         axis = batch_axis(batch_dim, value)
@@ -107,10 +163,18 @@ def dres_loss(
         samples_first.append(value.movedim(axis, 0))
         axes.append(axis)
     y, y_coded = samples_first
+    if sort is not None and anchor == "observed":  # fn(D E x) is already in the sorted order
+        y = y.index_select(0, sort)
     dtype = torch.promote_types(y.dtype, y_coded.dtype)
     y, y_coded = y.to(dtype), y_coded.to(dtype)
     decoder = weights_for(spec, num_samples, y.device, dtype, "decoder")
     loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
+    unsort = torch.argsort(sort) if sort is not None else None
+    if unsort is not None and reduction == "none":
+        loss = loss.index_select(0, unsort)  # per-sample losses in the caller's order
     if return_decoded:
-        return loss, ops.spline_mix(decoder, y_coded, backend=backend).movedim(0, axes[0])
+        decoded = ops.spline_mix(decoder, y_coded, backend=backend)
+        if unsort is not None:
+            decoded = decoded.index_select(0, unsort)
+        return loss, decoded.movedim(0, axes[0])
     return loss

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from . import ops
-from ._hooks import EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers
+from ._hooks import (EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers,
+                     skipped_step_loss, take_samples)
 from .cache import weights_for
-from .functional import dres_loss
-from .smoothing import SmoothingSpec
+from .functional import dres_loss, principal_order
+from .smoothing import SmoothingSpec, check_anchor, check_every, check_order
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
 
@@ -31,6 +32,10 @@ class DReSLoss(nn.Module):
     """Module form of :func:`dres_fast.dres_loss`: the options are constructor arguments.
 
     ``loss = DReSLoss(num_coded=64)(model.encoder, x, y=features)``
+
+    ``every=k`` (lazy DReS, as lazy R1 in StyleGAN2): each call is a step; the coded branch runs on
+    steps 0, k, 2k, ... (counted by :attr:`step_count`) with its loss multiplied by ``k``; the other
+    calls return a zero tensor without calling ``fn``. ``order``, ``anchor``: :func:`dres_fast.dres_loss`.
     """
 
     def __init__(
@@ -46,18 +51,33 @@ class DReSLoss(nn.Module):
         return_decoded: bool = False,
         backend: str = "auto",
         batch_dim: int = 0,
+        every: int = 1,
+        order: str = "given",
+        anchor: str = "observed",
     ):
         super().__init__()
         _check_options(reduction, backend)
+        self.every = check_every(every)
+        if self.every > 1 and return_decoded:
+            raise ValueError("every > 1 cannot be combined with return_decoded=True: skipped steps have no reconstruction")
         self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         self.options = dict(**self.spec.options(), reduction=reduction, return_decoded=return_decoded,
-                            backend=backend, batch_dim=check_batch_dim(batch_dim))
+                            backend=backend, batch_dim=check_batch_dim(batch_dim), order=check_order(order),
+                            anchor=check_anchor(anchor))
+        #: calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``
+        self.step_count = 0
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        return dres_loss(fn, x, y=y, **self.options)
+        if self.every == 1:  # no counter: a changing int would recompile a torch.compile'd step
+            return dres_loss(fn, x, y=y, **self.options)
+        step, self.step_count = self.step_count, self.step_count + 1
+        if step % self.every != 0:
+            return skipped_step_loss(x, self.options["batch_dim"], self.options["reduction"])
+        return dres_loss(fn, x, y=y, **self.options) * self.every
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))
+        options = dict(self.options, every=self.every)
+        return ", ".join(f"{k}={v!r}" for k, v in options.items() if not isinstance(v, torch.Tensor))
 
 
 class SubmoduleDReS:
@@ -105,6 +125,16 @@ class SubmoduleDReS:
 
     Copies of the model made while the hooks are attached (``copy.deepcopy``, ``AveragedModel``, an
     EMA copy, ``torch.save`` of the whole module) carry inert hooks: no coded branch, no record.
+
+    Options beyond the paper (README "Options beyond the paper"):
+
+    * ``every=k``: lazy DReS. A step is a ``with`` block, or (after :meth:`attach`) a forward of the
+      model with gradients enabled in training mode; the coded branch runs on steps 0, k, 2k, ...
+      (:attr:`step_count`) with its loss multiplied by ``k``; on the others ``reg.loss`` is zero.
+    * ``order="principal"``: the coded samples come from the batch sorted along its leading principal
+      direction, so the loss does not depend on the batch's order (the real batch keeps its order).
+    * ``anchor="reconstructed"``: compare ``D f(E x)`` with ``f(D E x)``, not ``f(x)``: zero for an
+      affine submodule; the submodule also runs on ``D E x`` (concat: one call on ``K + N + K``).
     """
 
     MODES = ("concat", "separate")
@@ -126,6 +156,9 @@ class SubmoduleDReS:
         batch_dim: Optional[int] = None,
         extra_args: str = "error",
         backend: str = "auto",
+        every: int = 1,
+        order: str = "given",
+        anchor: str = "observed",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -142,6 +175,7 @@ class SubmoduleDReS:
         if extra_args not in EXTRA_ARGS:
             raise ValueError(f"extra_args must be one of {EXTRA_ARGS}, got {extra_args!r}")
         _check_options(reduction, backend)
+        self.every, self.order, self.anchor = check_every(every), check_order(order), check_anchor(anchor)
         self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         if batch_dim is None:
             sequence_first = sequence_first_layers(self.module)
@@ -165,6 +199,8 @@ class SubmoduleDReS:
         self._pending: list = []  # concat mode: (batch size, coded size, spec) of calls in flight
         self._inside = False  # separate mode: set while the coded branch runs
         self._warned: set = set()
+        self.step_count = 0  # steps counted so far; a step runs the coded branch when step_count % every == 0
+        self._coded_step = True  # whether the current step runs the coded branch
 
     # -- context / attach --------------------------------------------------------------------------
     def attach(self) -> "SubmoduleDReS":
@@ -175,6 +211,8 @@ class SubmoduleDReS:
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
+        if record_per_forward and self.every > 1:  # imports torch._dynamo: only when needed
+            self._count_step = torch.compiler.disable(self._begin_forward_step)
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
         if record_per_forward:  # registered first: it runs before the others when submodule == model
             self._handles.append(self.model.register_forward_pre_hook(BoundHook(self, "_start_record")))
@@ -192,7 +230,18 @@ class SubmoduleDReS:
         self._pending.clear()
 
     def __enter__(self) -> "SubmoduleDReS":
+        self._begin_step()
         return self._install(record_per_forward=False)
+
+    def _begin_step(self) -> None:
+        if self.every > 1:  # every=1 counts nothing: an int that changes would recompile a compiled model
+            self._coded_step = self.step_count % self.every == 0
+            self.step_count += 1
+
+    def _begin_forward_step(self) -> None:
+        # wrapped in torch.compiler.disable by attach: a graph break beats a recompile per counter value
+        if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
+            self._begin_step()
 
     def __exit__(self, *exc) -> None:
         self.detach()
@@ -231,7 +280,7 @@ class SubmoduleDReS:
     def _skipped(self, module: nn.Module, batch: torch.Tensor) -> bool:
         """True (and a zero recorded) when this call gets no coded branch."""
         num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
-        skip = not (torch.is_grad_enabled() and module.training)
+        skip = not (self._coded_step and torch.is_grad_enabled() and module.training)
         if not skip and num_samples < 3:
             self._warn_once("small", f"a batch of {num_samples} samples is too small for DReS (needs 3); it contributes zero.")
             skip = True
@@ -252,34 +301,36 @@ class SubmoduleDReS:
                 )
         return spec
 
-    def _mix(self, encoder_for, value: torch.Tensor) -> torch.Tensor:
-        axis = batch_axis(self.batch_dim, value)
-        return ops.spline_mix(encoder_for(value.dtype), value.movedim(axis, 0), backend=self.backend).movedim(0, axis)
-
-    def _coding(self, batch: torch.Tensor, args, kwargs, append: bool):
-        """(K, N, spec, encoder_for, args, kwargs) for one call, the extra arguments handled per ``extra_args``
-        (coded values, or real and coded values concatenated when ``append``)."""
-        num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
-        num_samples, num_coded = self.spec.sizes(num_samples)
+    def _coding(self, batch: torch.Tensor, args, kwargs):
+        """``(K, N, spec, sort, branches, arguments)`` of one call. ``branches(v)``: ``[E v]``, or ``[E v,
+        D E v]`` (anchor="reconstructed"), of ``v`` sorted by ``sort``; ``arguments(pick)``: the submodule's
+        arguments, each per-sample extra one ``v`` replaced by ``pick(v, branches(v))`` (``extra_args``)."""
+        axis = batch_axis(self.batch_dim, batch)
+        num_samples, num_coded = self.spec.sizes(batch.shape[axis])
         spec = self._spec_for(num_samples, num_coded)
+        sort = principal_order(batch.movedim(axis, 0)) if self.order == "principal" else None
 
-        def encoder_for(dtype):
-            return weights_for(spec, num_samples, batch.device, dtype, "encoder")
+        def branches(value: torch.Tensor) -> list:
+            value_axis = batch_axis(self.batch_dim, value)
+            first = take_samples(value.movedim(value_axis, 0), sort, 0)
+            out = [ops.spline_mix(weights_for(spec, num_samples, value.device, value.dtype, "encoder"), first, backend=self.backend)]
+            if self.anchor == "reconstructed":
+                decoder = weights_for(spec, num_samples, value.device, value.dtype, "decoder")
+                out.append(ops.spline_mix(decoder, out[0], backend=self.backend))
+            return [branch.movedim(0, value_axis) for branch in out]
 
-        def transform(value):
-            coded = self._mix(encoder_for, value)
-            return torch.cat([value, coded], dim=batch_axis(self.batch_dim, value)) if append else coded
+        def arguments(pick):
+            return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
+                                      transform=lambda value: pick(value, branches(value)), owner=f"SubmoduleDReS({self.name!r})")
 
-        args, kwargs = rewrite_extra_args(
-            args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
-            transform=transform, owner=f"SubmoduleDReS({self.name!r})",
-        )
-        return num_samples, num_coded, spec, encoder_for, args, kwargs
+        return num_samples, num_coded, spec, sort, branches, arguments
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
         if not self._inside:  # the coded branch re-enters the model when the submodule is the model
             self.reset()
+            if self.every > 1:
+                self._count_step()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
@@ -287,21 +338,29 @@ class SubmoduleDReS:
         batch = self._batch_of(args)
         if self._skipped(module, batch):
             return None
-        _, _, spec, _, coded_args, coded_kwargs = self._coding(batch, args, kwargs, append=False)
+        _, _, spec, sort, _, arguments = self._coding(batch, args, kwargs)
+        # dres_loss calls fn on E x, then (anchor="reconstructed") on D E x: one argument set per call
+        calls = iter([arguments(lambda value, coded: coded[i]) for i in range(2 if self.anchor == "reconstructed" else 1)])
+
+        def coded_branch(coded):
+            coded_args, coded_kwargs = next(calls)
+            return module(coded, *coded_args[1:], **coded_kwargs)
+
         self._inside = True
         try:
             loss = dres_loss(
-                lambda coded: module(coded, *coded_args[1:], **coded_kwargs),
-                batch,
-                y=output,
+                coded_branch,
+                take_samples(batch, sort, batch_axis(self.batch_dim, batch)),
+                y=take_samples(output, sort, self.batch_dim) if self.anchor == "observed" else output,
                 reduction=self.reduction,
                 backend=self.backend,
                 batch_dim=self.batch_dim,
+                anchor=self.anchor,  # order: the batch is already sorted here (for the extra arguments too)
                 **spec.options(),
             )
         finally:
             self._inside = False
-        self._losses.append(loss)
+        self._losses.append(loss * self.every if self.every > 1 else loss)
         return None
 
     def _concat_pre_hook(self, module, args, kwargs):
@@ -309,26 +368,32 @@ class SubmoduleDReS:
         if self._skipped(module, batch):
             self._pending.append(None)
             return None
-        num_samples, num_coded, spec, encoder_for, args, kwargs = self._coding(batch, args, kwargs, append=True)
-        coded = self._mix(encoder_for, batch)
-        self._pending.append((num_samples, num_coded, spec))
-        return (torch.cat([batch, coded], dim=batch_axis(self.batch_dim, batch)),) + tuple(args[1:]), kwargs
+        num_samples, num_coded, spec, sort, branches, arguments = self._coding(batch, args, kwargs)
+        axis = batch_axis(self.batch_dim, batch)
+        args, kwargs = arguments(lambda value, coded: torch.cat([value, *coded], dim=batch_axis(self.batch_dim, value)))
+        self._pending.append((num_samples, num_coded, spec, sort))
+        return (torch.cat([batch, *branches(batch)], dim=axis),) + tuple(args[1:]), kwargs
 
     def _concat_hook(self, module, args, output):
         sizes = self._pending.pop() if self._pending else None
         if sizes is None:
             return None
-        num_samples, num_coded, spec = sizes
+        num_samples, num_coded, spec, sort = sizes
+        total = num_samples + num_coded + (num_samples if self.anchor == "reconstructed" else 0)
         axis = batch_axis(self.batch_dim, output) if isinstance(output, torch.Tensor) else None
-        if axis is None or output.shape[axis] != num_samples + num_coded:
+        if axis is None or output.shape[axis] != total:
             raise TypeError(
                 f"SubmoduleDReS({self.name!r}, mode='concat'): the submodule must return one tensor with the "
-                f"samples along batch_dim={self.batch_dim} ({num_samples + num_coded} of them here), got "
+                f"samples along batch_dim={self.batch_dim} ({total} of them here), got "
                 f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
             )
         y, y_coded = output.narrow(axis, 0, num_samples), output.narrow(axis, num_samples, num_coded)
+        # the reconstructed anchor f(D E x) is already in the sorted order
+        anchor = (output.narrow(axis, num_samples + num_coded, num_samples) if self.anchor == "reconstructed"
+                  else take_samples(y, sort, axis))
         decoder = weights_for(spec, num_samples, y.device, y.dtype, "decoder")
-        self._losses.append(
-            ops.reconstruction_loss(y.movedim(axis, 0), y_coded.movedim(axis, 0), decoder, reduction=self.reduction, backend=self.backend)
-        )
+        loss = ops.reconstruction_loss(anchor.movedim(axis, 0), y_coded.movedim(axis, 0), decoder,
+                                       reduction=self.reduction, backend=self.backend)
+        self._losses.append(loss * self.every if self.every > 1 else loss)
         return y
+

@@ -22,7 +22,8 @@ from typing import Optional, Tuple, Union
 
 from .contract import MIN_SAMPLES
 
-__all__ = ["SmoothingSpec", "DEFAULT_DOF_FRACTION", "POINT_KINDS", "check_lam", "check_dof", "check_num_coded"]
+__all__ = ["SmoothingSpec", "DEFAULT_DOF_FRACTION", "POINT_KINDS", "ORDERS", "ANCHORS", "check_lam", "check_dof",
+           "check_num_coded", "check_order", "check_anchor", "check_every"]
 
 #: With neither ``lam_*`` nor ``dof_*`` given, each spline keeps this fraction of its knots' degrees
 #: of freedom (never below 2). See README "Smoothing" for why.
@@ -30,6 +31,34 @@ DEFAULT_DOF_FRACTION = 0.75
 POINT_KINDS = ("chebyshev", "lobatto", "uniform")
 
 Points = Union[str, Tuple[float, ...]]
+
+# Call options that do not change the weights (so they are not fields of the spec): checked here,
+# once, by every signature that exposes them.
+#: ``order``: the batch as given (the paper), or sorted along its leading principal direction.
+ORDERS = ("given", "principal")
+#: ``anchor``: compare ``D f(E x)`` with ``f(x)`` (the paper) or with ``f(D E x)``.
+ANCHORS = ("observed", "reconstructed")
+
+
+def check_order(value) -> str:
+    if not isinstance(value, str) or value not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {value!r}")
+    return value
+
+
+def check_anchor(value) -> str:
+    if not isinstance(value, str) or value not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {value!r}")
+    return value
+
+
+def check_every(value) -> int:
+    """``every``: run the coded branch on one step in ``every`` (an int >= 1; 1 = every step)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"every must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"every must be an int >= 1 (1 runs the coded branch on every step), got {value}")
+    return int(value)
 
 
 def _real(value, name: str) -> float:

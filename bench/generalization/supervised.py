@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dres_fast import DReSLoss
+from dres_fast.smoothing import check_anchor, check_every, check_order
+
 from bench import baselines
 from bench.generalization.data import NUM_CLASSES, dof_kwargs, dres_loss
 
@@ -32,11 +35,33 @@ class MethodConfig:
     coded_ratio: float = 1.0        # N / K
     dof_frac: float = 0.75          # dof as a fraction of K (encoder) and N (decoder); 1 = interpolate
     submodule: str = "model"        # model | features | head
+    # options beyond the paper (README "Options beyond the paper"); dres and dres_decoded
+    every: int = 1                  # lazy DReS: coded branch on one step in `every`, loss x every (dres only)
+    order: str = "given"            # given | principal (sort the batch along its leading principal direction)
+    anchor: str = "observed"        # observed | reconstructed (compare with f(D E x); one more K-sample forward)
 
 
 def _dres_kwargs(cfg: MethodConfig, batch: int) -> dict:
     num_coded = baselines.num_coded_for(cfg.coded_ratio, batch)
-    return dict(num_coded=num_coded, **dof_kwargs(cfg.dof_frac, batch, num_coded))
+    return dict(num_coded=num_coded, order=cfg.order, anchor=cfg.anchor, **dof_kwargs(cfg.dof_frac, batch, num_coded))
+
+
+def _dres_fn(cfg: MethodConfig):
+    """``dres_loss``, or with ``every > 1`` a ``DReSLoss(every=...)`` per batch size (one per training
+    run: make_loss_fn is called per run), whose call counter is the step count."""
+    check_every(cfg.every), check_order(cfg.order), check_anchor(cfg.anchor)  # fail before training starts
+    if cfg.every == 1:
+        return lambda fn, x, y: dres_loss(fn, x, y=y, **_dres_kwargs(cfg, len(x)))
+    if cfg.method != "dres":
+        raise ValueError(f"every={cfg.every} is only supported for method 'dres', not {cfg.method!r}")
+    lazy = {}
+
+    def lazy_dres(fn, x, y):
+        if len(x) not in lazy:
+            lazy[len(x)] = DReSLoss(every=cfg.every, **_dres_kwargs(cfg, len(x)))
+        return lazy[len(x)](fn, x, y=y)
+
+    return lazy_dres
 
 
 def make_loss_fn(cfg: MethodConfig):
@@ -44,22 +69,24 @@ def make_loss_fn(cfg: MethodConfig):
         return baselines.erm
 
     if cfg.method == "dres":
+        dres = _dres_fn(cfg)
+
         def loss_fn(model, x, y, step):
             h = model.features(x)
             logits = model.head(h)
-            kw = _dres_kwargs(cfg, len(x))
             if cfg.submodule == "model":
-                reg = dres_loss(model, x, y=logits, **kw)
+                reg = dres(model, x, logits)
             elif cfg.submodule == "features":
-                reg = dres_loss(model.features, x, y=h, **kw)
+                reg = dres(model.features, x, h)
             elif cfg.submodule == "head":
-                reg = dres_loss(model.head, h, y=logits, **kw)
+                reg = dres(model.head, h, logits)
             else:
                 raise ValueError(cfg.submodule)
             return F.cross_entropy(logits, y) + cfg.strength * reg
         return loss_fn
 
     if cfg.method == "dres_decoded":
+        _dres_fn(cfg)  # checks the options
         # task loss on the DReS reconstruction of the logits, blended with the main task loss
         def loss_fn(model, x, y, step):
             logits = model(x)

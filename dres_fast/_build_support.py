@@ -9,7 +9,8 @@ Environment variables (as torchvision's ``FORCE_CUDA``):
   FORCE_CUDA=1      build it even when the CUDA toolkit or a CUDA-enabled torch is not detected
                     (e.g. a build container without a GPU); the build then fails loudly if the
                     toolkit really is missing.
-  DRES_CXX=path     the host C++ compiler for the binding (default: see ``host_compiler``).
+  DRES_CXX=path     the host C++ compiler for the binding (default: the system g++, then CXX; see
+                    ``host_compiler``).
 Otherwise the extension is built when torch is a CUDA build and torch finds a CUDA toolkit (nvcc).
 A GPU is not needed at build time; without TORCH_CUDA_ARCH_LIST and without a visible GPU the
 extension is built for sm_80 and sm_90 (torch's own list can name architectures that a newer nvcc
@@ -57,12 +58,14 @@ SYSTEM_CXX = "/usr/bin/g++"
 
 
 def host_compiler() -> str | None:
-    """The C++ compiler for the extension: ``DRES_CXX``, else ``CXX`` when set, else the system g++ when
-    there is one, else ``None`` (torch's default, ``c++`` on PATH)."""
-    for variable in ("DRES_CXX", "CXX"):
-        if os.environ.get(variable):
-            return os.environ[variable]
-    return SYSTEM_CXX if os.path.exists(SYSTEM_CXX) else None
+    """The C++ compiler for the extension: ``DRES_CXX`` when set, else the system g++ when there is one
+    (even when ``CXX`` names another: on the H200 image ``CXX`` itself named the crashing wrapper), else
+    ``CXX``, else ``None`` (torch's default, ``c++`` on PATH)."""
+    if os.environ.get("DRES_CXX"):
+        return os.environ["DRES_CXX"]
+    if os.path.exists(SYSTEM_CXX):
+        return SYSTEM_CXX
+    return os.environ.get("CXX") or None
 
 
 def use_host_compiler() -> str | None:

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import time
-from typing import Callable
 
 import torch
+
+from bench.timing import choose_threads, time_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -58,62 +56,6 @@ SWEEP_CPU_MAX_D = 2**14  # on CPU the sweep stops here (a 2^20-wide fp32 batch o
 OPS = ("spline_mix", "reconstruction_loss")
 DTYPE_SETS = {"smoke": ["float32"], "quick": ["float32", "bfloat16"], "full": ["float32", "bfloat16"],
               "sweep": ["float32", "bfloat16"]}
-
-
-def choose_threads(device: str, threads: int | None = None) -> str:
-    """Set torch's CPU threads; returns why. On a machine already busy with other work, OpenMP's
-    spinning workers wait on each other and a multi-threaded step gets many times slower (more than
-    10x measured on a shared 2-core box), so by default a busy CPU gets one thread."""
-    if threads:
-        torch.set_num_threads(threads)
-        return f"--threads {threads}"
-    if device.startswith("cuda"):
-        return "torch default"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load > 0.5:
-        torch.set_num_threads(1)
-        return f"1 thread: 1-minute load average {load:.1f} on {cores} cores shows other work (override: --threads)"
-    return f"torch default ({torch.get_num_threads()}): load average {load:.1f} on {cores} cores"
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_fn(fn: Callable[[], object], device: str, *, budget_s: float = 0.25, min_reps: int = 3,
-            max_reps: int = 100, grad_to_none=None) -> dict:
-    """Median and 20/80% quantiles of ``fn`` in milliseconds.
-
-    CUDA: ``triton.testing.do_bench`` when Triton imports (it flushes L2 between calls). Otherwise
-    (CPU, or CUDA without Triton) perf_counter around each synchronized call after two warm-up
-    calls, repetitions sized to ``budget_s``."""
-    if device.startswith("cuda"):
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            median, p20, p80 = do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-            return {"ms": float(median), "p20_ms": float(p20), "p80_ms": float(p80), "timer": "do_bench"}
-
-    def one_call() -> float:
-        for tensor in grad_to_none or ():
-            tensor.grad = None
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    first = one_call()  # warm-up (allocations, lazy init); also sizes the loop
-    first = min(first, one_call())
-    reps = int(max(min_reps, min(max_reps, budget_s * 1e3 / max(first, 1e-3))))
-    samples = sorted(one_call() for _ in range(reps))
-    quantile = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]
-    return {"ms": statistics.median(samples), "p20_ms": quantile(0.2), "p80_ms": quantile(0.8),
-            "timer": f"perf_counter x{reps}"}
 
 
 def measure_copy_bandwidth(device: str, quick: bool) -> float:

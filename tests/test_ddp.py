@@ -5,7 +5,6 @@ batch is too small for DReS (that rank runs no coded branch, the other does)."""
 import datetime
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,22 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dres_fast
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x))
+from distributed_common import Net, free_port
 
 
 def _worker(rank, world, port, mode, out_dir):
@@ -73,7 +57,7 @@ def _worker(rank, world, port, mode, out_dir):
 @pytest.mark.parametrize("mode", ["separate", "concat"])
 def test_ddp_replicas_stay_identical(mode, tmp_path):
     # mp.spawn re-raises a worker's exception here, so a crash fails the test at once
-    mp.spawn(_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["finite"]

@@ -5,7 +5,6 @@ losses (what FSDP's gradient averaging computes)."""
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dres_fast
+from distributed_common import Net, free_port
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -21,22 +21,6 @@ if not hasattr(fsdp, "fully_shard"):
 
 WORLD, STEPS, BATCH = 2, 3, 12
 MODES = ("separate", "concat")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def _batches(rank):
@@ -106,7 +90,7 @@ def _reference(mode):
 def fsdp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
     # mp.spawn re-raises a worker's exception here, so a crash fails the test at once
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return out_dir
 
 

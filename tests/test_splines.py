@@ -66,19 +66,25 @@ def test_interpolation_matches_natural_cubic_spline_at_1024_knots():
     assert rel_err(ours, ref, np.max(np.abs(y))) < 1e-10
 
 
+def _mpmath_reinsch(t):
+    """Q (n x n-2) and R (n-2 x n-2) of the Reinsch form at the knots ``t``, in mpmath's working precision."""
+    n = len(t)
+    tt = [mpmath.mpf(float(v)) for v in t]
+    h = [tt[i + 1] - tt[i] for i in range(n - 1)]
+    Q = mpmath.zeros(n, n - 2)
+    R = mpmath.zeros(n - 2, n - 2)
+    for j in range(n - 2):
+        Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
+        R[j, j] = (h[j] + h[j + 1]) / 3
+        if j + 1 < n - 2:
+            R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+    return Q, R
+
+
 def _mpmath_smoothing_fit(t, y, lam, digits=60):
     """g = y - lam Q (R + lam Q^T Q)^{-1} Q^T y in `digits`-digit arithmetic (dense)."""
     with mpmath.workdps(digits):
-        n = len(t)
-        tt = [mpmath.mpf(float(v)) for v in t]
-        h = [tt[i + 1] - tt[i] for i in range(n - 1)]
-        Q = mpmath.zeros(n, n - 2)
-        R = mpmath.zeros(n - 2, n - 2)
-        for j in range(n - 2):
-            Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
-            R[j, j] = (h[j] + h[j + 1]) / 3
-            if j + 1 < n - 2:
-                R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+        Q, R = _mpmath_reinsch(t)
         Y = mpmath.matrix([mpmath.mpf(float(v)) for v in y])
         gamma = mpmath.lu_solve(R + lam * Q.T * Q, Q.T * Y)
         g = Y - lam * Q * gamma
@@ -284,15 +290,7 @@ def test_trace_recursion_at_huge_lambda_matches_high_precision():
     lam = 1e6
     with mpmath.workdps(50):
         n = len(t)
-        tt = [mpmath.mpf(float(v)) for v in t]
-        h = [tt[i + 1] - tt[i] for i in range(n - 1)]
-        Q = mpmath.zeros(n, n - 2)
-        R = mpmath.zeros(n - 2, n - 2)
-        for j in range(n - 2):
-            Q[j, j], Q[j + 1, j], Q[j + 2, j] = 1 / h[j], -1 / h[j] - 1 / h[j + 1], 1 / h[j + 1]
-            R[j, j] = (h[j] + h[j + 1]) / 3
-            if j + 1 < n - 2:
-                R[j, j + 1] = R[j + 1, j] = h[j + 1] / 6
+        Q, R = _mpmath_reinsch(t)
         inv = mpmath.inverse(R + lam * Q.T * Q)
         exact_excess = float(sum((inv * R)[i, i] for i in range(n - 2)))
     assert degrees_of_freedom(t, lam) - 2.0 == pytest.approx(exact_excess, rel=1e-9)

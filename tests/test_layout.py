@@ -121,3 +121,27 @@ def test_modules_share_the_functional_spec():
     assert reg.spec == SmoothingSpec(lam_dec=0.1)
     with pytest.raises(ValueError, match="give lam_enc or dof_enc, not both"):
         dres_fast.DReSLoss(lam_enc=0.1, dof_enc=3.0)
+
+
+def test_auto_on_cuda_follows_the_measured_order(monkeypatch):
+    """"auto" on CUDA tensors: float16/bfloat16 go to Triton (then the built CUDA extension), float32/float64
+    stay on the reference backend (the H200 measurements in bench/RESULTS.md); DRES_BACKEND still overrides."""
+    from dres_fast.ops import dispatch
+
+    monkeypatch.delenv("DRES_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_auto_candidate", lambda name: True)
+    dispatch._resolve.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert dispatch.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+        assert dispatch.resolve_backend("auto", cuda, torch.float16) == "triton"
+        assert dispatch.resolve_backend("auto", cuda, torch.float32) == "torch"
+        assert dispatch.resolve_backend("auto", cuda, torch.float64) == "torch"
+        monkeypatch.setattr(dispatch, "_auto_candidate", lambda name: name == "cuda")
+        dispatch._resolve.cache_clear()
+        assert dispatch.resolve_backend("auto", cuda, torch.bfloat16) == "cuda"
+        assert dispatch.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+        monkeypatch.setenv("DRES_BACKEND", "triton")
+        assert dispatch.resolve_backend("auto", cuda, torch.float32) == "triton"
+    finally:
+        dispatch._resolve.cache_clear()

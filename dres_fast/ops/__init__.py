@@ -69,7 +69,7 @@ def spline_mix(weights: torch.Tensor, x: torch.Tensor, backend: str = "auto") ->
             f"weights has {weights.shape[1]} columns but x has {x.shape[0]} samples (x.shape[0]); "
             f"weights must be (M, {x.shape[0]})"
         )
-    spline_mix_op, _ = backend_ops(backend, x.device)
+    spline_mix_op, _ = backend_ops(backend, x.device, x.dtype)
     out = spline_mix_op(weights, _as_rows(x))
     return out.reshape((weights.shape[0],) + tuple(x.shape[1:]))
 
@@ -103,6 +103,6 @@ def reconstruction_loss(
             f"got {tuple(decoder.shape)}"
         )
     compute_grads = torch.is_grad_enabled() and (y.requires_grad or y_coded.requires_grad)
-    _, reconstruction_loss_op = backend_ops(backend, y.device)
+    _, reconstruction_loss_op = backend_ops(backend, y.device, y.dtype)
     loss, _, _ = reconstruction_loss_op(_as_rows(y), _as_rows(y_coded), decoder, reduction, compute_grads)
     return loss

@@ -28,8 +28,12 @@ BACKEND_MODULES = {
     "cuda": "dres_fast.backends.cuda",
 }
 BACKENDS = tuple(BACKEND_MODULES)
-#: on CUDA tensors "auto" takes the first usable of these, else "torch"
-AUTO_ORDER_CUDA = ("triton", "cuda")
+#: on CUDA tensors "auto" takes the first usable of these for the data's precision, else "torch". Measured on
+#: an H200 (bench/RESULTS.md): for float16/bfloat16 the Triton kernels are 2-4x faster than eager torch at
+#: large widths; for float32 neither fused backend beats cuBLAS by enough to pay for what they still lack
+#: (Triton is slower than eager; both exceed twice torch's fp32 error on long reductions), so float32 and
+#: float64 stay on the reference backend unless a backend is named.
+AUTO_ORDER_CUDA = {"half": ("triton", "cuda"), "full": ()}
 ENV_VAR = "DRES_BACKEND"
 _LOAD_LOCK = threading.RLock()
 _LOADED: dict = {}  # backend name -> its ops, filled by load_backend
@@ -70,13 +74,17 @@ def _auto_candidate(name: str) -> bool:
         return False
 
 
+def _precision(dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16, "float16", "bfloat16") else "full"
+
+
 @functools.lru_cache(maxsize=64)
-def _resolve(backend: str, env_value: str, device_type: str) -> str:
+def _resolve(backend: str, env_value: str, device_type: str, precision: str = "full") -> str:
     if backend == "auto" and env_value:
         backend = _check_name(env_value, f"the environment variable {ENV_VAR}")
     if backend == "auto":
         if device_type == "cuda":
-            for name in AUTO_ORDER_CUDA:
+            for name in AUTO_ORDER_CUDA[precision]:
                 if _auto_candidate(name):
                     return name
         return "torch"
@@ -88,10 +96,10 @@ def _resolve(backend: str, env_value: str, device_type: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend name to use for tensors on ``device`` (see module docstring)."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend name to use for data of ``dtype`` on ``device`` (see :data:`AUTO_ORDER_CUDA`)."""
     _check_name(backend, "backend")
-    return _resolve(backend, os.environ.get(ENV_VAR, ""), torch.device(device).type)
+    return _resolve(backend, os.environ.get(ENV_VAR, ""), torch.device(device).type, _precision(dtype))
 
 
 def _assume_constant_result(fn):
@@ -104,18 +112,18 @@ def _assume_constant_result(fn):
 
 
 @_assume_constant_result
-def _loaded_backend(backend: str, device_type: str) -> str:
+def _loaded_backend(backend: str, device_type: str, precision: str) -> str:
     # Under torch.compile this runs once, at trace time: the choice is a constant of the graph.
     _check_name(backend, "backend")
-    name = _resolve(backend, os.environ.get(ENV_VAR, ""), device_type)
+    name = _resolve(backend, os.environ.get(ENV_VAR, ""), device_type, precision)
     load_backend(name)
     return name
 
 
-def backend_ops(backend: str, device: torch.device):
-    """The ops ``(spline_mix, reconstruction_loss)`` of the backend chosen for ``device``, as op
-    packets (defined on first use)."""
-    ops = _LOADED[_loaded_backend(backend, device.type)]
+def backend_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The ops ``(spline_mix, reconstruction_loss)`` of the backend chosen for data of ``dtype`` on
+    ``device``, as op packets (defined on first use)."""
+    ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
     return ops.spline_mix, ops.reconstruction_loss
 
 

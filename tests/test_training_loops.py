@@ -399,3 +399,26 @@ def test_readme_caveat_numbers():
     with_dropout = dres_fast.dres_loss(net, x).item()
     net[2].eval()
     assert with_dropout > 3 * dres_fast.dres_loss(net, x).item()
+
+
+@pytest.mark.parametrize("mode", ["separate", "concat"])
+def test_autocast_bfloat16_step(mode):
+    """Mixed precision as users train: under torch.autocast the submodule's output is bfloat16, the DReS ops
+    accumulate in float32 and report a float32 loss, and the step's gradients are finite and close to the
+    float32 step's (bfloat16 has 8 bits: a loose tolerance)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(16, 8)
+    grads = {}
+    for amp in (False, True):
+        model.zero_grad()
+        reg = dres_fast.SubmoduleDReS(model, "2", mode=mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            with reg:
+                out = model(x)
+            loss = out.float().pow(2).mean() + reg.loss
+        assert reg.loss.dtype == torch.float32 and out.dtype == (torch.bfloat16 if amp else torch.float32)
+        loss.backward()
+        grads[amp] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert torch.isfinite(grads[amp]).all()
+    assert torch.allclose(grads[True], grads[False], rtol=0.1, atol=0.02)

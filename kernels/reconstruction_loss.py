@@ -54,6 +54,7 @@ dots for fp16/bf16). The gradient dot ``D^T (c r)`` multiplies two fp32 operands
 inputs; for fp16/bf16 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -72,7 +73,8 @@ def scaled(r, scale_hi, scale_lo, DOT_MODE: tl.constexpr):
     """``c r``. Triton passes Python floats as fp32 scalars, so ``c = 2 / (K d)`` arrives rounded to 24 bits;
     for float64 data it is passed as hi + lo (48 bits), for the others hi alone is exact enough."""
     if DOT_MODE == "fp64":
-        return r * scale_hi + r * scale_lo
+        # one fp64 scalar (hi + lo is exact in fp64): no more registers than the fp32 scalar it replaces
+        return r * (scale_hi.to(tl.float64) + scale_lo.to(tl.float64))
     else:
         return r * scale_hi
 
@@ -280,7 +282,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     decoder = decoder.to(acc_dtype)
     write_grad_y = bool(compute_grads)
     grad_scale = 2.0 / (K * d) if reduction == "mean" else 2.0
-    grad_scale_hi = float(torch.tensor(grad_scale, dtype=torch.float32))
+    grad_scale_hi = float(np.float32(grad_scale))
     grad_scale_lo = grad_scale - grad_scale_hi  # what fp32 rounding drops; fp32 again when passed
     want_grad_yc = write_grad_y and reduction != "none"
 

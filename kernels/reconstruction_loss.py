@@ -74,7 +74,7 @@ def scaled(r, scale_hi, scale_lo, DOT_MODE: tl.constexpr):
     for float64 data it is passed as hi + lo (48 bits), for the others hi alone is exact enough."""
     if DOT_MODE == "fp64":
         # one fp64 scalar (hi + lo is exact in fp64): no more registers than the fp32 scalar it replaces
-        return r * (scale_hi.to(tl.float64) + scale_lo.to(tl.float64))
+        return r * (tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64))
     else:
         return r * scale_hi
 

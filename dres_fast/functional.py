@@ -31,7 +31,7 @@ from .cache import weights_for
 from .contract import compute_dtype
 from .smoothing import SmoothingSpec, check_anchor, check_num_coded, check_order
 
-__all__ = ["dres_loss", "check_num_coded", "coding_weights", "principal_order"]
+__all__ = ["dres_loss", "dres_loss_with_spec", "check_num_coded", "principal_order"]
 
 #: Power iterations of :func:`principal_order`: the order only needs a good direction, not a converged
 #: one, and every iterate is a function of the batch's covariance, so any count keeps the invariance.
@@ -60,15 +60,6 @@ def principal_order(batch: torch.Tensor, iterations: int = POWER_ITERATIONS) -> 
         sign = direction.index_select(0, direction.abs().argmax().reshape(1)).sign()
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # an all-equal batch keeps its order
         return torch.argsort(centred @ (direction * sign), stable=True)
-
-
-def coding_weights(num_samples, num_coded, device, dtype, smoothing):
-    """``(encoder, decoder)`` for options given as a dict (``lam_*``/``dof_*``/``alpha``/``beta``):
-    the first version's helper, kept for its callers; new code passes a :class:`SmoothingSpec` to
-    :func:`dres_fast.cache.weights_for`."""
-    spec = SmoothingSpec(num_coded=num_coded, **smoothing)
-    return (weights_for(spec, num_samples, device, dtype, "encoder"),
-            weights_for(spec, num_samples, device, dtype, "decoder"))
 
 
 def dres_loss(
@@ -121,6 +112,16 @@ def dres_loss(
     Returns:
         ``loss``, or ``(loss, y_hat)`` when ``return_decoded``.
     """
+    spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+    return dres_loss_with_spec(fn, x, spec, reduction=reduction, y=y, return_decoded=return_decoded,
+                               backend=backend, batch_dim=batch_dim, order=order, anchor=anchor)
+
+
+def dres_loss_with_spec(fn, x, spec: SmoothingSpec, *, reduction="mean", y=None, return_decoded=False,
+                        backend="auto", batch_dim=0, order="given", anchor="observed"):
+    """:func:`dres_loss` with the smoothing options already validated as a :class:`SmoothingSpec`: what
+    ``DReSLoss`` and ``SubmoduleDReS`` call with the spec they hold, so a training step does not rebuild
+    and revalidate it (explicit points given as CUDA tensors would cost a host sync each time)."""
     if not callable(fn):
         raise TypeError(f"fn must be callable (a module or function), got {type(fn).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -136,7 +137,6 @@ def dres_loss(
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
     order, anchor = check_order(order), check_anchor(anchor)
-    spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
     num_samples, num_coded = spec.sizes(x.shape[x_axis])
 
     # The ops mix along dim 0; movedim is a view (no copy) and a no-op for batch_dim=0.

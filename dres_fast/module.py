@@ -15,7 +15,7 @@ from . import ops
 from ._hooks import (EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers,
                      skipped_step_loss, take_samples)
 from .cache import weights_for
-from .functional import dres_loss, principal_order
+from .functional import dres_loss_with_spec, principal_order
 from .smoothing import SmoothingSpec, check_anchor, check_every, check_order
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
@@ -61,22 +61,22 @@ class DReSLoss(nn.Module):
         if self.every > 1 and return_decoded:
             raise ValueError("every > 1 cannot be combined with return_decoded=True: skipped steps have no reconstruction")
         self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
-        self.options = dict(**self.spec.options(), reduction=reduction, return_decoded=return_decoded,
-                            backend=backend, batch_dim=check_batch_dim(batch_dim), order=check_order(order),
+        # the call options; the smoothing options live in self.spec, validated once
+        self.options = dict(reduction=reduction, return_decoded=return_decoded, backend=backend, batch_dim=check_batch_dim(batch_dim), order=check_order(order),
                             anchor=check_anchor(anchor))
         #: calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``
         self.step_count = 0
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         if self.every == 1:  # no counter: a changing int would recompile a torch.compile'd step
-            return dres_loss(fn, x, y=y, **self.options)
+            return dres_loss_with_spec(fn, x, self.spec, y=y, **self.options)
         step, self.step_count = self.step_count, self.step_count + 1
         if step % self.every != 0:
             return skipped_step_loss(x, self.options["batch_dim"], self.options["reduction"])
-        return dres_loss(fn, x, y=y, **self.options) * self.every
+        return dres_loss_with_spec(fn, x, self.spec, y=y, **self.options) * self.every
 
     def extra_repr(self) -> str:
-        options = dict(self.options, every=self.every)
+        options = dict(self.spec.options(), **self.options, every=self.every)
         return ", ".join(f"{k}={v!r}" for k, v in options.items() if not isinstance(v, torch.Tensor))
 
 
@@ -348,15 +348,15 @@ class SubmoduleDReS:
 
         self._inside = True
         try:
-            loss = dres_loss(
+            loss = dres_loss_with_spec(
                 coded_branch,
                 take_samples(batch, sort, batch_axis(self.batch_dim, batch)),
+                spec,
                 y=take_samples(output, sort, self.batch_dim) if self.anchor == "observed" else output,
                 reduction=self.reduction,
                 backend=self.backend,
                 batch_dim=self.batch_dim,
                 anchor=self.anchor,  # order: the batch is already sorted here (for the extra arguments too)
-                **spec.options(),
             )
         finally:
             self._inside = False

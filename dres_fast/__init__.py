@@ -30,7 +30,8 @@ _FROM_SPLINES = ("points", "spline_weights", "degrees_of_freedom", "lam_for_dof"
 
 
 def __getattr__(name):
-    # dres_fast.splines imports scipy (~0.5 s): load it when one of its functions is first used
+    # loaded when one of its functions is first used: nothing of the spline code (nor scipy, which it
+    # imports inside its functions) is paid for by `import dres_fast`
     if name in _FROM_SPLINES:
         from . import splines
 

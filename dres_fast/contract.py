@@ -13,8 +13,9 @@ For data of dtype ``t`` (float64, float32, float16 or bfloat16) and ``r = y - D 
 
 The Python backends import these functions. Code that cannot import them restates them, each in one
 marked place: the CUDA binding (``csrc/binding.cpp``, "Op rules") for C++, and the Triton launchers
-(``compute_dtype`` in ``kernels/spline_mix.py``, ``grad_scale`` in ``kernels/reconstruction_loss.py``).
-``tests/test_contract.py`` checks that every backend follows them.
+(``compute_dtype`` in ``kernels/_common.py``, ``grad_scale`` in ``kernels/reconstruction_loss.py``).
+``tests/test_layout.py`` checks the reference backend against them; ``tests/test_spline_mix.py`` and
+``tests/test_reconstruction_loss.py`` check every other backend against the reference.
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def principal_order(batch: torch.Tensor, iterations: int = POWER_ITERATIONS) -> 
     of largest norm, apply :math:`v \leftarrow X^\top X v / \lVert\cdot\rVert` ``iterations`` times
     (:math:`O(K d)` each), orient :math:`v` so that its largest-magnitude entry is positive, and
     ``argsort`` :math:`X v` (stable). Every step is a function of the set of samples, so permuting the
-    batch permutes the result the same way; nothing leaves the device (no host sync). No gradient.
+    batch permutes the result the same way, up to ties (two samples of equal norm for the start, or of
+    equal projection, keep their input order; floating-point sums in another order can also break a
+    near-tie differently); nothing leaves the device (no host sync). No gradient.
     """
     with torch.no_grad():
         flat = batch.detach().reshape(batch.shape[0], -1).to(compute_dtype(batch.dtype))

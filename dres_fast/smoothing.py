@@ -71,7 +71,7 @@ def check_lam(value, name: str) -> float:
     """A smoothing lambda: a real number >= 0 (``math.inf`` fits the least-squares line)."""
     lam = _real(value, name)
     if math.isnan(lam) or lam < 0:
-        raise ValueError(f"{name} must be >= 0 (math.inf fits a straight line), got {value}")
+        raise ValueError(f"{name} must be >= 0 (math.inf fits the least-squares line), got {value}")
     return lam
 
 

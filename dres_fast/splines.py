@@ -60,12 +60,12 @@ import numpy as np
 import torch
 
 from ._banded import PenalizedSystem
+from .smoothing import POINT_KINDS, check_lam
 
 # scipy is imported inside the functions that use it, so that importing the package stays cheap.
 
 __all__ = ["points", "spline_weights", "degrees_of_freedom", "lam_for_dof", "POINT_KINDS"]
 
-POINT_KINDS = ("chebyshev", "lobatto", "uniform")
 PointsLike = Union[str, torch.Tensor, np.ndarray, Sequence[float]]
 
 
@@ -140,15 +140,6 @@ def _to_numpy_1d(value, name: str) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     return arr
-
-
-def _check_lam(lam, name: str = "lam") -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {type(lam).__name__}")
-    lam = float(lam)
-    if math.isnan(lam) or lam < 0:
-        raise ValueError(f"{name} must be >= 0 (math.inf fits the least-squares line), got {lam}")
-    return lam
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +236,7 @@ def spline_weights(src, dst, lam: float = 0.0) -> torch.Tensor:
     _check_knots(src_np, "src")
     if not np.all(np.isfinite(dst_np)):
         raise ValueError("dst must be finite")
-    lam = _check_lam(lam)
+    lam = check_lam(lam, "lam")
     return torch.from_numpy(_weights_np(src_np, dst_np, lam))
 
 
@@ -258,7 +249,7 @@ def degrees_of_freedom(src, lam: float) -> float:
     knots ``src``, in O(len(src)) (the band of a banded inverse; :mod:`dres_fast._banded`)."""
     src_np = _to_numpy_1d(src, "src")
     _check_knots(src_np, "src")
-    return _trace_of_smoother(src_np, _check_lam(lam))
+    return _trace_of_smoother(src_np, check_lam(lam, "lam"))
 
 
 def _trace_of_smoother(t: np.ndarray, lam: float) -> float:

@@ -1,11 +1,7 @@
 """Backend ``"triton"`` of dres_fast (shipped as ``dres_fast.kernels``).
 
-The dispatcher loads it lazily::
-
-    import dres_fast.kernels as k
-    registry.register_backend("triton", k, op_factory=k.OP_FACTORY)
-
-and gets the two backend functions of docs/ARCHITECTURE.md:
+The adapter ``dres_fast/backends/triton.py`` imports it lazily (the first time the backend is used) and
+registers its two backend functions of docs/ARCHITECTURE.md as torch.library ops:
 
 - ``spline_mix(weights, x)``: ``weights @ x`` along the batch axis (``kernels/spline_mix.py``)
 - ``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)``: the DReS discrepancy and both

@@ -279,9 +279,10 @@ _WHO = "dres_fast cuda backend: "
 
 
 def _check_2d_cuda(tensor, name: str) -> None:
-    # The binding checks the same (csrc/binding.cpp); checking here first keeps a bad argument from ever
-    # reaching C++: on the first GPU run a failed TORCH_CHECK inside the extension crashed the process
-    # instead of raising (bench/cpp_throw_probe.py tells whether a machine has that problem).
+    # For direct calls of this adapter (tests, benchmarks; dres_fast.ops validates before it dispatches):
+    # the binding checks the same (csrc/binding.cpp), but on the first GPU run a failed TORCH_CHECK inside
+    # the extension crashed the process instead of raising (bench/cpp_throw_probe.py tells whether a
+    # machine has that problem), so a bad argument must not reach C++.
     import torch
 
     if not isinstance(tensor, torch.Tensor):

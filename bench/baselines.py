@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dres_fast.contract import MIN_SAMPLES
+
 # Default strengths (see each method's docstring for the source).
 R1_GAMMA = 10.0            # Mescheder et al. 2018, R1 gamma; penalty weight gamma / 2
 JACOBIAN_LAMBDA = 0.01     # Hoffman, Roberts & Yaida 2019, lambda_JR
@@ -30,7 +32,7 @@ LAZY_INTERVAL = 16         # Karras et al. 2020 (StyleGAN2): R1 every 16 minibat
 FD_LAMBDA = 0.1            # Finlay & Oberman 2019: penalty weight (reference code default is 0 = off)
 FD_STEP = 1e-2             # Finlay & Oberman 2019 reference code (cfinlay/tulip): h = 1e-2, O1 differences
 DRES_WEIGHT = 1.0          # DReS discrepancy weight; smoothing left at dres_fast's defaults
-MIN_NUM_CODED = 3          # dres_fast rejects num_coded < 3: a cubic spline needs three knots
+MIN_NUM_CODED = MIN_SAMPLES  # dres_fast rejects num_coded < 3: a cubic spline needs three knots
 
 
 def num_coded_for(ratio: float, batch: int) -> int:

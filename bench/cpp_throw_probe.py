@@ -34,7 +34,7 @@ except RuntimeError as err:
 """
 
 CALL_DRES = r"""
-import torch, dres_fast._cuda_ext as c
+import torch, dres_fast.backends.cuda as c
 ops = c.load()
 w = torch.ones(3, 3, device="cuda")
 for name, x in (("x on CPU", torch.ones(3, 4)), ("K mismatch", torch.ones(5, 4, device="cuda")),

@@ -105,7 +105,7 @@ step_build() {
         echo "nvcc not found: the CUDA backend is not built; the Triton steps still run"
         return 77
     fi
-    "$PY" -c "import dres_fast._cuda_ext as c; c.load(verbose=True); print('CUDA extension loaded')"
+    "$PY" -c "import dres_fast.backends.cuda as c; c.load(verbose=True); print('CUDA extension loaded')"
 }
 
 export PY; export -f step_deps step_build

@@ -36,6 +36,7 @@ import json
 
 import torch
 
+from bench import report
 from bench.timing import choose_threads, time_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -232,20 +233,6 @@ def count_cases(device: str, mode: str) -> int:
     return len(kernel_cases(device, mode)[0])
 
 
-def format_kernel_table(rows: list[dict]) -> str:
-    header = (f"{'op':<20} {'backend':<13} {'K':>5} {'N':>5} {'d':>8} {'dtype':<8} "
-              f"{'ms':>9} {'floor ms':>9} {'x floor':>8}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else "failed"
-        ratio = f"{r['ms'] / r['floor_ms']:.2f}" if r.get("ms") is not None else "-"
-        lines.append(f"{r['op']:<20} {r['backend']:<13} {r['K']:>5} {r['N']:>5} {r['d']:>8} {r['dtype']:<8} "
-                     f"{ms:>9} {r['floor_ms']:>9.3f} {ratio:>8}")
-        if r.get("error"):
-            lines.append(f"    error: {r['error'][:150]}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -270,7 +257,7 @@ def main(argv=None) -> None:
     print(f"device: {name}   torch {torch.__version__}   threads: {threads_note}")
     print("measured rates: " +
           "   ".join(f"{k} {v:.3g}" for k, v in result["rates"].items()))
-    print(format_kernel_table(result["kernels"]))
+    print(report.kernel_table(result["kernels"]))
     for backend, why in result["skipped"].items():
         print(f"not timed: {backend}: {why}")
     if args.out:

@@ -75,7 +75,7 @@ def _auto_candidate(name: str) -> bool:
 
 
 def _precision(dtype) -> str:
-    return "half" if dtype in (torch.float16, torch.bfloat16, "float16", "bfloat16") else "full"
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "full"
 
 
 @functools.lru_cache(maxsize=64)

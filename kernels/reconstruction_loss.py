@@ -80,6 +80,25 @@ def scaled(r, scale_hi, scale_lo, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
+                  stride_yk, stride_yd, grad_scale, grad_scale_lo,
+                  WRITE_GRAD_Y: tl.constexpr, DOT_MODE: tl.constexpr):
+    """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): stores each row's ``sum_j r^2``
+    into the partials (row k of column tile ``pid_d``: written by exactly one program, summed later in a
+    fixed order) and, with ``WRITE_GRAD_Y``, ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
+    y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
+                     mask=tile_mask, other=0.0).to(decoded.dtype)
+    # masked rows / columns / n are loaded as 0, so r is exactly 0 there
+    r = y_tile - decoded
+    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
+    if WRITE_GRAD_Y:
+        r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
+        tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
+                 r.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
+    return r
+
+
+@triton.jit
 def _reconstruction_loss_kernel(
     y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
     K, N, D,
@@ -111,16 +130,9 @@ def _reconstruction_loss_kernel(
         dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn,
                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         decoded = mix_dot(dec_tile, yc_tile, acc_zero, DOT_MODE)
-        y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
-                         mask=tile_mask, other=0.0).to(acc_zero.dtype)
-        # masked rows / columns / n are loaded as 0, so r is exactly 0 there
-        r = y_tile - decoded
-        tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
-
+        grad_r = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
+                               stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
         if WRITE_GRAD_Y:
-            grad_r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
-            tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
-                     grad_r.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
             if WRITE_GRAD_YC:
                 # this row tile's share of D^T (c r) for the column tile: local, no atomics
                 grad_yc_acc = mix_dot(tl.trans(dec_tile), grad_r, grad_yc_acc, GRAD_DOT_MODE)
@@ -164,17 +176,10 @@ def _reconstruction_rows_kernel(
                            mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         decoded = mix_dot(dec_chunk, yc_chunk, decoded, DOT_MODE)
 
-    y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
-                     mask=tile_mask, other=0.0).to(decoded.dtype)
-    r = y_tile - decoded
-    # row k of column tile pid_d: written by exactly one program, summed later in a fixed order
-    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
-    if WRITE_GRAD_Y:
-        grad = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
-        out_offsets = ks[:, None].to(tl.int64) * D + cols[None, :]
-        tl.store(grad_y_ptr + out_offsets, grad.to(grad_y_ptr.dtype.element_ty), mask=tile_mask)
-        if WRITE_GRAD_R:
-            tl.store(grad_r_ptr + out_offsets, grad, mask=tile_mask)
+    grad = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
+                         stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
+    if WRITE_GRAD_Y and WRITE_GRAD_R:
+        tl.store(grad_r_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], grad, mask=tile_mask)
 
 
 # At most four configs per path. BLOCK_D (the partials' layout) and BLOCK_N (the rows path's reduction

@@ -62,10 +62,11 @@ class StudyConfig:
                                                           submodule="model"))
 
 
-MNIST_QUICK_GRIDS = {"erm": [0.0], "dres": [0.1, 1.0, 10.0], "grad_penalty": [0.01, 0.1, 1.0],
-                     "mixup": [0.1, 0.4, 2.0], "label_smoothing": [0.03, 0.1, 0.3], "weight_decay": [0.01, 0.1, 1.0]}
-MNIST_FULL_GRIDS = {"erm": [0.0], "dres": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
-                    "grad_penalty": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "mixup": [0.1, 0.2, 0.4, 1.0, 2.0],
+MNIST_QUICK_GRIDS = {"erm": [0.0], "dres": [0.01, 0.1, 1.0, 10.0], "grad_penalty": [0.01, 0.1, 1.0, 3.0],
+                     "mixup": [0.1, 0.4, 2.0, 8.0], "label_smoothing": [0.03, 0.1, 0.3, 0.5],
+                     "weight_decay": [0.01, 0.1, 1.0]}
+MNIST_FULL_GRIDS = {"erm": [0.0], "dres": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+                    "grad_penalty": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "mixup": [0.1, 0.2, 0.4, 1.0, 2.0, 8.0],
                     "label_smoothing": [0.01, 0.03, 0.1, 0.2, 0.3, 0.5],
                     "weight_decay": [0.001, 0.01, 0.1, 0.3, 1.0, 3.0]}
 
@@ -93,7 +94,8 @@ def quick_config() -> StudyConfig:
         vae_steps=800, vae_batch=64, vae_dres_weights=[0.1, 1.0], vae_gp_weights=[0.001, 0.01],
         moons_steps=600, mnist=MnistConfig(seeds=[0, 1, 2], grids=MNIST_QUICK_GRIDS, n_train=1000, steps=250, batch=32,
                                             ssl_steps=200, ssl_batch=64, ssl_width=8, ssl_labels=300,
-                                            gan_steps=1000, gan_batch=64, vae_steps=800, feature_steps=400))
+                                            ssl_dres_weights=[0.01, 0.1, 1.0],
+                                            gan_steps=3000, gan_batch=64, vae_steps=800, feature_steps=400))
 
 
 def full_config() -> StudyConfig:
@@ -109,7 +111,7 @@ def full_config() -> StudyConfig:
         vae_steps=1000, vae_batch=64, vae_dres_weights=[0.01, 0.03, 0.1, 0.3, 1.0],
         vae_gp_weights=[0.0003, 0.001, 0.01], moons_steps=1000,
         mnist=MnistConfig(seeds=list(range(5)), grids=MNIST_FULL_GRIDS, n_train=1000, steps=600, ssl_steps=1000,
-                          ssl_width=16, ssl_labels=300, ssl_dres_weights=[0.03, 0.3, 3.0], gan_steps=5000,
+                          ssl_width=16, ssl_labels=300, ssl_dres_weights=[0.03, 0.3, 3.0], gan_steps=10000,
                           gan_r1_gammas=[0.01, 0.1, 1.0, 10.0], gan_dres_weights=[0.01, 0.1, 1.0, 10.0],
                           vae_steps=3000, vae_dres_weights=[0.01, 0.1, 1.0, 10.0]))
 

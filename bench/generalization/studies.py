@@ -251,7 +251,9 @@ def run_study(cfg: StudyConfig, out_dir: Path, mode: str, workers: int = 1) -> d
     from bench.generalization.suite import add_studies, mnist_tasks, run_tasks
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tasks = [("digits", run_digits, (cfg, out_dir))] + (mnist_tasks(cfg.mnist) if cfg.mnist else [])
+    # longest first, so that two workers finish together: gan, supervised MNIST, digits, ssl, vae
+    tasks = mnist_tasks(cfg.mnist) if cfg.mnist else []
+    tasks[2:2] = [("digits", run_digits, (cfg, out_dir))]
     parts = run_tasks(tasks, workers)
     digits, digits_cpu = parts.pop("digits")
     summary = summarize_supervised(digits["runs"], cfg)

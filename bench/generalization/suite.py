@@ -37,8 +37,8 @@ def mnist_tasks(mc) -> list:
     from bench.generalization.ssl import run_ssl
     from bench.generalization.supervised_mnist import run_supervised_mnist
     from bench.generalization.vae_mnist import run_vae
-    return [("supervised_mnist5k", run_supervised_mnist, (mc,)), ("ssl_mnist5k", run_ssl, (mc,)),
-            ("gan_mixture", run_gan, (mc,)), ("vae_mnist5k", run_vae, (mc,))]
+    return [("gan_mixture", run_gan, (mc,)), ("supervised_mnist5k", run_supervised_mnist, (mc,)),
+            ("ssl_mnist5k", run_ssl, (mc,)), ("vae_mnist5k", run_vae, (mc,))]
 
 
 def digits_entries(runs, grids, methods) -> list:

@@ -67,7 +67,7 @@ MNIST_QUICK_GRIDS = {"erm": [0.0], "dres": [0.01, 0.1, 1.0, 10.0], "grad_penalty
                      "weight_decay": [0.01, 0.1, 1.0]}
 MNIST_FULL_GRIDS = {"erm": [0.0], "dres": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                     "grad_penalty": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "mixup": [0.1, 0.2, 0.4, 1.0, 2.0, 8.0],
-                    "label_smoothing": [0.01, 0.03, 0.1, 0.2, 0.3, 0.5],
+                    "label_smoothing": [0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7],
                     "weight_decay": [0.001, 0.01, 0.1, 0.3, 1.0, 3.0]}
 
 
@@ -111,7 +111,7 @@ def full_config() -> StudyConfig:
         vae_steps=1000, vae_batch=64, vae_dres_weights=[0.01, 0.03, 0.1, 0.3, 1.0],
         vae_gp_weights=[0.0003, 0.001, 0.01], moons_steps=1000,
         mnist=MnistConfig(seeds=list(range(5)), grids=MNIST_FULL_GRIDS, n_train=1000, steps=600, ssl_steps=1000,
-                          ssl_width=16, ssl_labels=300, ssl_dres_weights=[0.03, 0.3, 3.0], gan_steps=10000,
+                          ssl_width=16, ssl_labels=300, ssl_dres_weights=[0.003, 0.01, 0.1, 1.0], gan_steps=10000,
                           gan_r1_gammas=[0.01, 0.1, 1.0, 10.0], gan_dres_weights=[0.01, 0.1, 1.0, 10.0],
                           vae_steps=3000, vae_dres_weights=[0.01, 0.1, 1.0, 10.0]))
 

@@ -160,6 +160,16 @@ def make_mixup(alpha: float):
 mixup = make_mixup(MIXUP_ALPHA)  # alpha = 1: lambda uniform on [0, 1]
 
 
+def make_label_smoothing(eps: float):
+    """Label smoothing (Szegedy et al. 2016, "Rethinking the Inception architecture"): cross-entropy
+    against (1 - eps) one-hot + eps uniform over the classes. The plain control for confidence."""
+
+    def label_smoothing(model, x, target, step):
+        return F.cross_entropy(model(x).float(), target, label_smoothing=eps)
+
+    return label_smoothing
+
+
 def fd_grad_penalty(model, x, target, step):
     """Finite-difference input-gradient penalty (Finlay & Oberman 2019, "Scaleable input gradient
     regularization for adversarial robustness"; reference code cfinlay/tulip): the gradient direction
@@ -242,4 +252,5 @@ def amortized_ms(penalty_ms: float, plain_ms: float, interval: int) -> float:
 
 
 __all__ = ["Method", "all_methods", "method_by_key", "amortized_ms", "make_grad_penalty", "make_mixup",
+           "make_label_smoothing",
            "num_coded_for", "MIN_NUM_CODED"]

@@ -5,6 +5,10 @@ gradient penalty and mixup? One module per concern:
 - ``data``: digits splits, label noise, statistics (mean and 95% t-interval over seeds)
 - ``supervised``, ``regimes``, ``pictures``: training of each regime (baselines from bench/baselines.py)
 - ``studies``: the experiments and ``run_study``, which runs them all
+- ``mnist`` (MNIST-5k data, corruptions, CNN/MLP), ``supervised_mnist``, ``ssl``, ``gan``, ``vae_mnist``:
+  the studies supervised_mnist5k, ssl_mnist5k, gan_mixture, vae_mnist5k
+- ``entries`` (the common "studies" entry format, its tables and plot), ``suite`` (runs studies side by
+  side, assembles the "studies" list)
 - ``report``: plots, report.md and generalization.json; ``evidence``: tables for the README
 - ``__main__``: the command line
 """

@@ -14,18 +14,19 @@ def plot_supervised(summary, cfg, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     settings = list(summary["erm"]["by_setting"])
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(SUPERVISED_METHODS)
-    for i, m in enumerate(SUPERVISED_METHODS):
+    methods = [m for m in SUPERVISED_METHODS if m in summary]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
         d = [summary[m]["by_setting"][s]["diff_vs_erm"] for s in settings]
         means = np.array([e["mean"] for e in d]) * 100
         err = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in d]).T * 100
-        ax.bar(np.arange(len(settings)) + (i - 2) * width, means, width, yerr=err, capsize=2, label=m)
+        ax.bar(np.arange(len(settings)) + (i - (len(methods) - 1) / 2) * width, means, width, yerr=err, capsize=2, label=m)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(settings)), settings)
     ax.set_ylabel("test accuracy - ERM (points)")
     ax.set_title(f"Digits, paired difference to ERM, 95% CI over {len(cfg.seeds)} seeds")
-    ax.legend(fontsize=8, ncol=5)
+    ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out_dir / "supervised_vs_erm.png", dpi=110)
     plt.close(fig)
@@ -69,13 +70,14 @@ def write_report(result, out_dir):
     settings = list(s["erm"]["by_setting"])
     lines.append("| method | " + " | ".join(settings) + " | mean over settings | diff vs ERM |")
     lines.append("|---" * (len(settings) + 3) + "|")
-    for m in SUPERVISED_METHODS:
+    methods = [m for m in SUPERVISED_METHODS if m in s]
+    for m in methods:
         cells = [fmt(s[m]["by_setting"][k]) for k in settings]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(s[m])} | {fmt(s[m]['diff_vs_erm'])} |")
     lines += ["", "Paired difference to ERM per setting (points, 95% CI):", ""]
     lines.append("| method | " + " | ".join(settings) + " |")
     lines.append("|---" * (len(settings) + 1) + "|")
-    for m in SUPERVISED_METHODS[1:]:
+    for m in methods[1:]:
         lines.append(f"| {m} | " + " | ".join(fmt(s[m]["by_setting"][k]["diff_vs_erm"]) for k in settings) + " |")
     lines += ["", "Paired difference of DReS to each baseline, averaged over settings (points, 95% CI):", "",
               "| dres minus | difference |", "|---|---|"]

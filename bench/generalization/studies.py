@@ -71,7 +71,8 @@ def summarize_supervised(selected, cfg: StudyConfig) -> dict:
     summary = {}
     settings = [(n, z) for n in cfg.train_sizes for z in cfg.label_noise]
     acc = {(r["method"], r["seed"], r["n_train"], r["label_noise"]): r["test_acc"] for r in selected}
-    for method in SUPERVISED_METHODS:
+    methods = [m for m in SUPERVISED_METHODS if any(r["method"] == m for r in selected)]  # older runs: fewer
+    for method in methods:
         per_seed = [np.mean([acc[method, s, n, z] for n, z in settings]) for s in cfg.seeds]
         per_seed_erm = [np.mean([acc["erm", s, n, z] for n, z in settings]) for s in cfg.seeds]
         entry = mean_ci95(per_seed)
@@ -80,7 +81,7 @@ def summarize_supervised(selected, cfg: StudyConfig) -> dict:
         entry["paired_diff"] = {
             other: mean_ci95([np.mean([acc[method, s, n, z] - acc[other, s, n, z] for n, z in settings])
                               for s in cfg.seeds])
-            for other in SUPERVISED_METHODS if other != method}
+            for other in methods if other != method}
         entry["by_setting"] = {}
         for n, z in settings:
             vals = [acc[method, s, n, z] for s in cfg.seeds]
@@ -231,42 +232,51 @@ def summarize_rows(rows, key, baseline):
     return out
 
 
-def run_study(cfg: StudyConfig, out_dir: Path, mode: str) -> dict:
+def run_digits(cfg: StudyConfig, out_dir: Path) -> dict:
+    """The sklearn-digits study: supervised, sweep, wall-clock, self-supervised, generative, pictures."""
     from bench.generalization.pictures import moons_boundaries, spline_curve_plot
+    selected, tuning = run_supervised(cfg)
+    sweep_rows, sweep_table = run_sweep(cfg)
+    part = {"runs": selected, "tuning_runs": tuning, "sweep": {"rows": sweep_rows, "table": sweep_table},
+            "wallclock": run_wallclock(cfg, selected), "self_supervised": run_self_supervised(cfg),
+            "generative": run_generative(cfg)}
+    part["pictures"] = {"moons": moons_boundaries(out_dir, cfg.moons_steps),
+                        "spline_curve_discrepancy": spline_curve_plot(out_dir, cfg.moons_steps)}
+    log("pictures done")
+    return part
+
+
+def run_study(cfg: StudyConfig, out_dir: Path, mode: str, workers: int = 1) -> dict:
+    """Every study; with workers > 1 the studies run side by side in that many processes."""
+    from bench.generalization.suite import add_studies, mnist_tasks, run_tasks
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    selected, tuning = run_supervised(cfg)
-    summary = summarize_supervised(selected, cfg)
-    sweep_rows, sweep_table = run_sweep(cfg)
-    wallclock = run_wallclock(cfg, selected)
-    ssl = run_self_supervised(cfg)
-    gen = run_generative(cfg)
-    pictures = {"moons": moons_boundaries(out_dir, cfg.moons_steps),
-                "spline_curve_discrepancy": spline_curve_plot(out_dir, cfg.moons_steps)}
-    log("pictures done")
+    # longest first, so that two workers finish together: gan, supervised MNIST, digits, ssl, vae
+    tasks = mnist_tasks(cfg.mnist) if cfg.mnist else []
+    tasks[2:2] = [("digits", run_digits, (cfg, out_dir))]
+    parts = run_tasks(tasks, workers)
+    digits, digits_cpu = parts.pop("digits")
+    summary = summarize_supervised(digits["runs"], cfg)
     plot_supervised(summary, cfg, out_dir)
-    plot_sweep(sweep_table, out_dir)
+    plot_sweep(digits["sweep"]["table"], out_dir)
     result = {
         "dataset": "sklearn load_digits: 1797 real 8x8 handwritten digits, pixels/16; fixed test split of "
                    f"{data.TEST_SIZE}, per-seed validation split of {data.VAL_SIZE} (same label noise as "
                    "training), training sets drawn from the rest; make_moons for the pictures",
         "mode": mode,
         "config": asdict(cfg),
-        "runs": selected,
         "summary": summary,
-        "tuning_runs": tuning,
-        "sweep": {"rows": sweep_rows, "table": sweep_table},
-        "wallclock": wallclock,
-        "self_supervised": ssl,
-        "generative": gen,
-        "pictures": pictures,
+        **digits,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
-        "seconds_total": time.perf_counter() - t0,
+                        "threads": 1, "workers": workers, "machine": platform.machine()},
     }
-    write_json(result, out_dir / "generalization.json")
+    result["seconds_total"] = time.perf_counter() - t0
+    result["cpu_seconds"] = {"digits": digits_cpu, **{k: c for k, (_, c) in parts.items()}}
     write_report(result, out_dir)
-    log(f"wrote {out_dir}/generalization.json, report.md and plots in {result['seconds_total']:.0f} s")
+    add_studies(result, parts, out_dir, SUPERVISED_METHODS)
+    write_json(result, out_dir / "generalization.json")
+    log(f"wrote {out_dir}/generalization.json, report.md and plots in {result['seconds_total']:.0f} s "
+        f"(CPU {sum(result['cpu_seconds'].values()):.0f} s)")
     return result
 
 
@@ -277,6 +287,10 @@ def resummarize(out_dir: Path) -> dict:
     result = json.loads(path.read_text())
     cfg = StudyConfig(**result["config"])
     result["summary"] = summarize_supervised(result["runs"], cfg)
+    from bench.generalization.suite import digits_entries
+    grids = {m: g for m, g in cfg.grids.items() if m in SUPERVISED_METHODS}
+    other = [e for e in result.get("studies", []) if e["name"] != "supervised_digits"]
+    result["studies"] = digits_entries(result["runs"], grids, SUPERVISED_METHODS) + other
     write_json(result, path)
     write_report(result, out_dir)
     return result

@@ -1,4 +1,5 @@
-"""Supervised small-data digits: ERM, DReS, DReS-decoded, gradient penalty, mixup.
+"""Supervised small-data digits: ERM, DReS, DReS-decoded, gradient penalty, mixup, label smoothing,
+weight decay (AdamW).
 
 Each method is one ``loss_fn(model, x, y, step) -> loss`` (the signature of bench/baselines.py, whose
 ERM, gradient penalty and mixup the study uses); the training loop is shared so that the methods
@@ -30,7 +31,7 @@ def make_mlp(in_dim=64, hidden=128, out_dim=NUM_CLASSES) -> nn.Sequential:
 
 @dataclass
 class MethodConfig:
-    method: str                     # erm | dres | dres_decoded | grad_penalty | mixup
+    method: str                     # erm | dres | dres_decoded | grad_penalty | mixup | label_smoothing | weight_decay
     strength: float = 0.0           # weight (dres, grad_penalty), blend (dres_decoded), Beta alpha (mixup)
     coded_ratio: float = 1.0        # N / K
     dof_frac: float = 0.75          # dof as a fraction of K (encoder) and N (decoder); 1 = interpolate
@@ -100,16 +101,24 @@ def make_loss_fn(cfg: MethodConfig):
     if cfg.method == "mixup":
         return baselines.make_mixup(cfg.strength)
 
+    if cfg.method == "label_smoothing":
+        return baselines.make_label_smoothing(cfg.strength)
+
+    if cfg.method == "weight_decay":  # AdamW applies it (train_classifier); the loss is plain
+        return baselines.erm
+
     raise ValueError(cfg.method)
 
 
 def train_classifier(cfg: MethodConfig, x_train, y_train, *, steps: int, batch: int, seed: int,
                      lr: float = 1e-3, hidden: int = 128, in_dim: int = 64, out_dim: int = NUM_CLASSES):
-    """Adam on random minibatches (without replacement within a batch). Returns (model, seconds)."""
+    """Adam (AdamW for "weight_decay") on random minibatches (without replacement within a batch). Returns (model, seconds)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = make_mlp(in_dim, hidden, out_dim)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # AdamW with weight_decay 0 is Adam: every method but "weight_decay" trains exactly as before
+    opt = torch.optim.AdamW(model.parameters(), lr=lr,
+                            weight_decay=cfg.strength if cfg.method == "weight_decay" else 0.0)
     loss_fn = make_loss_fn(cfg)
     batch = min(batch, len(x_train))
     gen = torch.Generator().manual_seed(seed)

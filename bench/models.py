@@ -4,7 +4,6 @@ Sizes are parameters so the CPU ``--quick`` run stays small and the GPU run can 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -79,7 +79,7 @@ def tables(result) -> str:
                    f"{fmt(d['diff_vs_vae'], 1e3, 1, True)} | {e['chosen_strengths']} |")
     out += ["", f"Moons: {json.dumps(result['pictures']['moons'])}",
             f"Spline-curve discrepancy: {json.dumps(result['pictures']['spline_curve_discrepancy'])}",
-            f"Chosen supervised strengths: " + json.dumps({m: {k: v['chosen_strengths'] for k, v in s[m]['by_setting'].items()}
+            "Chosen supervised strengths: " + json.dumps({m: {k: v['chosen_strengths'] for k, v in s[m]['by_setting'].items()}
                                                           for m in methods[1:]}),
             f"Total time {result['seconds_total']:.0f} s"]
     return "\n".join(out)

@@ -12,7 +12,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 MNIST_TEST, MNIST_VAL = 1000, 500
 

@@ -25,7 +25,8 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-# The device tool returns at most 8 files from $OUT: logs go to a scratch folder, packed into one archive there.
+# With $OUT set (a remote GPU run), the logs go to a scratch folder and $OUT gets one archive of them plus
+# the JSON summaries: a few files are easier to fetch back than a folder of logs.
 if [ -n "${OUT:-}" ]; then LOG_DIR=$(mktemp -d); else LOG_DIR=bench/out/gpu_check; fi
 mkdir -p "$LOG_DIR"
 STEPS="${STEPS:-deps install build cpp tests dots kernels sweep steps}"

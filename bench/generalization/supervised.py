@@ -116,20 +116,25 @@ def train_classifier(cfg: MethodConfig, x_train, y_train, *, steps: int, batch: 
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = make_mlp(in_dim, hidden, out_dim)
-    # AdamW with weight_decay 0 is Adam: every method but "weight_decay" trains exactly as before
-    opt = torch.optim.AdamW(model.parameters(), lr=lr,
-                            weight_decay=cfg.strength if cfg.method == "weight_decay" else 0.0)
-    loss_fn = make_loss_fn(cfg)
-    batch = min(batch, len(x_train))
+    seconds = run_minibatches(model, make_loss_fn(cfg), x_train, y_train, steps=steps, batch=min(batch, len(x_train)),
+                              seed=seed, lr=lr, weight_decay=cfg.strength if cfg.method == "weight_decay" else 0.0)
+    return model, seconds
+
+
+def run_minibatches(model, loss_fn, x, y, *, steps, batch, seed, lr, weight_decay, clock=time.perf_counter):
+    """``steps`` AdamW steps (Adam at ``weight_decay`` 0, so every method but "weight_decay" trains as with
+    Adam) on random minibatches, drawn without replacement within a batch from a generator seeded with
+    ``seed``. Returns the seconds spent on ``clock``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
+    t0 = clock()
     for step in range(steps):
-        idx = torch.randperm(len(x_train), generator=gen)[:batch]
-        loss = loss_fn(model, x_train[idx], y_train[idx], step)
+        idx = torch.randperm(len(x), generator=gen)[:batch]
+        loss = loss_fn(model, x[idx], y[idx], step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model, time.perf_counter() - t0
+    return clock() - t0
 
 
 @torch.no_grad()

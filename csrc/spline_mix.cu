@@ -74,16 +74,9 @@ cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int
 extern "C" cudaError_t dres_spline_mix(const void* weights, const void* x, void* out, int64_t M,
                                        int64_t K, int64_t d, int64_t x_stride_k,
                                        int64_t x_stride_d, DresDType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DRES_F32:
-      return dres::launch<float>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_F64:
-      return dres::launch<double>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_F16:
-      return dres::launch<__half>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_BF16:
-      return dres::launch<__nv_bfloat16>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dres::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dres::launch<T>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+  });
 }
 #endif  // DRES_HOST_EMULATION

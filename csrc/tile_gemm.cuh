@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include "dres_kernels.h"  // DresDType
 #ifdef DRES_HOST_EMULATION
 #include "host_emulation.h"  // CPU test build of the kernel bodies (tests/test_cuda_backend.py)
 #else
@@ -55,6 +56,24 @@ template <> struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float in(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
 };
+
+// One switch from the C API's dtype tag to the element type, for every launcher (like torch's
+// AT_DISPATCH): returns f(TypeTag<T>{}), where T is float, double, __half or __nv_bfloat16.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <class F>
+cudaError_t dispatch_dtype(DresDType dtype, F&& f) {
+  switch (dtype) {
+    case DRES_F32: return f(TypeTag<float>{});
+    case DRES_F64: return f(TypeTag<double>{});
+    case DRES_F16: return f(TypeTag<__half>{});
+    case DRES_BF16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // N consecutive elements moved as one aligned vector access (N * sizeof(T) is a power of two).
 template <typename T, int N>

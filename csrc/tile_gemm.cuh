@@ -59,10 +59,7 @@ template <> struct Elem<__nv_bfloat16> {
 
 // One switch from the C API's dtype tag to the element type, for every launcher (like torch's
 // AT_DISPATCH): returns f(TypeTag<T>{}), where T is float, double, __half or __nv_bfloat16.
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
+template <typename T> struct TypeTag { using type = T; };
 
 template <class F>
 cudaError_t dispatch_dtype(DresDType dtype, F&& f) {
@@ -275,12 +272,7 @@ __device__ __forceinline__ void multiply_chunk(const Acc (*as)[Cfg<Acc>::LDA],
   }
 }
 
-// acc += A[m0:m0+BM, 0:depth] @ B[0:depth, col0:col0+BD] for the thread's register tile
-// (acc -= ... when kSubtract); the caller initialises acc.
-// Starts with a barrier, so the caller may reuse shared memory (and read global memory that other
-// threads of the block wrote) right before calling; ends with a barrier after the last chunk.
-// Staged chunks summed into one partial sum before it is added to acc (Acc = float; see the top).
-constexpr int kFlushChunks = 2;
+constexpr int kFlushChunks = 2;  // staged chunks per partial sum (Acc = float; see the top)
 
 template <typename Acc>
 __device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
@@ -290,6 +282,12 @@ __device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]
     for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
 }
 
+// acc += A[m0:m0+BM, 0:depth] @ B[0:depth, col0:col0+BD] for the thread's register tile
+// (acc -= ... when kSubtract); the caller initialises acc.
+// Starts with a barrier, so the caller may reuse shared memory (and read global memory that other
+// threads of the block wrote) right before calling; ends with a barrier after the last chunk.
+// Acc = float: two-level sum, the partial sum flushed into acc every kFlushChunks chunks and after
+// the last one (a fixed order: it depends on depth only).
 template <typename Acc, bool kSubtract, class AL, class BL>
 __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t depth,
                                           SmemTiles<Acc>& smem, int tx, int ty,
@@ -315,7 +313,7 @@ __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t de
     }
     if constexpr (kTwoLevel) {
       multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, part);
-      if ((t + 1) % kFlushChunks == 0 || !has_next) {  // a fixed order: depends on depth only
+      if ((t + 1) % kFlushChunks == 0 || !has_next) {
 #pragma unroll
         for (int i = 0; i < C::TM; ++i)
 #pragma unroll

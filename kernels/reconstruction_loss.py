@@ -56,17 +56,19 @@ to fp32 at the end, which changes a bit only when the float64 value lies that cl
 boundary of fp32 (spacing 2^-23 ~ 1.2e-7 relative): about one output value in 10^7. Layouts and configs
 thus make a difference very unlikely rather than impossible; an IEEE FMA dot of ``r^2`` with a ones vector
 (sums in column order) would make it impossible, for 16 / N more FMAs, more registers and an fp32 sum.
-The cost here: one float64 multiply-add per element of ``r`` (against N fp32 FMAs for ``D y_coded``). ``BLOCK_D`` (the
-partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are therefore not autotuned;
-the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
+The cost here: one float64 multiply-add per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
+
+``BLOCK_D`` (the partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are not
+autotuned; the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
 device's multiprocessor count only, so two processes on the same GPU model take the same path.
 
 Precision: the data dot ``D @ y_coded`` uses ``_common.mix_dot`` (IEEE fp32, or exact-product split
 dots for fp16/bf16); on the rows path its sum over ``N`` is two-level with fp32 accumulators
 (``_common.mix_dot_two_level``: each ``BLOCK_N`` = 32 chunk summed on its own, then added to the total),
 as is the gradient's sum over ``K`` in ``spline_mix``. The fused path's dot over ``N <= 256`` is one
-chain, and so is its ``grad_y_coded`` accumulation over ``K`` (a second accumulator tile would spill). The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32
-inputs; for fp16/bf16 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
+chain, and so is its ``grad_y_coded`` accumulation over ``K`` (a second accumulator tile would spill).
+The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32 inputs; for fp16/bf16
+inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
 
 import numpy as np

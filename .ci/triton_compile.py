@@ -138,7 +138,7 @@ def reconstruction_variants():
                     args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=acc_ptr,
                                 grad_y_ptr=data_ptr, grad_r_ptr=acc_ptr if fp32_grad else data_ptr,
                                 grad_yc_ptr=data_ptr,
-                                partial_ptr=acc_ptr, K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,
+                                partial_ptr="*fp64", K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,
                                 stride_ck=65536, stride_cd=1, stride_dk=256, stride_dn=1, grad_scale="fp32",
                                 grad_scale_lo="fp32")
                     args.update({key: 256 for key in RL.AUTOTUNE_KEY_ARGS})

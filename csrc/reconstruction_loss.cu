@@ -289,21 +289,10 @@ extern "C" cudaError_t dres_reconstruction_loss_workspace(int64_t K, int64_t N, 
                                                           int compute_grads,
                                                           int64_t* partial_elems,
                                                           int64_t* grad_scratch_elems) {
-  switch (dtype) {
-    case DRES_F32:
-      return dres::workspace<float>(K, N, d, reduction, compute_grads, partial_elems,
-                                    grad_scratch_elems);
-    case DRES_F64:
-      return dres::workspace<double>(K, N, d, reduction, compute_grads, partial_elems,
-                                     grad_scratch_elems);
-    case DRES_F16:
-      return dres::workspace<__half>(K, N, d, reduction, compute_grads, partial_elems,
-                                     grad_scratch_elems);
-    case DRES_BF16:
-      return dres::workspace<__nv_bfloat16>(K, N, d, reduction, compute_grads, partial_elems,
-                                            grad_scratch_elems);
-  }
-  return cudaErrorInvalidValue;
+  return dres::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dres::workspace<T>(K, N, d, reduction, compute_grads, partial_elems, grad_scratch_elems);
+  });
 }
 
 extern "C" cudaError_t dres_reconstruction_loss(
@@ -312,17 +301,11 @@ extern "C" cudaError_t dres_reconstruction_loss(
     int64_t d, DresDType dtype, int reduction, int compute_grads, void* loss, void* grad_y,
     void* grad_y_coded, void* partials, int64_t partial_elems, void* grad_scratch,
     cudaStream_t stream) {
-#define DRES_LAUNCH(T)                                                                        \
-  dres::launch<T>(y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, \
-                  d, reduction, compute_grads, loss, grad_y, grad_y_coded, partials,          \
-                  partial_elems, grad_scratch, stream)
-  switch (dtype) {
-    case DRES_F32: return DRES_LAUNCH(float);
-    case DRES_F64: return DRES_LAUNCH(double);
-    case DRES_F16: return DRES_LAUNCH(__half);
-    case DRES_BF16: return DRES_LAUNCH(__nv_bfloat16);
-  }
-#undef DRES_LAUNCH
-  return cudaErrorInvalidValue;
+  return dres::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dres::launch<T>(y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K,
+                           N, d, reduction, compute_grads, loss, grad_y, grad_y_coded, partials,
+                           partial_elems, grad_scratch, stream);
+  });
 }
 #endif  // DRES_HOST_EMULATION

@@ -8,12 +8,19 @@
 #include "tile_gemm.cuh"
 
 #include <climits>
+#include <type_traits>
 
 namespace dres {
 namespace {
 
+// Blocks per multiprocessor the register budget is set for: two for float64; one when Acc = float,
+// whose two-level summation (tile_gemm.cuh) holds a second TM x TD tile: at two blocks ptxas caps the
+// kernel at 128 registers, which the accumulator and its partial sum (128 floats) alone would fill.
 template <typename T>
-__global__ void __launch_bounds__(256, 2)
+constexpr int kSplineMixBlocksPerSm = std::is_same<typename Elem<T>::Acc, float>::value ? 1 : 2;
+
+template <typename T>
+__global__ void __launch_bounds__(256, kSplineMixBlocksPerSm<T>)
 spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int64_t M, int64_t K,
                   int64_t d, int64_t x_stride_k, int64_t x_stride_d, int64_t num_row_tiles,
                   bool x_vec_ok, bool out_vec_ok) {
@@ -67,16 +74,9 @@ cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int
 extern "C" cudaError_t dres_spline_mix(const void* weights, const void* x, void* out, int64_t M,
                                        int64_t K, int64_t d, int64_t x_stride_k,
                                        int64_t x_stride_d, DresDType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DRES_F32:
-      return dres::launch<float>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_F64:
-      return dres::launch<double>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_F16:
-      return dres::launch<__half>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-    case DRES_BF16:
-      return dres::launch<__nv_bfloat16>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dres::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dres::launch<T>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+  });
 }
 #endif  // DRES_HOST_EMULATION

@@ -11,11 +11,20 @@
 //
 // Products and sums are IEEE fused multiply-adds in Acc (float32, or float64 for float64 inputs):
 // never TF32, and no --use_fast_math.
+//
+// Two-level summation (Acc = float): one FMA chain over the whole depth n has a rounding error that
+// grows like n u (u = 2^-24; about sqrt(n) u for random signs), 1024 u at a depth of 1024, where cuBLAS,
+// which sums in blocks, is several times more accurate. So each kFlushChunks * BK = 32 products go into
+// a fresh per-thread partial sum, which is then added to acc: the bound becomes (32 + n / 32) u, 64 u at
+// n = 1024 (block size ~ sqrt(n) is the optimum there). Cost: one add per 32 FMAs and TM x TD more
+// registers. float64 keeps the single chain (u = 2^-53 is accurate enough and its registers are scarce).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include "dres_kernels.h"  // DresDType
 #ifdef DRES_HOST_EMULATION
 #include "host_emulation.h"  // CPU test build of the kernel bodies (tests/test_cuda_backend.py)
 #else
@@ -47,6 +56,21 @@ template <> struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float in(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
 };
+
+// One switch from the C API's dtype tag to the element type, for every launcher (like torch's
+// AT_DISPATCH): returns f(TypeTag<T>{}), where T is float, double, __half or __nv_bfloat16.
+template <typename T> struct TypeTag { using type = T; };
+
+template <class F>
+cudaError_t dispatch_dtype(DresDType dtype, F&& f) {
+  switch (dtype) {
+    case DRES_F32: return f(TypeTag<float>{});
+    case DRES_F64: return f(TypeTag<double>{});
+    case DRES_F16: return f(TypeTag<__half>{});
+    case DRES_BF16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // N consecutive elements moved as one aligned vector access (N * sizeof(T) is a power of two).
 template <typename T, int N>
@@ -248,15 +272,30 @@ __device__ __forceinline__ void multiply_chunk(const Acc (*as)[Cfg<Acc>::LDA],
   }
 }
 
+constexpr int kFlushChunks = 2;  // staged chunks per partial sum (Acc = float; see the top)
+
+template <typename Acc>
+__device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
+#pragma unroll
+  for (int i = 0; i < Cfg<Acc>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+}
+
 // acc += A[m0:m0+BM, 0:depth] @ B[0:depth, col0:col0+BD] for the thread's register tile
 // (acc -= ... when kSubtract); the caller initialises acc.
 // Starts with a barrier, so the caller may reuse shared memory (and read global memory that other
 // threads of the block wrote) right before calling; ends with a barrier after the last chunk.
+// Acc = float: two-level sum, the partial sum flushed into acc every kFlushChunks chunks and after
+// the last one (a fixed order: it depends on depth only).
 template <typename Acc, bool kSubtract, class AL, class BL>
 __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t depth,
                                           SmemTiles<Acc>& smem, int tx, int ty,
                                           Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
   using C = Cfg<Acc>;
+  constexpr bool kTwoLevel = std::is_same<Acc, float>::value;
+  [[maybe_unused]] Acc part[C::TM][C::TD];  // the current partial sum (two-level summation only)
+  if constexpr (kTwoLevel) zero_tile<Acc>(part);
   const int chunks = static_cast<int>((depth + C::BK - 1) / C::BK);
   __syncthreads();
   if (chunks == 0) return;
@@ -272,7 +311,18 @@ __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t de
       a_loader.fetch((t + 1) * C::BK);
       b_loader.fetch((t + 1) * C::BK);
     }
-    multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
+    if constexpr (kTwoLevel) {
+      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, part);
+      if ((t + 1) % kFlushChunks == 0 || !has_next) {
+#pragma unroll
+        for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+          for (int j = 0; j < C::TD; ++j) acc[i][j] += part[i][j];
+        zero_tile<Acc>(part);
+      }
+    } else {
+      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
+    }
     if (has_next) {  // the other buffer was last read before the previous barrier
       a_loader.put(smem.a[buf ^ 1]);
       b_loader.put(smem.b[buf ^ 1]);
@@ -319,10 +369,7 @@ __device__ __forceinline__ void zero_and_gemm_tile(ALoaderT& a_loader, BLoaderT&
                                                    int64_t depth, SmemTiles<Acc>& smem, int tx,
                                                    int ty,
                                                    Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
-#pragma unroll
-  for (int i = 0; i < Cfg<Acc>::TM; ++i)
-#pragma unroll
-    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+  zero_tile<Acc>(acc);
   gemm_tile<Acc, kSubtract>(a_loader, b_loader, depth, smem, tx, ty, acc);
 }
 

@@ -15,13 +15,36 @@ differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accu
 Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
 deprecated spelling). The interpreter ignores ``input_precision`` (it multiplies with numpy).
 
+Two-level summation (``mix_dot_two_level``)
+-------------------------------------------
+A long reduction (over ``N`` in ``D @ y_coded``, over ``K`` in ``D^T (c r)`` and ``W @ x``) written as
+``acc = tl.dot(w, x, acc)`` chunk after chunk is one fp32 FMA chain over the whole depth ``n``: its
+rounding error grows like ``n u`` (``u = 2^-24``; ~``sqrt(n) u`` for random signs). At ``n = 1024`` that
+is 5-10x cuBLAS's error (which sums in blocks), against the rule of at most 2x torch's. With fp32
+accumulators each chunk (the launcher's fixed reduction chunk: 32 products on the loss's rows path, 16 or
+32 in ``spline_mix``) is therefore summed into a fresh zero tile and then added to the running total: the
+error bound becomes ``(b + n / b) u`` for chunks of ``b``, 64 u (b = 32) or 80 u (b = 16) instead of
+1024 u at ``n = 1024``, where ``b = sqrt(n) = 32`` is the optimum. Every chunk is flushed: grouping 2 or 4
+chunks of 32 needs no more registers but gives 80 u or 136 u at ``n = 1024`` and helps only beyond
+``n ~ 4096``; its only gain would be fewer adds. Cost: one add per ``b`` FMAs and one more accumulator
+tile. float64 keeps the single chain.
+
+The flush is ``tl.fma(chunk, 1.0, total)``, not ``total + chunk``: Triton's combine pass rewrites
+``addf(dot(a, b, 0), total)`` into ``dot(a, b, total)``, which would silently restore the single chain.
+``fma(chunk, 1, total)`` rounds exactly like the add (the product is exact) and LLVM emits it as one.
+The Triton interpreter multiplies with numpy (not an FMA chain), so the gain shows only on a GPU; the
+CUDA twin of this scheme (csrc/tile_gemm.cuh) is checked on the CPU through the emulation harness.
+
 Determinism across autotune choices
 -----------------------------------
 Two processes (two DDP ranks) may pick different configs. Configs therefore never change the order of a
-floating-point sum: the reduction chunk (``BLOCK_K`` of ``spline_mix``, ``BLOCK_N`` of the loss) and the
-column tile that fixes the loss partials' layout are chosen by the launchers from the shape and dtype;
-configs only change the other tile sizes, warps and stages. An IEEE FMA dot adds the products of each
-output element in k order whatever the tile; tensor-core dots add k16 (k8) slices in k order.
+floating-point sum: the reduction chunk (``BLOCK_K`` of ``spline_mix``, ``BLOCK_N`` of the loss, which
+are also the two-level sum's blocks) and the column tile that fixes the loss partials' layout are chosen
+by the launchers from the shape and dtype; configs only change the other tile sizes, warps and stages.
+An IEEE FMA dot adds the products of each output element in k order whatever the tile; tensor-core dots
+add k16 (k8) slices in k order. The one tree reduction whose order follows the register layout (which
+the compiler picks per variant and warp count), the per-row sum of ``r^2``, is done in float64: see
+``reconstruction_loss``'s Determinism section.
 """
 
 import contextlib
@@ -161,3 +184,53 @@ def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
         # out_dtype must be named: Triton 3.6 defaults it to fp32 and rejects the fp64 accumulator
         acc = tl.dot(w, x.to(tl.float64), acc=acc, out_dtype=tl.float64)
     return acc
+
+
+@triton.jit
+def mix_dot_two_level(w, x, total, DOT_MODE: tl.constexpr):
+    """``total + w @ x`` with the chunk ``w @ x`` summed on its own first (module docstring: two-level
+    summation) when the accumulator is fp32; float64 accumulates into ``total`` directly."""
+    if DOT_MODE == "fp64":
+        return mix_dot(w, x, total, DOT_MODE)
+    else:
+        chunk = mix_dot(w, x, tl.zeros(total.shape, dtype=tl.float32), DOT_MODE)
+        # fma, not +: Triton would fold "dot(a, b, 0) + total" back into dot(a, b, total)
+        return tl.fma(chunk, 1.0, total)
+
+
+@triton.jit
+def program_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``pid``'s tile of a ``(num_rows, num_cols)`` output, row tiles fastest: the programs sharing
+    a column tile run back to back, so that column tile of the input comes from HBM once and from L2 for
+    the others. Returns the tile's rows, columns (int64: column offsets may pass 2^31), their in-bounds
+    masks and the column tile's index."""
+    num_row_tiles = tl.cdiv(num_rows, BLOCK_ROWS)
+    pid_row = pid % num_row_tiles
+    pid_col = pid // num_row_tiles
+    rows = pid_row * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_col.to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return rows, cols, rows < num_rows, cols < num_cols, pid_col
+
+
+@triton.jit
+def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_ar, stride_ak, stride_bk, stride_bc,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_DEPTH: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 DOT_MODE: tl.constexpr, TWO_LEVEL: tl.constexpr):
+    """``A[rows, :] @ B[:, cols]`` in the compute dtype, over the whole ``depth`` in ``BLOCK_DEPTH`` chunks
+    taken in order (``BLOCK_DEPTH``, fixed by the launchers, alone decides the summation order); entries
+    outside ``rows``, ``cols`` or ``depth`` count as 0. ``A`` is in the compute dtype, ``B`` in the data
+    dtype. ``TWO_LEVEL``: each chunk summed on its own first (fp32 accumulators; module docstring)."""
+    acc = acc_zeros(BLOCK_ROWS, BLOCK_COLS, DOT_MODE)
+    for k0 in range(0, depth, BLOCK_DEPTH):
+        ks = k0 + tl.arange(0, BLOCK_DEPTH)
+        k_ok = ks < depth
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + ks[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bc,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if TWO_LEVEL:
+            acc = mix_dot_two_level(a, b, acc, DOT_MODE)
+        else:
+            acc = mix_dot(a, b, acc, DOT_MODE)
+    return acc
+

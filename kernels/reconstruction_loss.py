@@ -44,14 +44,31 @@ Determinism
 -----------
 Each program writes its per-row partial sums of ``r^2`` to ``partials[column tile, k]``; the launcher sums
 that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order).
-No atomics anywhere, so the same inputs give bit-identical results run after run. ``BLOCK_D`` (the
-partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are therefore not autotuned;
-the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
+No atomics anywhere, so the same inputs give bit-identical results run after run.
+
+The per-row partial itself is ``tl.sum`` over the ``BLOCK_D`` columns of a tile: a tree whose order
+follows the register layout, which the compiler picks per kernel variant (``WRITE_GRAD_*``) and per
+``num_warps`` (the rows path's configs have 2 to 8 warps). In fp32 the loss with and without gradients
+differed in its last bits on an H200. So the squares are summed in float64, for every dtype (the
+partials buffer is float64): squares of fp32 (and fp16/bf16) values are exact in float64, and a sum of
+at most 64 of them differs between orders by at most ~64 x 2^-53 ~ 7e-15 relative. The loss is rounded
+to fp32 at the end, which changes a bit only when the float64 value lies that close to a rounding
+boundary of fp32 (spacing 2^-23 ~ 1.2e-7 relative): about one output value in 10^7. Layouts and configs
+thus make a difference very unlikely rather than impossible; an IEEE FMA dot of ``r^2`` with a ones vector
+(sums in column order) would make it impossible, for 16 / N more FMAs, more registers and an fp32 sum.
+The cost here: one float64 multiply-add per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
+
+``BLOCK_D`` (the partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are not
+autotuned; the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
 device's multiprocessor count only, so two processes on the same GPU model take the same path.
 
 Precision: the data dot ``D @ y_coded`` uses ``_common.mix_dot`` (IEEE fp32, or exact-product split
-dots for fp16/bf16). The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32
-inputs; for fp16/bf16 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
+dots for fp16/bf16); on the rows path its sum over ``N`` is two-level with fp32 accumulators
+(``_common.mix_dot_two_level``: each ``BLOCK_N`` = 32 chunk summed on its own, then added to the total),
+as is the gradient's sum over ``K`` in ``spline_mix``. The fused path's dot over ``N <= 256`` is one
+chain, and so is its ``grad_y_coded`` accumulation over ``K`` (a second accumulator tile would spill).
+The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32 inputs; for fp16/bf16
+inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
 
 import numpy as np
@@ -60,7 +77,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
-                      config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors)
+                      config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors, program_tile,
+                      tile_product)
 from .spline_mix import spline_mix_into
 
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
@@ -84,13 +102,15 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
                   stride_yk, stride_yd, grad_scale, grad_scale_lo,
                   WRITE_GRAD_Y: tl.constexpr, DOT_MODE: tl.constexpr):
     """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): stores each row's ``sum_j r^2``
-    into the partials (row k of column tile ``pid_d``: written by exactly one program, summed later in a
-    fixed order) and, with ``WRITE_GRAD_Y``, ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
+    in float64 into the partials (row k of column tile ``pid_d``: written by exactly one program, summed
+    later in a fixed order; float64 for every dtype: see Determinism) and, with ``WRITE_GRAD_Y``,
+    ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
     y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
                      mask=tile_mask, other=0.0).to(decoded.dtype)
     # masked rows / columns / n are loaded as 0, so r is exactly 0 there
     r = y_tile - decoded
-    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r * r, axis=1), mask=k_ok)
+    r64 = r.to(tl.float64)  # squares of fp32 values are exact in float64
+    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r64 * r64, axis=1), mask=k_ok)
     if WRITE_GRAD_Y:
         r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
         tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
@@ -154,27 +174,14 @@ def _reconstruction_rows_kernel(
 ):
     """Row-split path: one program per (row tile, column tile) of r; grad_y = c r in y's dtype and, for
     fp16/bf16 inputs whose grad_y_coded is computed from it afterwards, c r in fp32 (grad_r)."""
-    pid = tl.program_id(0)
-    num_k_tiles = tl.cdiv(K, BLOCK_K)
     # the row tiles of one column tile run back to back: y_coded's column tile is read from L2 by all
     # but the first
-    pid_k = pid % num_k_tiles
-    pid_d = pid // num_k_tiles
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    k_ok = ks < K
-    col_ok = cols < D
+    ks, cols, k_ok, col_ok, pid_d = program_tile(tl.program_id(0), K, D, BLOCK_K, BLOCK_D)
     tile_mask = k_ok[:, None] & col_ok[None, :]
 
-    decoded = acc_zeros(BLOCK_K, BLOCK_D, DOT_MODE)
-    for n0 in range(0, N, BLOCK_N):
-        nn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = nn < N
-        dec_chunk = tl.load(dec_ptr + ks[:, None] * stride_dk + nn[None, :] * stride_dn,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        yc_chunk = tl.load(yc_ptr + nn[:, None].to(tl.int64) * stride_ck + cols[None, :] * stride_cd,
-                           mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-        decoded = mix_dot(dec_chunk, yc_chunk, decoded, DOT_MODE)
+    # D[ks, :] @ y_coded[:, cols] in BLOCK_N chunks, each summed on its own first (fp32)
+    decoded = tile_product(dec_ptr, yc_ptr, ks, cols, k_ok, col_ok, N, stride_dk, stride_dn, stride_ck, stride_cd,
+                           BLOCK_K, BLOCK_N, BLOCK_D, DOT_MODE, TWO_LEVEL=True)
 
     grad = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
                          stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
@@ -301,7 +308,8 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         block_d = INTERPRETER_RECON_TILE["BLOCK_D"] if INTERPRET else ROWS_BLOCK_D
     num_col_tiles = triton.cdiv(d, block_d)
 
-    partials = torch.empty((num_col_tiles, K), dtype=acc_dtype, device=y.device)
+    # float64 for every dtype: the kernels sum the squares in float64 (Determinism)
+    partials = torch.empty((num_col_tiles, K), dtype=torch.float64, device=y.device)
     # distinct empty tensors: op outputs must not alias each other
     grad_y = torch.empty((K, d) if write_grad_y else (0,), dtype=y.dtype, device=y.device)
     # rows path for fp16/bf16: grad_y_coded is computed from an fp32 c*r, not from grad_y rounded to
@@ -341,7 +349,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.
-    per_sample = partials.to(torch.float64).sum(dim=0)
+    per_sample = partials.sum(dim=0)
     if reduction == "none":
         loss = per_sample
     elif reduction == "sum":

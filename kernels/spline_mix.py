@@ -29,14 +29,18 @@ compute-bound (floor = flops / FMA rate). bf16: 64 MiB (~22 us) against one tens
 The benchmark's multiple of floor divides by max(bytes / bandwidth, flops / rate).
 
 Precision: see ``_common`` (``DOT_MODE``): IEEE fp32, split-precision, or fp64 dots, never plain TF32.
+For fp32 outputs the sum over ``K`` is two-level (``_common``): each ``BLOCK_K`` chunk (16 for "ieee", 32 for
+"tf32x3") is summed on its own, then added to the running total, so the rounding error grows like
+``(16 + K / 16) u`` rather than ``K u`` (at K = 1024 the single chain was 5-10x less accurate than cuBLAS).
+fp16/bf16 outputs ("split3") keep the single chain: their final rounding dwarfs its error.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, acc_zeros, autotune, autotuning, bucket,  # noqa: F401
-                      check_device, compute_dtype, config_dict, device_guard, dot_mode, launch, mix_dot)
+from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, autotune, autotuning, bucket, check_device,  # noqa: F401
+                      compute_dtype, config_dict, device_guard, dot_mode, launch, program_tile, tile_product)
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel
@@ -53,27 +57,13 @@ def _spline_mix_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m_tiles = tl.cdiv(M, BLOCK_M)
     # consecutive programs share one column tile of x, so it is read from HBM once and then from L2
-    pid_m = pid % num_m_tiles
-    pid_d = pid // num_m_tiles
+    rows, cols, row_ok, col_ok, _ = program_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < M
-    col_ok = cols < D
-
-    acc = acc_zeros(BLOCK_M, BLOCK_D, DOT_MODE)
-
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        w = tl.load(w_ptr + rows[:, None] * stride_wm + ks[None, :] * stride_wk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + ks[:, None].to(tl.int64) * stride_xk + cols[None, :] * stride_xd,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mix_dot(w, x, acc, DOT_MODE)
+    # fp16/bf16 outputs ("split3") keep one chain: their final rounding (2^-11, 2^-8) dwarfs its error, and
+    # the partial-sum tile would spill (sm_80)
+    acc = tile_product(w_ptr, x_ptr, rows, cols, row_ok, col_ok, K, stride_wm, stride_wk, stride_xk, stride_xd,
+                       BLOCK_M, BLOCK_K, BLOCK_D, DOT_MODE, TWO_LEVEL=DOT_MODE != "split3")
 
     out = acc * scale
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
@@ -82,8 +72,11 @@ def _spline_mix_kernel(
 
 def mix_block_k(mode):
     """The reduction chunk: fixed per dot mode, never autotuned, so every config adds the products of an
-    output element in the same order (bit-identical results whichever config a process picked)."""
-    return 16 if mode == "fp64" else 32
+    output element in the same order (bit-identical results whichever config a process picked). It is
+    also the block of the two-level sum: 16 for "ieee", whose FMA dot holds both operands of a chunk in
+    registers (at 32, plus the partial-sum tile, the 64 x 64 and 128 x 64 tiles spill 8-80 bytes per
+    thread under Triton 3.9); 16 for fp64, 32 for the tensor-core modes."""
+    return 16 if mode in ("fp64", "ieee") else 32
 
 
 # At most four tiles; all are correct for every shape (masks). The autotuner picks per (M, K, d) bucket,

@@ -7,6 +7,12 @@ M, K = 64, 200 span several tiles. CUDA runs on a GPU only; shapes marked ``gpu`
 the interpreter and run for every backend on a GPU machine.
 """
 
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from reference import (
@@ -207,3 +213,40 @@ def test_unavailable_backends_explain_why(monkeypatch):
 @pytest.mark.parametrize("backend", ALL)
 def test_available_backends_lists_every_backend_that_runs(backend):
     assert backend in ops.available_backends(backend_device(backend))
+
+
+# -- the two-level fp32 sum survives Triton's compiler ---------------------------------------------
+
+# Triton folds "dot(a, b, 0) + total" into "dot(a, b, total)", the single FMA chain the two-level sum
+# replaces (kernels/_common.py); the interpreter cannot show it, so the kernels are compiled for sm_90
+# (no GPU needed) and their TTGIR must keep the flush (math.fma).
+_FLUSH_CHECK = r"""
+import importlib.util, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+spec = importlib.util.spec_from_file_location("triton_compile", sys.argv[1])
+tc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tc)
+import triton
+from triton.backends.compiler import GPUTarget
+for name, fn, args, meta, config, _ in tc.VARIANTS:
+    if name.startswith(tuple(sys.argv[2:])):
+        sig, consts, attrs = tc.signature_for(fn, args, meta)
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        print(f"{name}|{compiled.asm['ttgir'].count('math.fma')}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_two_level_flush_survives_triton_compilation():
+    script = pathlib.Path(__file__).resolve().parents[1] / ".ci" / "triton_compile.py"
+    variants = ["spline_mix fp32 ieee cfg0", "spline_mix fp32 tf32x3 cfg0", "recon fp32 ieee rows grads=10 cfg0",
+                "recon bf16 split3 rows grads=11 cfg0"]
+    run = subprocess.run([sys.executable, "-c", _FLUSH_CHECK, str(script), *variants], capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    flushes = dict(line.rsplit("|", 1) for line in run.stdout.splitlines() if "|" in line)
+    assert len(flushes) == len(variants), run.stdout
+    assert all(int(count) >= 1 for count in flushes.values()), flushes

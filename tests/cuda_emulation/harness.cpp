@@ -5,6 +5,12 @@
 // launchers' grid and vector-path decisions. The persistent grid runs with fewer blocks than column
 // tiles; layouts cover contiguous, transposed/strided and misaligned. Prints one OK/FAIL line per check
 // and "<n> failure(s)"; exits non-zero on any failure.
+//
+// File mode, for fp32 accuracy against torch (tests/test_cuda_backend.py writes the inputs, judges the
+// outputs by the fp32 rule of tests/reference.py): contiguous float32 arrays as raw files in DIR.
+//   harness recon K N d REDUCTION DIR   reads decoder y y_coded, writes loss grad_y grad_y_coded
+//   harness mix M K d DIR               reads weights x, writes out
+// (REDUCTION: 0 mean, 1 sum, 2 none; one persistent block, as for d <= 128 on the GPU.)
 #include "spline_mix.cu"
 #include "reconstruction_loss.cu"
 
@@ -98,20 +104,31 @@ void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* n
   report<T>(what, max_err, max_ref, tolerance<T>(), name);
 }
 
+// The outputs of one reconstruction_loss call (what the launcher's three kernels write).
 template <typename T>
-void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool grads, int layout,
-                          int64_t grid, const char* name) {
+struct ReconOut {
+  using Acc = typename Elem<T>::Acc;
+  std::vector<Acc> loss;
+  std::vector<T> grad_y, grad_yc;
+  bool write_gyc = false;
+};
+
+// The launcher's sequence (reconstruction kernel on `grid` persistent blocks, row sums, total) with its
+// vector-path decisions; unwritten outputs keep a sentinel that fails the checks.
+template <typename T>
+ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<T>::Acc>& D, int64_t K,
+                               int64_t N, int64_t d, int reduction, bool grads, int64_t grid) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
-  auto D = weights<Acc>(K, N);
-  auto y = make<T>(K, d, layout);
-  auto yc = make<T>(N, d, layout == 1 ? 2 : layout);
+  ReconOut<T> out;
   const int64_t num_tiles = (d + C::BD - 1) / C::BD;
   const int64_t blocks = std::min(grid, num_tiles);
-  std::vector<Acc> partials((blocks + 1) * K, Acc(-7)), loss(reduction == DRES_REDUCTION_NONE ? K : 1, Acc(-7));
-  std::vector<T> grad_y(K * d, Elem<T>::out(Acc(1e4))), grad_yc(N * d, Elem<T>::out(Acc(1e4)));
-  const bool write_gyc = grads && reduction != DRES_REDUCTION_NONE && N > 0;
-  std::vector<Acc> scratch(!std::is_same<T, Acc>::value && write_gyc ? K * d : 0);
+  std::vector<Acc> partials((blocks + 1) * K, Acc(-7));
+  out.loss.assign(reduction == DRES_REDUCTION_NONE ? K : 1, Acc(-7));
+  out.grad_y.assign(K * d, Elem<T>::out(Acc(1e4)));
+  out.grad_yc.assign(N * d, Elem<T>::out(Acc(1e4)));
+  out.write_gyc = grads && reduction != DRES_REDUCTION_NONE && N > 0;
+  std::vector<Acc> scratch(!std::is_same<T, Acc>::value && out.write_gyc ? K * d : 0);
   Acc* scratch_ptr = scratch.empty() ? nullptr : scratch.data();
   const double kd = static_cast<double>(K) * static_cast<double>(d);
   const Acc scale = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0);
@@ -119,20 +136,37 @@ void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool g
   const bool y_vec_ok = y.sc == 1 && y.sr % kHalf == 0 && is_aligned(y.ptr(), sizeof(Pack<T, kHalf>));
   const bool yc_vec_ok = yc.sc == 1 && yc.sr % kVec == 0 && is_aligned(yc.ptr(), 16);
   const bool grad_vec_ok = d % kHalf == 0;
-  const void* source = scratch_ptr ? static_cast<const void*>(scratch_ptr) : static_cast<const void*>(grad_y.data());
+  const void* source = scratch_ptr ? static_cast<const void*>(scratch_ptr) : static_cast<const void*>(out.grad_y.data());
   const bool src_vec_ok = d % kAccVec == 0 && is_aligned(source, 16);
   dres_emu::launch(static_cast<unsigned>(blocks), C::THREADS, [&] {
     reconstruction_kernel<T>(y.ptr(), y.sr, y.sc, yc.ptr(), yc.sr, yc.sc, D.data(), K, N, d, num_tiles,
-                             scale, grads, write_gyc, grad_y.data(), grad_yc.data(), scratch_ptr,
+                             scale, grads, out.write_gyc, out.grad_y.data(), out.grad_yc.data(), scratch_ptr,
                              partials.data(), y_vec_ok, yc_vec_ok, grad_vec_ok, src_vec_ok);
   });
-  Acc* per_sample = reduction == DRES_REDUCTION_NONE ? loss.data() : partials.data() + blocks * K;
+  Acc* per_sample = reduction == DRES_REDUCTION_NONE ? out.loss.data() : partials.data() + blocks * K;
   dres_emu::launch(static_cast<unsigned>((K + kRowSumRows - 1) / kRowSumRows), kRowSumRows * kRowSumGroups,
                    [&] { row_sum_kernel<Acc>(partials.data(), blocks, K, per_sample); });
   if (reduction != DRES_REDUCTION_NONE) {
     const Acc divisor = static_cast<Acc>(reduction == DRES_REDUCTION_MEAN ? kd : 1.0);
-    dres_emu::launch(1, kTotalThreads, [&] { total_kernel<Acc>(per_sample, K, divisor, loss.data()); });
+    dres_emu::launch(1, kTotalThreads, [&] { total_kernel<Acc>(per_sample, K, divisor, out.loss.data()); });
   }
+  return out;
+}
+
+template <typename T>
+void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool grads, int layout,
+                          int64_t grid, const char* name) {
+  using Acc = typename Elem<T>::Acc;
+  auto D = weights<Acc>(K, N);
+  auto y = make<T>(K, d, layout);
+  auto yc = make<T>(N, d, layout == 1 ? 2 : layout);
+  const int64_t blocks = std::min(grid, (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD);
+  const ReconOut<T> out = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid);
+  const std::vector<Acc>& loss = out.loss;
+  const std::vector<T>& grad_y = out.grad_y;
+  const std::vector<T>& grad_yc = out.grad_yc;
+  const bool write_gyc = out.write_gyc;
+  const double kd = static_cast<double>(K) * static_cast<double>(d);
   // float64 reference from the same (rounded) inputs
   std::vector<double> r(K * d), ps(K, 0.0);
   for (int64_t k = 0; k < K; ++k)
@@ -177,7 +211,66 @@ void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool g
   report<T>((std::string(what) + " grad_y_coded").c_str(), e, m, tolerance<T>() * 2, name);
 }
 
-int main() {
+static std::vector<float> read_floats(const std::string& path, int64_t count) {
+  std::vector<float> v(count);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr || std::fread(v.data(), sizeof(float), count, f) != static_cast<size_t>(count)) {
+    std::fprintf(stderr, "cannot read %ld floats from %s\n", (long)count, path.c_str());
+    std::exit(2);
+  }
+  std::fclose(f);
+  return v;
+}
+
+static void write_floats(const std::string& path, const std::vector<float>& v) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr || std::fwrite(v.data(), sizeof(float), v.size(), f) != v.size()) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(2);
+  }
+  std::fclose(f);
+}
+
+// A contiguous (rows, cols) float32 matrix read from a raw file.
+static Mat<float> read_matrix(const std::string& path, int64_t rows, int64_t cols) {
+  Mat<float> m;
+  m.storage = read_floats(path, rows * cols);
+  m.rows = rows; m.cols = cols; m.sr = cols; m.sc = 1;
+  return m;
+}
+
+static void recon_files(int64_t K, int64_t N, int64_t d, int reduction, const std::string& dir) {
+  auto D = read_floats(dir + "/decoder", K * N);
+  auto y = read_matrix(dir + "/y", K, d);
+  auto yc = read_matrix(dir + "/y_coded", N, d);
+  const ReconOut<float> out = run_reconstruction<float>(y, yc, D, K, N, d, reduction, true, /*grid=*/1);
+  write_floats(dir + "/loss", out.loss);
+  write_floats(dir + "/grad_y", out.grad_y);
+  write_floats(dir + "/grad_y_coded", out.write_gyc ? out.grad_yc : std::vector<float>());
+}
+
+static void mix_files(int64_t M, int64_t K, int64_t d, const std::string& dir) {
+  using C = Cfg<float>;
+  auto w = read_floats(dir + "/weights", M * K);
+  auto x = read_floats(dir + "/x", K * d);
+  std::vector<float> out(M * d);
+  const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
+  dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
+    spline_mix_kernel<float>(w.data(), x.data(), out.data(), M, K, d, d, 1, row_tiles, d % 4 == 0,
+                             d % (C::TD / 2) == 0);
+  });
+  write_floats(dir + "/out", out);
+}
+
+int main(int argc, char** argv) {
+  if (argc == 7 && std::string(argv[1]) == "recon") {
+    recon_files(std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atoi(argv[5]), argv[6]);
+    return 0;
+  }
+  if (argc == 6 && std::string(argv[1]) == "mix") {
+    mix_files(std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), argv[5]);
+    return 0;
+  }
   // spline_mix: one and several row/column tiles, ragged edges, K not a multiple of BK, all layouts
   check_spline_mix<float>(3, 3, 1, 0, "fp32");
   check_spline_mix<float>(17, 17, 131, 0, "fp32");

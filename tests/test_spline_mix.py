@@ -15,25 +15,7 @@ import sys
 
 import pytest
 import torch
-from reference import (
-    ALL,
-    KERNELS,
-    HALF_RTOL,
-    OPS_TOL,
-    assert_fp32_accuracy,
-    backend_device,
-    backend_module,
-    gpu_case,
-    mix64,
-    mixing_matrix,
-    randn,
-    registered_op,
-    rel_err,
-    size_classes,
-    skip_if_interpreter_lacks,
-    spline_weights,
-    torch_fp32_mix,
-)
+import reference as ref
 
 from dres_fast import ops
 
@@ -44,71 +26,71 @@ from dres_fast import ops
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7,), (7, 1), (7, 3, 5), (7, 131)])
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ref.ALL)
 def test_matches_float64(backend, dtype, shape):
-    skip_if_interpreter_lacks(backend, dtype)
-    device = backend_device(backend)
+    ref.skip_if_interpreter_lacks(backend, dtype)
+    device = ref.backend_device(backend)
     x = torch.randn(shape, dtype=torch.float64)
-    W = spline_weights(11, 7)
+    W = ref.spline_weights(11, 7)
     out = ops.spline_mix(W.to(device), x.to(device, dtype), backend=backend)
     assert out.shape == (11,) + shape[1:] and out.dtype == dtype
-    assert rel_err(out.cpu(), mix64(W, x).reshape(out.shape)) < OPS_TOL[dtype]
+    assert ref.rel_err(out.cpu(), ref.mix64(W, x).reshape(out.shape)) < ref.OPS_TOL[dtype]
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ref.ALL)
 def test_non_contiguous_batch(backend):
-    device = backend_device(backend)
+    device = ref.backend_device(backend)
     x = torch.randn(5, 8, 6, dtype=torch.float64, device=device).transpose(1, 2)  # (5, 6, 8)
-    W = spline_weights(4, 5).to(device)
+    W = ref.spline_weights(4, 5).to(device)
     assert not x.is_contiguous()
     torch.testing.assert_close(ops.spline_mix(W, x, backend=backend), (W @ x.reshape(5, -1)).reshape(4, 6, 8))
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ref.ALL)
 def test_gradcheck(backend):
-    device = backend_device(backend)
+    device = ref.backend_device(backend)
     x = torch.randn(5, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
-    W = spline_weights(7, 5).to(device)
+    W = ref.spline_weights(7, 5).to(device)
     assert torch.autograd.gradcheck(lambda a: ops.spline_mix(W, a, backend=backend), (x,))
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ref.ALL)
 def test_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's ``spline_mix`` op."""
-    device = backend_device(backend)
-    ops.spline_mix(spline_weights(3, 3).to(device), torch.randn(3, 2, device=device), backend=backend)  # registers
-    weights = spline_weights(6, 5, torch.float32).to(device)
+    device = ref.backend_device(backend)
+    ops.spline_mix(ref.spline_weights(3, 3).to(device), torch.randn(3, 2, device=device), backend=backend)  # registers
+    weights = ref.spline_weights(6, 5, torch.float32).to(device)
     x = torch.randn(5, 4, device=device, requires_grad=True)
-    torch.library.opcheck(registered_op(backend, "spline_mix"), (weights, x))
+    torch.library.opcheck(ref.registered_op(backend, "spline_mix"), (weights, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,K,rest", [(5, 3, (131,)), (17, 64, (3, 5)), (200, 17, (2,)), (3, 300, (1,)),
-                                      gpu_case(256, 17, (1000,))])
-@pytest.mark.parametrize("backend", KERNELS)
+                                      ref.gpu_case(256, 17, (1000,))])
+@pytest.mark.parametrize("backend", ref.KERNELS)
 def test_forward_backward_against_torch(backend, M, K, rest, dtype):
     """Forward and backward (a non-unit incoming gradient) against float64 and the torch backend."""
-    device = backend_device(backend)
-    weights = mixing_matrix(M, K, device=device).float()
+    device = ref.backend_device(backend)
+    weights = ref.mixing_matrix(M, K, device=device).float()
     d = int(torch.tensor(rest).prod())
-    x = randn((K, d), dtype, device, seed=14).reshape((K,) + rest)
-    grad_out = randn((M, d), dtype, device, seed=15).reshape((M,) + rest) * 0.37
+    x = ref.randn((K, d), dtype, device, seed=14).reshape((K,) + rest)
+    grad_out = ref.randn((M, d), dtype, device, seed=15).reshape((M,) + rest) * 0.37
     results = {}
     for name in (backend, "torch"):
         leaf = x.detach().clone().requires_grad_()
         out = ops.spline_mix(weights, leaf, backend=name)
         out.backward(grad_out)
         results[name] = (out.detach(), leaf.grad)
-    ref_out = mix64(weights, x)
-    ref_grad = mix64(weights.t(), grad_out)
-    for got, torch_got, ref in zip(results[backend], results["torch"], (ref_out, ref_grad)):
+    ref_out = ref.mix64(weights, x)
+    ref_grad = ref.mix64(weights.t(), grad_out)
+    for got, torch_got, expected in zip(results[backend], results["torch"], (ref_out, ref_grad)):
         assert got.shape == torch_got.shape and got.dtype == torch_got.dtype
         if dtype == torch.float32:
-            assert_fp32_accuracy(got.reshape(ref.shape), torch_got.reshape(ref.shape), ref, "ops.spline_mix")
-            assert rel_err(got, torch_got) < 1e-5
+            ref.assert_fp32_accuracy(got.reshape(expected.shape), torch_got.reshape(expected.shape), expected, "ops.spline_mix")
+            assert ref.rel_err(got, torch_got) < 1e-5
         else:
-            torch.testing.assert_close(got.double().reshape(ref.shape), ref, rtol=2.0 ** -10, atol=1e-6)
-            assert rel_err(got, torch_got) < 2.0 ** -9
+            torch.testing.assert_close(got.double().reshape(expected.shape), expected, rtol=2.0 ** -10, atol=1e-6)
+            assert ref.rel_err(got, torch_got) < 2.0 ** -9
 
 
 # -- the backend's function called directly (below dispatch and autograd) -------------------------
@@ -116,62 +98,62 @@ def test_forward_backward_against_torch(backend, M, K, rest, dtype):
 # (M, K, d): one and several tiles, ragged edges, K or M > 128 (tiling), a long thin batch either way
 SHAPES = [(3, 3, 1), (5, 3, 7), (3, 5, 131), (17, 5, 1), (17, 17, 131), (64, 17, 7), (64, 64, 97),
           (5, 64, 300), (200, 64, 3), (64, 200, 5), (1024, 3, 2), (3, 1024, 3)]
-GPU_SHAPES = size_classes()
+GPU_SHAPES = ref.size_classes()
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", ref.KERNELS)
 class TestKernel:
     @pytest.mark.parametrize("M,K,d", SHAPES + GPU_SHAPES)
     def test_fp32_matches_float64(self, backend, M, K, d):
-        device = backend_device(backend)
-        weights = mixing_matrix(M, K, device=device).float()
-        x = randn((K, d), torch.float32, device, seed=M + K + d)
-        out = backend_module(backend).spline_mix(weights, x)
+        device = ref.backend_device(backend)
+        weights = ref.mixing_matrix(M, K, device=device).float()
+        x = ref.randn((K, d), torch.float32, device, seed=M + K + d)
+        out = ref.backend_module(backend).spline_mix(weights, x)
         assert out.shape == (M, d) and out.dtype == torch.float32 and out.is_contiguous()
-        assert_fp32_accuracy(out, torch_fp32_mix(weights, x), mix64(weights, x), "spline_mix")
+        ref.assert_fp32_accuracy(out, ref.torch_fp32_mix(weights, x), ref.mix64(weights, x), "spline_mix")
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
     @pytest.mark.parametrize("M,K,d", [(5, 3, 131), (64, 200, 7), (17, 17, 1),
-                                       gpu_case(17, 256, 131), gpu_case(256, 17, 65537), gpu_case(3, 1024, 7)])
+                                       ref.gpu_case(17, 256, 131), ref.gpu_case(256, 17, 65537), ref.gpu_case(3, 1024, 7)])
     def test_noncontiguous_misaligned_and_transposed_weights(self, backend, dtype, M, K, d):
         """Backward runs the same kernel with W^T: a transposed view, not a copy. x: no unit stride, or
         offset storage (no 16-byte alignment)."""
-        device = backend_device(backend)
+        device = ref.backend_device(backend)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        weights_t = mixing_matrix(K, M, device=device, dtype=acc).t()
-        for x in (randn((K, d), dtype, device, noncontiguous=True, seed=3),
-                  randn((K + 1, d + 1), dtype, device, seed=3)[1:, 1:]):
-            out = backend_module(backend).spline_mix(weights_t, x)
-            ref = mix64(weights_t, x)
+        weights_t = ref.mixing_matrix(K, M, device=device, dtype=acc).t()
+        for x in (ref.randn((K, d), dtype, device, noncontiguous=True, seed=3),
+                  ref.randn((K + 1, d + 1), dtype, device, seed=3)[1:, 1:]):
+            out = ref.backend_module(backend).spline_mix(weights_t, x)
+            expected = ref.mix64(weights_t, x)
             if dtype == torch.float16:
-                torch.testing.assert_close(out.double(), ref, rtol=2.0 ** -10, atol=1e-5)
+                torch.testing.assert_close(out.double(), expected, rtol=2.0 ** -10, atol=1e-5)
             elif dtype == torch.float64:
-                torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
             else:
-                assert_fp32_accuracy(out, torch_fp32_mix(weights_t.contiguous(), x.contiguous()), ref,
+                ref.assert_fp32_accuracy(out, ref.torch_fp32_mix(weights_t.contiguous(), x.contiguous()), expected,
                                      "strided spline_mix")
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("M,K,d,atol", [(5, 3, 131, 1e-6), (64, 17, 7, 1e-6), (17, 200, 5, 1e-6),
-                                            gpu_case(3, 17, 131, 1e-5), gpu_case(256, 256, 65537, 1e-5),
-                                            gpu_case(1024, 3, 7, 1e-5), gpu_case(17, 1024, 1, 1e-5)])
+                                            ref.gpu_case(3, 17, 131, 1e-5), ref.gpu_case(256, 256, 65537, 1e-5),
+                                            ref.gpu_case(1024, 3, 7, 1e-5), ref.gpu_case(17, 1024, 1, 1e-5)])
     def test_half_types_accumulate_in_fp32(self, backend, dtype, M, K, d, atol):
-        skip_if_interpreter_lacks(backend, dtype)
-        device = backend_device(backend)
-        weights = mixing_matrix(M, K, device=device).float()
-        x = randn((K, d), dtype, device, seed=4)
-        out = backend_module(backend).spline_mix(weights, x)
+        ref.skip_if_interpreter_lacks(backend, dtype)
+        device = ref.backend_device(backend)
+        weights = ref.mixing_matrix(M, K, device=device).float()
+        x = ref.randn((K, d), dtype, device, seed=4)
+        out = ref.backend_module(backend).spline_mix(weights, x)
         assert out.dtype == dtype and out.shape == (M, d)
         # only the final rounding to the output dtype (half an ulp) may be left
-        torch.testing.assert_close(out.double(), mix64(weights, x), rtol=HALF_RTOL[dtype], atol=atol)
+        torch.testing.assert_close(out.double(), ref.mix64(weights, x), rtol=ref.HALF_RTOL[dtype], atol=atol)
 
-    @pytest.mark.parametrize("M,K,d", [(17, 64, 33), gpu_case(17, 256, 131), gpu_case(1024, 17, 7),
-                                       gpu_case(3, 3, 65537)])
+    @pytest.mark.parametrize("M,K,d", [(17, 64, 33), ref.gpu_case(17, 256, 131), ref.gpu_case(1024, 17, 7),
+                                       ref.gpu_case(3, 3, 65537)])
     def test_float64(self, backend, M, K, d):
-        device = backend_device(backend)
-        weights = mixing_matrix(M, K, device=device)
-        x = randn((K, d), torch.float64, device)
-        torch.testing.assert_close(backend_module(backend).spline_mix(weights, x), weights @ x, rtol=1e-12,
+        device = ref.backend_device(backend)
+        weights = ref.mixing_matrix(M, K, device=device)
+        x = ref.randn((K, d), torch.float64, device)
+        torch.testing.assert_close(ref.backend_module(backend).spline_mix(weights, x), weights @ x, rtol=1e-12,
                                    atol=1e-12)
 
 
@@ -179,7 +161,7 @@ class TestKernel:
 
 
 def test_bad_inputs_name_the_argument():
-    W = spline_weights(4, 5, torch.float32)
+    W = ref.spline_weights(4, 5, torch.float32)
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match="weights has 5 columns but x has 6 samples"):
         ops.spline_mix(W, torch.randn(6, 3))
@@ -199,7 +181,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_unavailable_backends_explain_why(monkeypatch):
     x = torch.randn(5, 3)
-    W = spline_weights(4, 5, torch.float32)
+    W = ref.spline_weights(4, 5, torch.float32)
     with pytest.raises(ops.BackendUnavailableError, match="needs CUDA tensors"):
         ops.spline_mix(W, x, backend="cuda")
     monkeypatch.setenv("DRES_BACKEND", "numpy")
@@ -210,9 +192,9 @@ def test_unavailable_backends_explain_why(monkeypatch):
     assert "torch" in ops.available_backends("cpu")
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ref.ALL)
 def test_available_backends_lists_every_backend_that_runs(backend):
-    assert backend in ops.available_backends(backend_device(backend))
+    assert backend in ops.available_backends(ref.backend_device(backend))
 
 
 # -- the two-level fp32 sum survives Triton's compiler ---------------------------------------------

@@ -23,13 +23,11 @@ def load_mnist(num_train):
     return (x[:num_train], y[:num_train]), (x[-TEST_DIGITS:], y[-TEST_DIGITS:])
 
 
-def parse_args(doc, quick_help, **extra):
-    """``--quick`` and ``--weight`` (the DReS weight, default 1), plus ``extra`` {flag: argparse kwargs}."""
+def parse_args(doc, quick_help):
+    """``--quick`` (described by ``quick_help``) and ``--weight`` (the DReS weight, default 1)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--weight", type=float, default=1.0, help="DReS weight")
-    for flag, kwargs in extra.items():
-        parser.add_argument(flag, **kwargs)
     return parser.parse_args()
 
 

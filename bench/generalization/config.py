@@ -110,7 +110,7 @@ def full_config() -> StudyConfig:
         ssl_steps=400, ssl_batch=128, ssl_weights=[0.1, 0.3, 1.0, 3.0], ssl_labels=200,
         vae_steps=1000, vae_batch=64, vae_dres_weights=[0.01, 0.03, 0.1, 0.3, 1.0],
         vae_gp_weights=[0.0003, 0.001, 0.01], moons_steps=1000,
-        # sized to about 2.2 CPU hours (about 65 min wall on 2 idle cores); the quick run's grid edges
+        # 2.05 CPU hours measured (85 min wall on 2 shared cores); the quick run's grid edges
         # (R1 and DReS at their smallest on the ring, label smoothing at its largest) are extended
         mnist=MnistConfig(seeds=list(range(5)), grids=MNIST_FULL_GRIDS, n_train=1000, steps=400, batch=32,
                           ssl_steps=500, ssl_batch=64, ssl_width=8, ssl_labels=300,

@@ -15,6 +15,8 @@ from torch import nn
 import dres_fast
 from distributed_common import Net, free_port
 
+pytestmark = pytest.mark.slow  # two gloo processes per test (tens of seconds)
+
 
 def _worker(rank, world, port, mode, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"

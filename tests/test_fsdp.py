@@ -15,6 +15,8 @@ from torch import nn
 import dres_fast
 from distributed_common import Net, free_port
 
+pytestmark = pytest.mark.slow  # two gloo processes per test (tens of seconds)
+
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)

@@ -1,11 +1,13 @@
 """Smoke test of the evidence study: a tiny configuration runs end to end and writes its files."""
 import json
 
+import pytest
 import torch
 
 from bench.generalization import run_study, smoke_config
 
 
+@pytest.mark.slow  # every study end to end at smoke size
 def test_generalization_smoke(tmp_path):
     torch.set_num_threads(1)
     run_study(smoke_config(), tmp_path, mode="smoke")

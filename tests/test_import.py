@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts a fresh interpreter importing torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("triton", "scipy", "torch._dynamo", "dres_fast.splines", "dres_fast.kernels", "dres_fast.backends.cuda")
 

@@ -16,7 +16,8 @@
 #   dots     fp32 dot modes (ieee vs tf32x3): error against float64 relative to torch's own fp32 error,
 #            and time; the fp16/bf16 split dots
 #   kernels  python -m bench.kernels --device cuda: every backend and torch.compile against measured floors
-#   sweep    python -m bench.kernels --device cuda --sweep: d = 10 .. 2^20 at K = N = 256 (the small-d cliffs)
+#   sweep    python -m bench.kernels --device cuda --sweep: d = 10 .. 2^20 at K = N = 256, and K = N = 4096 at
+#            d = 10 and 1000 (the small-d cliffs)
 #   steps    python -m bench --device cuda --skip-kernels: training steps (ResNet-18 and the small models)
 # Each step has its own cap, cut to what is left of the budget, so one slow step cannot eat the rest; a step
 # that runs out of time gets SIGINT first (pytest still prints its summary). Logs, per-step JSON and
@@ -130,7 +131,7 @@ export LOG_DIR; export -f step_tests
 run_step tests 200 bash -c step_tests
 run_step dots 90 "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"
 run_step kernels 150 "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --out "$LOG_DIR/kernels.json"
-run_step sweep 120 "$PY" -m bench.kernels --device cuda --sweep --out "$LOG_DIR/sweep.json"
+run_step sweep 150 "$PY" -m bench.kernels --device cuda --sweep --out "$LOG_DIR/sweep.json"
 run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"
 
 ( IFS=,; echo "{\"gpu\": \"$(head -n 1 "$LOG_DIR/gpu.txt" | sed 's/"/\\"/g')\", \"budget_s\": $BUDGET, \"steps\": [${JSON_ROWS[*]}]}" ) \

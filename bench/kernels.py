@@ -2,7 +2,8 @@
 backend, each time set against its floor measured on the same machine in the same run.
 
 Run alone: ``python -m bench.kernels [--device cpu|cuda] [--full|--quick|--sweep] [--out FILE.json]``
-(``--sweep``: d = 10 .. 2^20 at K = N = 256, every backend, fp32 and bf16: the small-d cliffs).
+(``--sweep``: d = 10 .. 2^20 at K = N = 256, then a batch of 4096 at d = 10 and 1000, every backend,
+fp32 and bf16: the small-d cliffs).
 (``bench/gpu_check.sh`` calls ``python -m bench.kernels --device cuda --full``).
 
 Floor of one call (both ops, forward + backward; x viewed as (K, d), N coded rows, element size s):
@@ -51,9 +52,13 @@ SHAPES = {
     "gpu": [(256, 256, 2**16), (256, 256, 2**20)],
     # --sweep: feature widths from logits to wide activations at K = N = 256, where the kernels change
     # path (small-d row split, fused reconstruction) and where a cliff would show as a jump in x floor.
-    "sweep": [(256, 256, d) for d in (10, 100, 1000, 2**12, 2**14, 2**16, 2**18, 2**20)],
+    # Then batches of thousands with logits-sized d: few column tiles, many rows (the row split).
+    "sweep": [(256, 256, d) for d in (10, 100, 1000, 2**12, 2**14, 2**16, 2**18, 2**20)]
+    + [(4096, 4096, 10), (4096, 4096, 1000)],
 }
-SWEEP_CPU_MAX_D = 2**14  # on CPU the sweep stops here (a 2^20-wide fp32 batch of 256 is 1 GiB)
+# On CPU the sweep keeps shapes with K N d <= 2^30 (K = N = 256 up to d = 2^14; a 2^20-wide fp32 batch
+# of 256 is 1 GiB, and K = N = 4096 at d = 1000 is 67 GFLOP per call).
+SWEEP_CPU_MAX_WORK = 2**30
 OPS = ("spline_mix", "reconstruction_loss")
 DTYPE_SETS = {"smoke": ["float32"], "quick": ["float32", "bfloat16"], "full": ["float32", "bfloat16"],
               "sweep": ["float32", "bfloat16"]}
@@ -156,7 +161,7 @@ def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
 
     cuda = device.startswith("cuda")
     if mode == "sweep":
-        shapes = [s for s in SHAPES["sweep"] if cuda or s[2] <= SWEEP_CPU_MAX_D]
+        shapes = [s for s in SHAPES["sweep"] if cuda or s[0] * s[1] * s[2] <= SWEEP_CPU_MAX_WORK]
     elif cuda:
         shapes = SHAPES["gpu"] if mode == "full" else SHAPES["gpu"][:1]
     else:
@@ -198,6 +203,8 @@ def run_kernels(device: str = "cpu", mode: str = "quick", progress=None) -> dict
 
 def _run_kernels(device: str, mode: str, progress) -> dict:
     quick = mode in ("quick", "smoke")
+    # Seconds of timing per row: the sweep has ~120 rows on a GPU and must fit the GPU check's step cap.
+    budget_s = 0.4 if quick else 0.5 if mode == "sweep" else 1.0
     cases, notes = kernel_cases(device, mode)
     bandwidth = measure_copy_bandwidth(device, quick)
     rates = {name: measure_matmul_rate(device, DTYPES[name], quick) for name in DTYPE_SETS[mode]}
@@ -216,7 +223,7 @@ def _run_kernels(device: str, mode: str, progress) -> dict:
             if backend == "torch_compile":
                 torch._dynamo.reset()  # one compiled graph per row; no recompile limits
             fn, leaves = _make_case(op, backend, K, N, d, dtype, device)
-            row.update(time_fn(fn, device, budget_s=0.4 if quick else 1.0, min_reps=5, grad_to_none=leaves))
+            row.update(time_fn(fn, device, budget_s=budget_s, min_reps=5, grad_to_none=leaves))
             row["x_floor"] = row["ms"] / floor_ms
         except Exception as exc:  # a backend failing on one shape is a result, not a crash
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -240,7 +247,8 @@ def main(argv=None) -> None:
     size.add_argument("--full", action="store_true", help="all shapes (the GPU check uses this)")
     size.add_argument("--quick", action="store_true", help="few small shapes (default)")
     size.add_argument("--sweep", action="store_true",
-                      help="d = 10 .. 2^20 at K = N = 256, fp32 and bf16 (shows the small-d and wide-d paths)")
+                      help="d = 10 .. 2^20 at K = N = 256, and K = N = 4096 at d = 10 and 1000; fp32 and bf16 "
+                           "(the small-d and wide-d paths)")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, or 1 when the load average shows other work)")

@@ -7,14 +7,23 @@
 //     grad_y_coded = -D^T grad_y  (mean and sum; for none it depends on the per-sample incoming
 //     gradient and is computed by the caller with spline_mix).
 //
-// Kernel 1 (persistent grid, one column tile of BD columns at a time per block):
-//   for each row tile of D: acc = y[rows, tile], then acc -= D[rows] @ y_coded[:, tile] (tile GEMM
+// Kernel 1 (persistent grid of col_blocks x row_groups blocks, one column tile of BD columns at a
+// time per block):
+//   for each row tile of D owned by the block's row group: acc = y[rows, tile], then
+//   acc -= D[rows] @ y_coded[:, tile] (tile GEMM
 //   with negated products), so acc ends as r; per-row
 //   partial sums of r^2 reduced across the threads sharing a row (fixed shuffle tree), added to the
-//   block's own row of `partials` (block b owns partials[b, :]: no atomics); grad_y = c r written.
-//   Then for each row tile of D^T: grad_y_coded[:, tile] = -(D^T @ grad_y[:, tile]), reading back the
-//   grad_y tile this block has just written (L2-resident; for float16/bfloat16 inputs a float32 copy
-//   in grad_scratch, so that grad_y_coded sees c r before rounding to the input dtype).
+//   column block's own row of `partials` (column block b owns partials[b, :], split by rows among its
+//   row groups: no atomics); grad_y = c r written.
+//   Then (one row group only) for each row tile of D^T: grad_y_coded[:, tile] = -(D^T @ grad_y[:, tile]),
+//   reading back the grad_y tile this block has just written (L2-resident; for float16/bfloat16 inputs
+//   a float32 copy in grad_scratch, so that grad_y_coded sees c r before rounding to the input dtype).
+// Kernel 1b (row split only): the same grad_y_coded tiles, one block per (row tile of D^T, column tile).
+//   Small d (logits: d = 10..1000) has fewer column tiles than multiprocessors, e.g. one at d = 10, so
+//   the launcher splits the row tiles of D among row_groups blocks per column tile; grad_y_coded then
+//   needs every row group's grad_y and moves to this second launch. Both paths call the same
+//   grad_y_coded_tile, and r, grad_y and the partials are summed in the same order either way, so the
+//   split changes no bit of any output (tests/cuda_emulation/harness.cpp checks it).
 // Kernel 2: per_sample[k] = sum_b partials[b, k] in a fixed order.
 // Kernel 3 (mean/sum): loss = (fixed-order tree sum of per_sample) / divisor.
 // The order of every floating-point sum depends only on the shapes and the device's multiprocessor
@@ -22,6 +31,7 @@
 #include "dres_kernels.h"
 #include "tile_gemm.cuh"
 
+#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -36,6 +46,32 @@ constexpr int kTotalThreads = 256;
 // kernel at 128 registers and spills 116 (fp32) to 300 (fp16/bf16) bytes per thread inside the GEMM
 // loops on sm_90; with the cap lifted it uses 150-207 registers and spills nothing. The persistent grid
 // sizes itself with the occupancy API, so it launches one block per multiprocessor.
+// grad_y_coded[n0:n0+BM, col0:col0+BD] = -(D^T @ grad_source)[n0:..., col0:...]: a depth-K tile GEMM
+// with negated products from 0. Shared by the fused kernel and the row-split second launch.
+template <typename T>
+__device__ __forceinline__ void grad_y_coded_tile(const typename Elem<T>::Acc* decoder,
+                                                  const typename Elem<T>::Acc* grad_source,
+                                                  T* grad_y_coded, int64_t n0, int64_t col0, int64_t K,
+                                                  int64_t N, int64_t d, bool grad_src_vec_ok,
+                                                  bool grad_vec_ok,
+                                                  SmemTiles<typename Elem<T>::Acc>& smem, int tx,
+                                                  int ty) {
+  using Acc = typename Elem<T>::Acc;
+  using C = Cfg<Acc>;
+  ALoader<Acc, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
+  BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0,
+                        grad_src_vec_ok);
+  Acc acc[C::TM][C::TD];
+  zero_and_gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
+  store_tile<T>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);
+}
+
+// Row tile m0 of D (a multiple of BM) belongs to row group (m0 / BM) % row_groups.
+template <typename Acc>
+__device__ __forceinline__ bool owns_row_tile(int64_t m0, int64_t row_group, int64_t row_groups) {
+  return (m0 / Cfg<Acc>::BM) % row_groups == row_group;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256, 1)
 reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const T* y_coded,
@@ -44,7 +80,8 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
                       int64_t num_tiles, typename Elem<T>::Acc grad_scale, bool write_grad_y,
                       bool write_grad_y_coded, T* grad_y, T* grad_y_coded,
                       typename Elem<T>::Acc* grad_scratch, typename Elem<T>::Acc* partials,
-                      bool y_vec_ok, bool yc_vec_ok, bool grad_vec_ok, bool grad_src_vec_ok) {
+                      int64_t row_groups, bool y_vec_ok, bool yc_vec_ok, bool grad_vec_ok,
+                      bool grad_src_vec_ok) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
   constexpr int kHalf = C::TD / 2;
@@ -52,17 +89,23 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
 
   const int tid = threadIdx.x;
   const int tx = tid % C::NTX, ty = tid / C::NTX;
-  Acc* block_partials = partials + static_cast<int64_t>(blockIdx.x) * K;
-  for (int64_t k = tid; k < K; k += C::THREADS) block_partials[k] = Acc(0);
+  // Blocks are numbered column block fastest; with row_groups = 1 this is the plain persistent grid.
+  const int64_t col_blocks = gridDim.x / row_groups;
+  const int64_t col_block = blockIdx.x % col_blocks;
+  const int64_t row_group = blockIdx.x / col_blocks;
+  Acc* block_partials = partials + col_block * K;
+  // Each row group zeroes only the rows it owns: the other groups of this column block add to theirs.
+  for (int64_t k = tid; k < K; k += C::THREADS)
+    if (owns_row_tile<Acc>(k - k % C::BM, row_group, row_groups)) block_partials[k] = Acc(0);
   // (the barrier at the start of gemm_tile orders these stores before the owners' updates)
 
   // What the grad_y_coded GEMM reads: grad_y itself when it is stored in Acc, else the fp32 copy.
   const Acc* grad_source =
       grad_scratch != nullptr ? grad_scratch : reinterpret_cast<const Acc*>(grad_y);
 
-  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int64_t tile = col_block; tile < num_tiles; tile += col_blocks) {
     const int64_t col0 = tile * C::BD;
-    for (int64_t m0 = 0; m0 < K; m0 += C::BM) {
+    for (int64_t m0 = row_group * C::BM; m0 < K; m0 += row_groups * C::BM) {
       // acc starts at y and the GEMM subtracts D @ y_coded from it: acc ends as r, and y needs no
       // registers of its own in the epilogue. Rows/columns outside the matrices stay 0.
       Acc acc[C::TM][C::TD];
@@ -119,19 +162,28 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
       }
     }
 
-    if (write_grad_y_coded) {
-      // gemm_tile's opening barrier makes this block's grad_y stores visible to all its threads.
-      for (int64_t n0 = 0; n0 < N; n0 += C::BM) {
-        ALoader<Acc, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
-        BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0,
-                              grad_src_vec_ok);
-        // grad_y_coded = -(D^T @ grad_y): accumulate with negated products from 0.
-        Acc acc[C::TM][C::TD];
-        zero_and_gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
-        store_tile<T>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);
-      }
-    }
+    // Only without a row split (the launcher passes false otherwise): this block then holds every
+    // row of grad_y's tile. gemm_tile's opening barrier makes its grad_y stores visible to all threads.
+    if (write_grad_y_coded)
+      for (int64_t n0 = 0; n0 < N; n0 += C::BM)
+        grad_y_coded_tile<T>(decoder, grad_source, grad_y_coded, n0, col0, K, N, d, grad_src_vec_ok,
+                             grad_vec_ok, smem, tx, ty);
   }
+}
+
+// Kernel 1b: one block per (row tile of D^T, column tile), row tile fastest.
+template <typename T>
+__global__ void __launch_bounds__(256, 1)
+grad_y_coded_kernel(const typename Elem<T>::Acc* decoder, const typename Elem<T>::Acc* grad_source,
+                    T* grad_y_coded, int64_t K, int64_t N, int64_t d, int64_t num_row_tiles,
+                    bool grad_src_vec_ok, bool grad_vec_ok) {
+  using C = Cfg<typename Elem<T>::Acc>;
+  __shared__ SmemTiles<typename Elem<T>::Acc> smem;
+  const int tid = threadIdx.x;
+  const int64_t block = blockIdx.x;
+  grad_y_coded_tile<T>(decoder, grad_source, grad_y_coded, (block % num_row_tiles) * C::BM,
+                       (block / num_row_tiles) * C::BD, K, N, d, grad_src_vec_ok, grad_vec_ok, smem,
+                       tid % C::NTX, tid / C::NTX);
 }
 
 // per_sample[k] = sum over b < blocks of partials[b, k]: each of kRowSumGroups warps sums the
@@ -172,19 +224,45 @@ total_kernel(const Acc* per_sample, int64_t K, Acc divisor, Acc* loss) {
 }
 
 #ifndef DRES_HOST_EMULATION  // launchers: nvcc only
-// Blocks of the persistent grid: as many as fit on the device at once, at most one per tile.
+// Shape of the persistent grid: col_blocks blocks along the column tiles, as many as fit on the device
+// at once (at most one per tile), times row_groups blocks per column tile when the tiles alone would
+// leave multiprocessors idle (small d) and D has the row tiles to share.
+struct GridShape {
+  int64_t col_blocks = 0, row_groups = 1;
+};
+
+// Blocks of reconstruction_kernel<T> resident on the current device, queried once per device (the
+// answer depends on the device and the kernel only; every call of the op needs it).
 template <typename T>
-cudaError_t grid_blocks(int64_t num_tiles, int64_t* blocks) {
+cudaError_t resident_blocks(int64_t* resident) {
+  constexpr int kMaxCachedDevices = 64;
+  static std::atomic<int64_t> cache[kMaxCachedDevices] = {};
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable && (*resident = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reconstruction_kernel<T>,
                                                       Cfg<typename Elem<T>::Acc>::THREADS, 0);
   if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-  *blocks = num_tiles < resident ? num_tiles : resident;
+  *resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  if (cacheable) cache[device].store(*resident, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t grid_shape(int64_t num_tiles, int64_t K, GridShape* shape) {
+  using C = Cfg<typename Elem<T>::Acc>;
+  int64_t resident = 0;
+  cudaError_t err = resident_blocks<T>(&resident);
+  if (err != cudaSuccess) return err;
+  shape->col_blocks = num_tiles < resident ? num_tiles : resident;
+  const int64_t row_tiles = (K + C::BM - 1) / C::BM;
+  const int64_t spare = resident / (shape->col_blocks > 0 ? shape->col_blocks : 1);
+  shape->row_groups = spare < row_tiles ? spare : row_tiles;
+  if (shape->row_groups < 1) shape->row_groups = 1;
   return cudaSuccess;
 }
 
@@ -196,10 +274,10 @@ cudaError_t workspace(int64_t K, int64_t N, int64_t d, int reduction, int comput
   *grad_scratch_elems = 0;
   if (K <= 0 || d <= 0) return cudaSuccess;
   const int64_t num_tiles = (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD;
-  int64_t blocks = 0;
-  cudaError_t err = grid_blocks<T>(num_tiles, &blocks);
+  GridShape shape;
+  cudaError_t err = grid_shape<T>(num_tiles, K, &shape);
   if (err != cudaSuccess) return err;
-  *partial_elems = (blocks + 1) * K;  // blocks rows of partials, then per_sample
+  *partial_elems = (shape.col_blocks + 1) * K;  // a row of partials per column block, then per_sample
   const bool needs_copy = !std::is_same<T, Acc>::value && compute_grads &&
                           reduction != DRES_REDUCTION_NONE && N > 0;
   if (needs_copy) *grad_scratch_elems = K * d;
@@ -224,8 +302,13 @@ cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const
       N >= INT_MAX - C::BM)
     return cudaErrorInvalidValue;
   const int64_t num_tiles = (d + C::BD - 1) / C::BD;
-  const int64_t blocks = partial_elems / K - 1;
-  if (blocks < 1 || blocks > num_tiles || blocks > INT_MAX) return cudaErrorInvalidValue;
+  GridShape shape;
+  cudaError_t err = grid_shape<T>(num_tiles, K, &shape);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = shape.col_blocks;  // rows of partials
+  // The workspace must come from dres_reconstruction_loss_workspace for this shape and device.
+  if (blocks < 1 || partial_elems != (blocks + 1) * K || blocks * shape.row_groups > INT_MAX)
+    return cudaErrorInvalidValue;
 
   const T* y = static_cast<const T*>(y_);
   const T* y_coded = static_cast<const T*>(yc_);
@@ -260,12 +343,23 @@ cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const
                                                     : static_cast<const void*>(grad_y);
   const bool grad_src_vec_ok = d % kAccVec == 0 && is_aligned(grad_source, 16);
 
-  reconstruction_kernel<T><<<static_cast<unsigned>(blocks), C::THREADS, 0, stream>>>(
+  const bool split = shape.row_groups > 1;
+  reconstruction_kernel<T><<<static_cast<unsigned>(blocks * shape.row_groups), C::THREADS, 0,
+                             stream>>>(
       y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, d, num_tiles,
-      grad_scale, write_grad_y, write_grad_y_coded, grad_y, grad_y_coded, grad_scratch, partials,
-      y_vec_ok, yc_vec_ok, grad_vec_ok, grad_src_vec_ok);
-  cudaError_t err = cudaGetLastError();
+      grad_scale, write_grad_y, write_grad_y_coded && !split, grad_y, grad_y_coded, grad_scratch,
+      partials, shape.row_groups, y_vec_ok, yc_vec_ok, grad_vec_ok, grad_src_vec_ok);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (split && write_grad_y_coded) {
+    const int64_t n_tiles = (N + C::BM - 1) / C::BM;
+    if (n_tiles * num_tiles > INT_MAX) return cudaErrorInvalidValue;
+    grad_y_coded_kernel<T><<<static_cast<unsigned>(n_tiles * num_tiles), C::THREADS, 0, stream>>>(
+        decoder, static_cast<const Acc*>(grad_source), grad_y_coded, K, N, d, n_tiles,
+        grad_src_vec_ok, grad_vec_ok);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
 
   const int64_t row_blocks = (K + kRowSumRows - 1) / kRowSumRows;
   if (row_blocks > INT_MAX) return cudaErrorInvalidValue;

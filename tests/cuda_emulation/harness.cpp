@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -113,11 +114,13 @@ struct ReconOut {
   bool write_gyc = false;
 };
 
-// The launcher's sequence (reconstruction kernel on `grid` persistent blocks, row sums, total) with its
-// vector-path decisions; unwritten outputs keep a sentinel that fails the checks.
+// The launcher's sequence (reconstruction kernel on `grid` persistent column blocks times `row_groups`,
+// the grad_y_coded kernel when row_groups > 1, row sums, total) with its vector-path decisions;
+// unwritten outputs keep a sentinel that fails the checks.
 template <typename T>
 ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<T>::Acc>& D, int64_t K,
-                               int64_t N, int64_t d, int reduction, bool grads, int64_t grid) {
+                               int64_t N, int64_t d, int reduction, bool grads, int64_t grid,
+                               int64_t row_groups = 1) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
   ReconOut<T> out;
@@ -138,11 +141,21 @@ ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<
   const bool grad_vec_ok = d % kHalf == 0;
   const void* source = scratch_ptr ? static_cast<const void*>(scratch_ptr) : static_cast<const void*>(out.grad_y.data());
   const bool src_vec_ok = d % kAccVec == 0 && is_aligned(source, 16);
-  dres_emu::launch(static_cast<unsigned>(blocks), C::THREADS, [&] {
+  const bool split = row_groups > 1;
+  dres_emu::launch(static_cast<unsigned>(blocks * row_groups), C::THREADS, [&] {
     reconstruction_kernel<T>(y.ptr(), y.sr, y.sc, yc.ptr(), yc.sr, yc.sc, D.data(), K, N, d, num_tiles,
-                             scale, grads, out.write_gyc, out.grad_y.data(), out.grad_yc.data(), scratch_ptr,
-                             partials.data(), y_vec_ok, yc_vec_ok, grad_vec_ok, src_vec_ok);
+                             scale, grads, out.write_gyc && !split, out.grad_y.data(), out.grad_yc.data(),
+                             scratch_ptr, partials.data(), row_groups, y_vec_ok, yc_vec_ok, grad_vec_ok,
+                             src_vec_ok);
   });
+  if (split && out.write_gyc) {
+    const int64_t n_tiles = (N + C::BM - 1) / C::BM;
+    const Acc* source_acc = static_cast<const Acc*>(source);
+    dres_emu::launch(static_cast<unsigned>(n_tiles * num_tiles), C::THREADS, [&] {
+      grad_y_coded_kernel<T>(D.data(), source_acc, out.grad_yc.data(), K, N, d, n_tiles, src_vec_ok,
+                             grad_vec_ok);
+    });
+  }
   Acc* per_sample = reduction == DRES_REDUCTION_NONE ? out.loss.data() : partials.data() + blocks * K;
   dres_emu::launch(static_cast<unsigned>((K + kRowSumRows - 1) / kRowSumRows), kRowSumRows * kRowSumGroups,
                    [&] { row_sum_kernel<Acc>(partials.data(), blocks, K, per_sample); });
@@ -154,14 +167,19 @@ ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<
 }
 
 template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <typename T>
 void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool grads, int layout,
-                          int64_t grid, const char* name) {
+                          int64_t grid, const char* name, int64_t row_groups = 1) {
   using Acc = typename Elem<T>::Acc;
   auto D = weights<Acc>(K, N);
   auto y = make<T>(K, d, layout);
   auto yc = make<T>(N, d, layout == 1 ? 2 : layout);
   const int64_t blocks = std::min(grid, (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD);
-  const ReconOut<T> out = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid);
+  const ReconOut<T> out = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid, row_groups);
   const std::vector<Acc>& loss = out.loss;
   const std::vector<T>& grad_y = out.grad_y;
   const std::vector<T>& grad_yc = out.grad_yc;
@@ -181,8 +199,16 @@ void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool g
   const double c = reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0;
   char what[160];
   const char* red = reduction == DRES_REDUCTION_MEAN ? "mean" : reduction == DRES_REDUCTION_SUM ? "sum" : "none";
-  std::snprintf(what, sizeof what, "recon K=%ld N=%ld d=%ld %s grads=%d lay=%d grid=%ld", (long)K, (long)N,
-                (long)d, red, (int)grads, layout, (long)blocks);
+  std::snprintf(what, sizeof what, "recon K=%ld N=%ld d=%ld %s grads=%d lay=%d grid=%ldx%ld", (long)K,
+                (long)N, (long)d, red, (int)grads, layout, (long)blocks, (long)row_groups);
+  if (row_groups > 1) {
+    // The row split must not change a bit of any output: same run without it.
+    const ReconOut<T> plain = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid, 1);
+    const bool same = same_bits(out.loss, plain.loss) && same_bits(out.grad_y, plain.grad_y) &&
+                      (!out.write_gyc || same_bits(out.grad_yc, plain.grad_yc));
+    if (!same) ++failures;
+    std::printf("%s %-44s %-9s bits equal to the unsplit grid\n", same ? "OK  " : "FAIL", what, name);
+  }
   const double loss_tol = std::is_same<Acc, double>::value ? 1e-12 : 1e-5;
   if (reduction == DRES_REDUCTION_NONE) {
     double e = 0, m = 0;
@@ -295,6 +321,14 @@ int main(int argc, char** argv) {
     check_reconstruction<__half>(9, 20, 136, reduction, true, 0, 1, "fp16");
     check_reconstruction<__nv_bfloat16>(130, 7, 264, reduction, true, 0, 2, "bf16");
   }
+  // row split (small d): row tiles of D shared by 2-3 blocks per column tile, uneven and ragged
+  for (int reduction = 0; reduction < 3; ++reduction) {
+    check_reconstruction<float>(300, 140, 10, reduction, true, 0, 1, "fp32", 3);
+    check_reconstruction<__half>(257, 9, 131, reduction, true, 2, 2, "fp16", 2);
+    check_reconstruction<double>(130, 70, 7, reduction, true, 1, 1, "fp64", 3);
+  }
+  check_reconstruction<__nv_bfloat16>(260, 33, 70, DRES_REDUCTION_MEAN, true, 0, 1, "bf16", 2);
+  check_reconstruction<float>(200, 20, 257, DRES_REDUCTION_SUM, false, 0, 2, "fp32", 2);
   check_reconstruction<float>(17, 20, 257, DRES_REDUCTION_MEAN, false, 0, 2, "fp32");
   check_reconstruction<float>(1, 1, 1, DRES_REDUCTION_SUM, true, 0, 1, "fp32");
   std::printf("%d failure(s)\n", failures);

@@ -100,10 +100,22 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def traced(args) -> bool:
+    """Whether a launch with these arguments is being traced (``torch.compile``, ``torch.export``,
+    ``make_fx``, fake or functional tensors) rather than run."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
+
+
 def launch(kernel, grid, *args, **kwargs):
-    """Launch through ``torch.library.wrap_triton`` so a ``triton_op`` caller is traceable by
-    ``torch.compile``; interpreted kernels are launched directly (older torch's wrap_triton rejects them)."""
-    if _wrap_triton is not None and not INTERPRET:
+    """Launch ``kernel``. While traced, through ``torch.library.wrap_triton``, so that ``torch.compile``
+    sees the launch inside the ``triton_op``; otherwise directly: wrap_triton's eager path dispatches a
+    higher-order op per launch, which torch's own ``triton_op`` skips in eager mode because it costs about
+    a millisecond, and the eager ``autograd.Function`` s (``dres_fast.ops.registry.eager_functions``) call
+    the launchers outside any ``triton_op``. Interpreted kernels are always launched directly (older
+    torch's wrap_triton rejects them)."""
+    if _wrap_triton is not None and not INTERPRET and traced(args):
         kernel = _wrap_triton(kernel)
     kernel[grid](*args, **kwargs)
 

@@ -61,7 +61,8 @@ _LIB.impl("spline_mix", reference.spline_mix, "CPU")
 _LIB.impl("reconstruction_loss", reference.reconstruction_loss, "CPU")
 _LIB.impl("spline_mix", registry._spline_mix_fake, "Meta")
 _LIB.impl("reconstruction_loss", registry._reconstruction_loss_fake, "Meta")
-CXX_STYLE_OPS = registry.register_autograd("dres_test_cxx::spline_mix", "dres_test_cxx::reconstruction_loss")
+CXX_STYLE_OPS = registry.register_autograd("dres_test_cxx::spline_mix", "dres_test_cxx::reconstruction_loss",
+                                           reference)
 
 
 @pytest.mark.parametrize("reduction", contract.REDUCTIONS)

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import sys
 import threading
 import traceback
 
@@ -184,7 +185,7 @@ def load(verbose: bool = False):
             from ..ops import registry
 
             _ops_with_autograd = registry.register_autograd(
-                f"{OPS_NAMESPACE}::spline_mix", f"{OPS_NAMESPACE}::reconstruction_loss"
+                f"{OPS_NAMESPACE}::spline_mix", f"{OPS_NAMESPACE}::reconstruction_loss", sys.modules[__name__]
             )
         return _ops_with_autograd
 

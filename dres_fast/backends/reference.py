@@ -32,11 +32,8 @@ def load():
 
 
 @contextlib.contextmanager
-def _ieee_fp32(device: torch.device):
-    # TF32 products break the accuracy contract (docs/DESIGN.md, section 4): force IEEE fp32 on CUDA.
-    if device.type != "cuda":
-        yield
-        return
+def _no_tf32():
+    # TF32 products break the accuracy contract (docs/DESIGN.md, section 4): IEEE fp32 on CUDA.
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -45,14 +42,23 @@ def _ieee_fp32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _ieee_fp32(device: torch.device):
+    return _no_tf32() if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skips Tensor.to's dispatch when there is nothing to do: at small d these calls are the cost
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mix(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     with _ieee_fp32(x.device):
-        return weights @ x.to(weights.dtype)
+        return weights @ _cast(x, weights.dtype)
 
 
 def spline_mix(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     r"""``out[m, j] = sum_k weights[m, k] x[k, j]``, accumulated in ``weights.dtype``, returned in ``x.dtype``."""
-    return _mix(weights, x).to(x.dtype).contiguous()
+    return _cast(_mix(weights, x), x.dtype).contiguous()
 
 
 def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool):
@@ -61,7 +67,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool
     (``c = 2/(K d)`` for "mean", 2 for "sum"; for "none" only ``grad_y = 2 r``)."""
     with _ieee_fp32(y.device):
         # one GEMM with the subtraction folded in: r = y - D y_coded
-        residual = torch.addmm(y.to(decoder.dtype), decoder, y_coded.to(decoder.dtype), alpha=-1)
+        residual = torch.addmm(_cast(y, decoder.dtype), decoder, _cast(y_coded, decoder.dtype), alpha=-1)
     per_sample = (residual * residual).sum(dim=1)
     if reduction == "none":
         loss = per_sample
@@ -69,12 +75,12 @@ def reconstruction_loss(y, y_coded, decoder, reduction: str, compute_grads: bool
         loss = per_sample.sum()
     else:
         loss = per_sample.sum() / residual.numel()
-    loss = loss.to(loss_dtype(y.dtype))
+    loss = _cast(loss, loss_dtype(y.dtype))
     if not compute_grads:
         return loss, y.new_empty(0), y.new_empty(0)  # two tensors: op outputs may not alias
     grad_y = residual * gradient_scale(reduction, residual.numel())
     if reduction == "none":
-        return loss, grad_y.to(y.dtype), y.new_empty(0)
+        return loss, _cast(grad_y, y.dtype), y.new_empty(0)
     grad_y_coded = _mix(decoder.t(), grad_y).neg_()  # a fresh tensor: negate in place
-    return loss, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)
+    return loss, _cast(grad_y, y.dtype), _cast(grad_y_coded, y_coded.dtype)
 

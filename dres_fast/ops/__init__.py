@@ -5,7 +5,9 @@
 
 Both validate their inputs (errors name the argument), flatten trailing dimensions to ``(batch, d)``,
 cast the weights to the compute dtype (:mod:`dres_fast.contract`: float64 for float64 inputs, else
-float32) and call the backend's ``torch.library`` op.
+float32) and call the backend: its ``torch.library`` op while ``torch.compile`` (or another tracer) is
+at work, else the same functions through a leaner ``autograd.Function``
+(:func:`dispatch.backend_functions`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import FLOAT_DTYPES, REDUCTIONS, compute_dtype
-from .dispatch import BACKENDS, BackendUnavailableError, available_backends, backend_ops, resolve_backend
+from .dispatch import BACKENDS, BackendUnavailableError, available_backends, backend_functions, resolve_backend
 
 __all__ = [
     "spline_mix",
@@ -48,12 +50,18 @@ def _check_weights(weights, name: str, device: torch.device, dtype: torch.dtype)
         raise ValueError(f"{name} is on {weights.device} but the data is on {device}: move it with .to(device)")
     if not weights.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {weights.dtype}")
-    # a no-op for weights from the cache, which are stored in the compute dtype already
-    return weights.detach().to(compute_dtype(dtype)).contiguous()
+    # nothing to do for weights from the cache, which are stored contiguous in the compute dtype: the
+    # checks below cost a fraction of the calls they skip (at small d, per-call Python is the cost)
+    target = compute_dtype(dtype)
+    if weights.dtype != target:
+        weights = weights.to(target)
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    return weights.detach() if weights.requires_grad else weights
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
 def spline_mix(weights: torch.Tensor, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -69,9 +77,9 @@ def spline_mix(weights: torch.Tensor, x: torch.Tensor, backend: str = "auto") ->
             f"weights has {weights.shape[1]} columns but x has {x.shape[0]} samples (x.shape[0]); "
             f"weights must be (M, {x.shape[0]})"
         )
-    spline_mix_op, _ = backend_ops(backend, x.device, x.dtype)
-    out = spline_mix_op(weights, _as_rows(x))
-    return out.reshape((weights.shape[0],) + tuple(x.shape[1:]))
+    mix, _ = backend_functions(backend, x.device, x.dtype)
+    out = mix(weights, _as_rows(x))
+    return out if x.dim() == 2 else out.reshape((weights.shape[0],) + tuple(x.shape[1:]))
 
 
 def reconstruction_loss(
@@ -103,6 +111,5 @@ def reconstruction_loss(
             f"got {tuple(decoder.shape)}"
         )
     compute_grads = torch.is_grad_enabled() and (y.requires_grad or y_coded.requires_grad)
-    _, reconstruction_loss_op = backend_ops(backend, y.device, y.dtype)
-    loss, _, _ = reconstruction_loss_op(_as_rows(y), _as_rows(y_coded), decoder, reduction, compute_grads)
-    return loss
+    _, loss_fn = backend_functions(backend, y.device, y.dtype)
+    return loss_fn(_as_rows(y), _as_rows(y_coded), decoder, reduction, compute_grads)

@@ -19,7 +19,7 @@ import torch
 from ..backends import BackendUnavailableError
 
 __all__ = ["BACKENDS", "BACKEND_MODULES", "BackendUnavailableError", "resolve_backend", "backend_ops",
-           "available_backends", "load_backend"]
+           "backend_functions", "use_registered_ops", "available_backends", "load_backend"]
 
 #: backend name -> the module that adapts it; ``"auto"`` tries them in this order on CUDA tensors
 BACKEND_MODULES = {
@@ -37,6 +37,7 @@ AUTO_ORDER_CUDA = {"half": ("triton", "cuda"), "full": ()}
 ENV_VAR = "DRES_BACKEND"
 _LOAD_LOCK = threading.RLock()
 _LOADED: dict = {}  # backend name -> its ops, filled by load_backend
+_EAGER: dict = {}  # (backend, device type, dtype, DRES_BACKEND) -> the ops of the backend chosen for it
 
 
 def _module(name: str):
@@ -125,6 +126,30 @@ def backend_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     ``device``, as op packets (defined on first use)."""
     ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
     return ops.spline_mix, ops.reconstruction_loss
+
+
+def use_registered_ops() -> bool:
+    """Whether a call must go through the registered ``torch.library`` ops: while ``torch.compile`` or
+    ``torch.export`` traces, and under any ``TorchDispatchMode`` (fake tensors, ``make_fx``,
+    functionalization), which need the ops' fake kernels. Otherwise the eager ``autograd.Function`` s do
+    the same work with half the Python per call (:func:`dres_fast.ops.registry.eager_functions`)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def backend_functions(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """``(spline_mix(weights, x) -> out, reconstruction_loss(y, y_coded, decoder, reduction,
+    compute_grads) -> loss)``, differentiable, of the backend chosen for data of ``dtype`` on ``device``:
+    the registered ops when :func:`use_registered_ops`, else the backend's eager functions."""
+    if use_registered_ops():
+        ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
+        op = ops.reconstruction_loss
+        return ops.spline_mix, lambda *args: op(*args)[0]
+    # One dict lookup per call once a choice is made (the choice itself is cached by _resolve anyway).
+    key = (backend, device.type, dtype, os.environ.get(ENV_VAR, ""))
+    ops = _EAGER.get(key)
+    if ops is None:
+        ops = _EAGER.setdefault(key, _LOADED[_loaded_backend(backend, device.type, _precision(dtype))])
+    return ops.eager_spline_mix, ops.eager_reconstruction_loss
 
 
 def available_backends(device: str = None) -> List[str]:

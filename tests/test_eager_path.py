@@ -1,0 +1,104 @@
+"""Eager calls and traced calls take different roads to the same backend functions.
+
+``dres_fast.ops`` calls a backend through its registered ``torch.library`` op while something traces
+(``torch.compile``, ``make_fx``, fake tensors) and through a leaner ``autograd.Function`` otherwise
+(``dres_fast.ops.registry.eager_functions``). Both must give the same bits, forward and backward, and
+the tracers must see the ops.
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import reference as ref
+from dres_fast import ops
+from dres_fast.ops import dispatch
+
+
+def _inputs(device, dtype, K=7, N=5, d=13):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(K, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    y_coded = torch.randn(N, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    decoder = (torch.randn(K, N, generator=gen, dtype=torch.float64) / N).to(device=device,
+                                                                            dtype=ops.compute_dtype(dtype))
+    return y, y_coded, decoder
+
+
+def _loss_and_grads(fn, y, y_coded, decoder, reduction, incoming):
+    y, y_coded = y.clone().requires_grad_(), y_coded.clone().requires_grad_()
+    loss = fn(y, y_coded, decoder, reduction, True)
+    loss.backward(incoming)
+    return loss.detach(), y.grad, y_coded.grad
+
+
+@pytest.mark.parametrize("reduction", ref.REDUCTIONS)
+@pytest.mark.parametrize("backend", ref.ALL)
+def test_eager_functions_and_registered_ops_give_the_same_bits(backend, reduction):
+    dtype = torch.float32
+    device = ref.backend_device(backend)
+    y, y_coded, decoder = _inputs(device, dtype)
+    loaded = dispatch.load_backend(backend)
+    incoming = (torch.rand(y.shape[0], device=device) + 0.5 if reduction == "none"
+                else torch.tensor(1.7, device=device))
+
+    def through_op(*args):
+        return loaded.reconstruction_loss(*args)[0]
+
+    eager = _loss_and_grads(loaded.eager_reconstruction_loss, y, y_coded, decoder, reduction, incoming)
+    registered = _loss_and_grads(through_op, y, y_coded, decoder, reduction, incoming)
+    for a, b in zip(eager, registered):
+        assert torch.equal(a, b)
+
+    x = y.clone().requires_grad_()
+    out_eager = loaded.eager_spline_mix(decoder.t().contiguous(), x)
+    (grad_eager,) = torch.autograd.grad(out_eager, x, torch.ones_like(out_eager) * 0.3)
+    out_op = loaded.spline_mix(decoder.t().contiguous(), x)
+    (grad_op,) = torch.autograd.grad(out_op, x, torch.ones_like(out_op) * 0.3)
+    assert torch.equal(out_eager, out_op) and torch.equal(grad_eager, grad_op)
+
+
+def test_eager_calls_skip_the_registered_op(monkeypatch):
+    # A call from plain eager code must not reach the op: make the op fail and call through dres_fast.ops.
+    loaded = dispatch.load_backend("torch")
+    y, y_coded, decoder = _inputs("cpu", torch.float32)
+    expected = ops.reconstruction_loss(y, y_coded, decoder, backend="torch")
+
+    def fail(*args):
+        raise AssertionError("the registered op was called in eager mode")
+
+    monkeypatch.setattr(loaded, "spline_mix", fail)
+    monkeypatch.setattr(loaded, "reconstruction_loss", fail)
+    assert not dispatch.use_registered_ops()
+    assert torch.equal(ops.reconstruction_loss(y, y_coded, decoder, backend="torch"), expected)
+    ops.spline_mix(decoder, y_coded, backend="torch")
+
+
+def test_tracers_see_the_registered_ops():
+    y, y_coded, decoder = _inputs("cpu", torch.float32)
+
+    def step(y, y_coded):
+        mixed = ops.spline_mix(decoder.t(), y, backend="torch")
+        return ops.reconstruction_loss(y, mixed + y_coded, decoder, backend="torch")
+
+    graph = make_fx(step)(y, y_coded)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "dres_fast.spline_mix_torch.default" in targets
+    assert "dres_fast.reconstruction_loss_torch.default" in targets
+    assert torch.equal(graph(y, y_coded), step(y, y_coded))
+
+    with FakeTensorMode():
+        assert dispatch.use_registered_ops()
+        fake_y = torch.empty(7, 13)
+        assert ops.spline_mix(torch.empty(5, 7), fake_y, backend="torch").shape == (5, 13)
+
+
+@pytest.mark.skipif(ref.backend_skip_reason("triton") is not None, reason=ref.backend_skip_reason("triton") or "")
+def test_triton_launches_are_wrapped_only_when_traced():
+    from dres_fast.kernels import _common
+
+    plain = torch.empty(3)
+    assert not _common.traced((plain, 2, 1.0))
+    with FakeTensorMode() as mode:
+        assert _common.traced((torch.empty(3),))
+    assert _common.traced((mode.from_tensor(plain),))  # a fake tensor with its mode no longer active

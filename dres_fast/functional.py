@@ -141,8 +141,9 @@ def dres_loss_with_spec(fn, x, spec: SmoothingSpec, *, reduction="mean", y=None,
     order, anchor = check_order(order), check_anchor(anchor)
     num_samples, num_coded = spec.sizes(x.shape[x_axis])
 
-    # The ops mix along dim 0; movedim is a view (no copy) and a no-op for batch_dim=0.
-    x_first = x.movedim(x_axis, 0)
+    # The ops mix along dim 0; movedim is a view (no copy), skipped for batch_dim=0 (small-d steps are
+    # bound by per-call Python, and every skipped call counts there).
+    x_first = _moved(x, x_axis, 0)
     sort = principal_order(x_first) if order == "principal" else None
     if sort is not None:
         x_first = x_first.index_select(0, sort)
@@ -150,10 +151,10 @@ def dres_loss_with_spec(fn, x, spec: SmoothingSpec, *, reduction="mean", y=None,
     x_coded = ops.spline_mix(encoder, x_first, backend=backend)
     if anchor == "observed" and y is None:
         y = fn(x)
-    y_coded = fn(x_coded.movedim(0, x_axis))
+    y_coded = fn(_moved(x_coded, 0, x_axis))
     if anchor == "reconstructed":  # f(D E x): what the coded samples decode to, one more forward
         decode_x = weights_for(spec, num_samples, x.device, x.dtype, "decoder")
-        y = fn(ops.spline_mix(decode_x, x_coded, backend=backend).movedim(0, x_axis))
+        y = fn(_moved(ops.spline_mix(decode_x, x_coded, backend=backend), 0, x_axis))
     samples_first, axes = [], []
     y_name = "y" if anchor == "observed" else "fn(D E x)"
     for name, value, count in ((y_name, y, num_samples), ("fn(x_coded)", y_coded, num_coded)):
@@ -162,13 +163,14 @@ def dres_loss_with_spec(fn, x, spec: SmoothingSpec, *, reduction="mean", y=None,
         axis = batch_axis(batch_dim, value)
         if axis is None or value.shape[axis] != count:
             raise ValueError(f"{name} must have {count} samples along batch_dim={batch_dim}, got shape {tuple(value.shape)}")
-        samples_first.append(value.movedim(axis, 0))
+        samples_first.append(_moved(value, axis, 0))
         axes.append(axis)
     y, y_coded = samples_first
     if sort is not None and anchor == "observed":  # fn(D E x) is already in the sorted order
         y = y.index_select(0, sort)
     dtype = torch.promote_types(y.dtype, y_coded.dtype)
-    y, y_coded = y.to(dtype), y_coded.to(dtype)
+    if y.dtype != dtype or y_coded.dtype != dtype:
+        y, y_coded = y.to(dtype), y_coded.to(dtype)
     decoder = weights_for(spec, num_samples, y.device, dtype, "decoder")
     loss = ops.reconstruction_loss(y, y_coded, decoder, reduction=reduction, backend=backend)
     unsort = torch.argsort(sort) if sort is not None else None
@@ -178,5 +180,9 @@ def dres_loss_with_spec(fn, x, spec: SmoothingSpec, *, reduction="mean", y=None,
         decoded = ops.spline_mix(decoder, y_coded, backend=backend)
         if unsort is not None:
             decoded = decoded.index_select(0, unsort)
-        return loss, decoded.movedim(0, axes[0])
+        return loss, _moved(decoded, 0, axes[0])
     return loss
+
+
+def _moved(t: torch.Tensor, source: int, destination: int) -> torch.Tensor:
+    return t if source == destination else t.movedim(source, destination)

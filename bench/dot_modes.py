@@ -5,7 +5,9 @@ the same inputs must be at most twice the torch fp32 backend's own error. For K 
 ``reconstruction_loss`` (loss and both gradients in one pass) and ``spline_mix`` through the registered Triton ops,
 with IEEE fp32 dots (``ieee``) and 3-pass TF32 (``tf32x3``), on random data and on a nearly-smooth case where
 ``y`` is within 1e-3 of ``D y_coded`` (cancellation), and reports each error as a multiple of torch's. The
-fp16/bf16 split-weight dots are timed and checked against float64 too.
+fp16/bf16 split-weight dots are timed and checked against float64 too. With ``ieee`` both reconstruction
+paths are measured (``DRES_TRITON_RECON_PATH``: the fused "resident" kernel and the two-launch "rows" path,
+the default for ``ieee`` since the fused kernel was 3.5x its floor on the H200).
 """
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ def run(K=256, N=256, d=1 << 16):
     y_coded64 = torch.randn(N, d, device="cuda", dtype=torch.float64, generator=gen)
     rows = []
 
-    def measure(case, dtype_name, mode, y, y_coded, dec, torch_errs):
+    def measure(case, dtype_name, mode, y, y_coded, dec, torch_errs, path="auto"):
+        os.environ["DRES_TRITON_RECON_PATH"] = path
         r = y.double() - dec.double() @ y_coded.double()
         ref = ((r * r).mean(), 2 * r / r.numel())
         ref_gyc = -dec.double().t() @ ref[1]
         loss, gy, gyc = recon(y, y_coded, dec, "mean", True)
         errs = [abs(loss.double() - ref[0]).item() / ref[0].item(), _rel(gy, ref[1]), _rel(gyc, ref_gyc)]
         row = {
-            "case": case, "dtype": dtype_name, "dot": mode, "errors": errs,
+            "case": case, "dtype": dtype_name, "dot": mode, "path": path, "errors": errs,
             "x_torch": [e / max(t, 1e-300) for e, t in zip(errs, torch_errs)] if torch_errs else None,
             "recon_ms": triton.testing.do_bench(lambda: recon(y, y_coded, dec, "mean", True), return_mode="median"),
             "mix_ms": triton.testing.do_bench(lambda: mix(dec, y_coded), return_mode="median"),
@@ -56,22 +59,24 @@ def run(K=256, N=256, d=1 << 16):
         torch_errs = [abs((rt * rt).mean().double() - (r64 * r64).mean()).item() / (r64 * r64).mean().item(),
                       _rel(2 * rt / rt.numel(), 2 * r64 / r64.numel()),
                       _rel(-dec.t() @ (2 * rt / rt.numel()), -dec.double().t() @ (2 * r64 / r64.numel()))]
-        for mode in ("ieee", "tf32x3"):
+        for mode, path in (("ieee", "rows"), ("ieee", "resident"), ("tf32x3", "auto")):
             os.environ["DRES_TRITON_FP32_DOT"] = mode
-            measure(case, "float32", mode, y, y_coded, dec, torch_errs)
+            measure(case, "float32", mode, y, y_coded, dec, torch_errs, path)
     os.environ.pop("DRES_TRITON_FP32_DOT", None)
     for dtype in (torch.bfloat16, torch.float16):
         y = torch.randn(K, d, device="cuda", generator=gen).to(dtype)
         measure("random", str(dtype).split(".")[-1], "split3", y, y_coded64.to(dtype), decoder.float(), None)
+    os.environ.pop("DRES_TRITON_RECON_PATH", None)
     return rows
 
 
 def format_rows(rows):
-    lines = [f"{'case':7} {'dtype':9} {'dot':7} {'loss err':>9} {'gy err':>9} {'gyc err':>9} "
+    lines = [f"{'case':7} {'dtype':9} {'dot':7} {'path':8} {'loss err':>9} {'gy err':>9} {'gyc err':>9} "
              f"{'x torch (loss gy gyc)':>22} {'recon ms':>9} {'mix ms':>8}"]
     for r in rows:
         ratios = " ".join(f"{q:6.2f}" for q in r["x_torch"]) if r["x_torch"] else f"{'-':>20}"
-        lines.append(f"{r['case']:7} {r['dtype']:9} {r['dot']:7} " + " ".join(f"{e:9.2e}" for e in r["errors"])
+        lines.append(f"{r['case']:7} {r['dtype']:9} {r['dot']:7} {r.get('path', 'auto'):8} "
+                     + " ".join(f"{e:9.2e}" for e in r["errors"])
                      + f"  {ratios}  {r['recon_ms']:9.3f} {r['mix_ms']:8.3f}")
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ Math
 
 Kernel layouts
 --------------
-Fused ("resident": ``N <= resident_n_max(mode)`` and enough column tiles to fill the GPU): one program
+Fused ("resident": ``N <= resident_n_max(mode)``, enough column tiles to fill the GPU, and a dot mode other
+than "ieee"; ``choose_path``): one program
 owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in ``BLOCK_K`` tiles.
 The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
 ``grad_y_coded`` accumulator: every ``r`` tile is local, so ``D^T r`` for the column tile needs no atomics
@@ -23,7 +24,8 @@ Every program reads the whole decoder (from L2), ``4 K N`` bytes per ``BLOCK_D``
 is as wide as the registers allow (``resident_block_d``): 32 at N = 256 (was 16), which halves
 that L2 traffic, at K = N = 256 and d = 2^16 from 1 GiB to 512 MiB against 256 MiB of HBM traffic.
 
-Row-split ("rows": small ``d``, ``N`` above the fused limit, or fp16/bf16 at N > 128): a 2-D grid of
+Row-split ("rows": fp32 "ieee" dots at every d, small ``d``, ``N`` above the fused limit, or fp16/bf16 at
+N > 128): a 2-D grid of
 ``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to back, so ``y_coded``'s
 column tile comes from HBM once and from L2 for the other row tiles; the old chunked path re-read it per
 16-row tile); each program sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks and
@@ -70,6 +72,8 @@ chain, and so is its ``grad_y_coded`` accumulation over ``K`` (a second accumula
 The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32 inputs; for fp16/bf16
 inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
 """
+
+import os
 
 import numpy as np
 import torch
@@ -245,11 +249,30 @@ def resident_n_max(mode):
     return N_RESIDENT_MAX if mode in ("ieee", "fp64") else N_RESIDENT_MAX // 2
 
 
+#: ``DRES_TRITON_RECON_PATH=rows|resident`` overrides ``choose_path`` (for measurements: the GPU check times
+#: both); "resident" still falls back to "rows" where N does not fit on-chip.
+RECON_PATH_ENV = "DRES_TRITON_RECON_PATH"
+
+
 def choose_path(N, d, device, mode="ieee"):
-    """``"resident"`` when N fits on-chip and the fused path has at least two column tiles per
-    multiprocessor; ``"rows"`` otherwise (large N, or small d, where the fused path would leave most of
-    the GPU idle). A function of the shapes, dtype and device only, so every process picks the same path."""
-    if N > resident_n_max(mode):
+    """``"resident"`` when N fits on-chip, the fused path has at least two column tiles per multiprocessor
+    and the dot mode is not "ieee"; ``"rows"`` otherwise (large N; small d, where the fused path would leave
+    most of the GPU idle; IEEE fp32 dots). A function of the shapes, dtype, device and ``RECON_PATH_ENV``
+    only, so every process picks the same path.
+
+    Why not fused for "ieee": on the H200 (bench/RESULTS.md, run 3) the fused kernel took 1.11-1.25 ms at
+    K = N = 256, d = 2^16 and 18.7 ms at 2^20 (3.5x the FMA floor), while one ``spline_mix`` GEMM of the
+    same size took 0.22 ms and forward + backward 6.5 ms at 2^20: with FMA dots the fused kernel's 16-row
+    tiles are too small to keep the FMA units busy, and saving bytes does not help a compute-bound kernel.
+    The rows path is two GEMM-shaped launches (prediction: 0.45-0.55 ms at 2^16; not yet measured)."""
+    forced = os.environ.get(RECON_PATH_ENV, "auto")
+    if forced not in ("auto", "rows", "resident"):
+        raise ValueError(f"{RECON_PATH_ENV} must be 'auto', 'rows' or 'resident', got {forced!r}")
+    if N > resident_n_max(mode) or forced == "rows":
+        return "rows"
+    if forced == "resident":
+        return "resident"
+    if mode == "ieee":
         return "rows"
     columns = triton.cdiv(d, resident_block_d(resident_block_n(N), mode))
     return "resident" if columns >= 2 * multiprocessors(device) else "rows"

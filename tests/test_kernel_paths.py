@@ -102,14 +102,26 @@ def force_path(monkeypatch, path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_path_choice_follows_d_and_n():
+def test_path_choice_follows_d_n_and_the_dot_mode(monkeypatch):
+    monkeypatch.delenv(RL.RECON_PATH_ENV, raising=False)
     device = torch.device(DEVICE)
     sms = COMMON.multiprocessors(device)
-    block_d = RL.resident_block_d(RL.resident_block_n(256))
-    assert RL.choose_path(256, 7, device) == "rows"          # logits: one column tile would run alone
-    assert RL.choose_path(256, (2 * sms - 1) * block_d, device) == "rows"
-    assert RL.choose_path(256, (2 * sms - 1) * block_d + 1, device) == "resident"
-    assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 1 << 20, device) == "rows"  # y_coded does not fit on-chip
+    block_d = RL.resident_block_d(RL.resident_block_n(256), "fp64")
+    assert RL.choose_path(256, 7, device, "fp64") == "rows"  # logits: one column tile would run alone
+    assert RL.choose_path(256, (2 * sms - 1) * block_d, device, "fp64") == "rows"
+    assert RL.choose_path(256, (2 * sms - 1) * block_d + 1, device, "fp64") == "resident"
+    assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 1 << 20, device, "fp64") == "rows"  # y_coded does not fit
+    assert RL.choose_path(256, 1 << 20, device, "ieee") == "rows"  # FMA dots: two GEMM launches are faster
+    assert RL.choose_path(128, 1 << 20, device, "tf32x3") == "resident"
+
+    monkeypatch.setenv(RL.RECON_PATH_ENV, "resident")
+    assert RL.choose_path(256, 7, device, "ieee") == "resident"
+    assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 7, device, "ieee") == "rows"
+    monkeypatch.setenv(RL.RECON_PATH_ENV, "rows")
+    assert RL.choose_path(128, 1 << 20, device, "tf32x3") == "rows"
+    monkeypatch.setenv(RL.RECON_PATH_ENV, "fused")
+    with pytest.raises(ValueError, match="DRES_TRITON_RECON_PATH must be"):
+        RL.choose_path(128, 1 << 20, device)
 
 
 def test_autotune_keys_are_bucketed_powers_of_two():

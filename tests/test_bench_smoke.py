@@ -161,3 +161,18 @@ def test_weights_section_reports_the_setup_rows(tmp_path):
     expected = f"| {last['K']} | {last['N']} | {last['dof_search_s']:.3f} | {last['weights_s']:.3f} | {last['total_s']:.3f} |"
     assert expected in (tmp_path / "summary.md").read_text()
     assert f"{last['total_s']:.3f}" in report.console_table(results)
+
+
+@pytest.mark.slow  # starts a fresh interpreter (about 4 s)
+def test_cold_start_times_a_fresh_process(tmp_path):
+    from bench import cold_start
+
+    out = tmp_path / "cold.json"
+    cold_start.main(["--out", str(out), "--timeout", "120"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    assert row["resolved_backend"] == "torch" and row["model"] == "mlp"
+    for key in ("import_torch_s", "import_dres_s", "first_step_s", "second_step_s"):
+        assert math.isfinite(row[key]) and row[key] > 0
+    assert "first step" in cold_start.format_rows([row]) and "error: boom" in cold_start.format_rows(
+        [{"backend": "triton", "dtype": "float32", "error": "boom"}])

@@ -102,3 +102,29 @@ def test_triton_launches_are_wrapped_only_when_traced():
     with FakeTensorMode() as mode:
         assert _common.traced((torch.empty(3),))
     assert _common.traced((mode.from_tensor(plain),))  # a fake tensor with its mode no longer active
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_func_grad_matches_autograd(reduction):
+    # torch.func transforms take the Functions' setup_context form; plain calls the cheaper form
+    y, y_coded, decoder = _inputs("cpu", torch.float64)
+    weights = decoder.t().contiguous()
+
+    def loss(y):
+        value = ops.reconstruction_loss(y, ops.spline_mix(weights, y) + y_coded, decoder, reduction=reduction)
+        return value.sum() * 1.3
+
+    through_func = torch.func.grad(loss)(y)
+    leaf = y.clone().requires_grad_()
+    loss(leaf).backward()
+    torch.testing.assert_close(through_func, leaf.grad, rtol=1e-13, atol=1e-15)
+
+
+def test_eager_functions_pass_gradcheck_and_gradgradcheck():
+    loaded = dispatch.load_backend("torch")
+    y, y_coded, decoder = _inputs("cpu", torch.float64)
+    y, y_coded = y.requires_grad_(), y_coded.requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        torch.autograd.gradcheck(
+            lambda a, b: loaded.eager_reconstruction_loss(a, b, decoder, reduction, True), (y, y_coded))
+    torch.autograd.gradgradcheck(lambda a: loaded.eager_spline_mix(decoder, a), (y_coded,))

@@ -160,37 +160,78 @@ def eager_functions(impl) -> Tuple[Callable, Callable]:
     backward formulas. Same inputs, same kernels, same bits as the registered ops; for eager calls only
     (``torch.compile`` and other tracing need the ops: :func:`dres_fast.ops.dispatch.use_registered_ops`)."""
 
+    # Two forms of each Function with the same bodies: forward(ctx, ...) for plain eager calls, and
+    # forward + setup_context, the form torch.func transforms (grad, jacrev's backward) accept, whose apply
+    # binds the arguments through inspect.signature on every call (which doubled the cost of a small call).
+    # Forward runs below autograd, as custom_op's own autograd runs its kernel: the C++ ops' Python autograd
+    # wrapper would only find gradients off and pass through.
+    def mix_forward(weights, x):
+        with torch._C._AutoDispatchBelowAutograd():
+            return impl.spline_mix(weights, x)
+
+    def mix_backward(ctx, grad_out):
+        (weights,) = ctx.saved_tensors
+        return None, _spline_mix_grad(spline_mix, weights, grad_out) if ctx.needs_input_grad[1] else None
+
+    def loss_forward(y, y_coded, decoder, reduction, compute_grads):
+        with torch._C._AutoDispatchBelowAutograd():
+            return impl.reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)
+
+    def loss_setup(ctx, inputs, output):
+        _, _, decoder, ctx.reduction, ctx.compute_grads = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(decoder, output[1], output[2])
+
+    def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
+        grads = _reconstruction_loss_grads(spline_mix, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors,
+                                           grad_loss)
+        return *grads, None, None, None
+
     class SplineMix(torch.autograd.Function):
         @staticmethod
         def forward(ctx, weights, x):
             ctx.save_for_backward(weights)
-            # below autograd, as custom_op's own autograd runs its kernel: the C++ ops' Python autograd
-            # wrapper would only find gradients off and pass through
-            with torch._C._AutoDispatchBelowAutograd():
-                return impl.spline_mix(weights, x)
+            return mix_forward(weights, x)
+
+        backward = staticmethod(mix_backward)
+
+    class SplineMixForTransforms(torch.autograd.Function):
+        forward = staticmethod(mix_forward)
+        backward = staticmethod(mix_backward)
 
         @staticmethod
-        def backward(ctx, grad_out):
-            (weights,) = ctx.saved_tensors
-            return None, _spline_mix_grad(SplineMix.apply, weights, grad_out) if ctx.needs_input_grad[1] else None
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
 
     class ReconstructionLoss(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, y, y_coded, decoder, reduction, compute_grads):
-            with torch._C._AutoDispatchBelowAutograd():
-                loss, grad_y, grad_y_coded = impl.reconstruction_loss(y, y_coded, decoder, reduction,
-                                                                      compute_grads)
-            ctx.reduction, ctx.compute_grads = reduction, compute_grads
-            ctx.save_for_backward(decoder, grad_y, grad_y_coded)
-            return loss
+        def forward(ctx, *inputs):
+            output = loss_forward(*inputs)
+            loss_setup(ctx, inputs, output)
+            return output
 
-        @staticmethod
-        def backward(ctx, grad_loss):
-            grads = _reconstruction_loss_grads(SplineMix.apply, ctx.reduction, ctx.compute_grads,
-                                               *ctx.saved_tensors, grad_loss)
-            return *grads, None, None, None
+        backward = staticmethod(loss_backward)
 
-    return SplineMix.apply, ReconstructionLoss.apply
+    class ReconstructionLossForTransforms(torch.autograd.Function):
+        forward = staticmethod(loss_forward)
+        setup_context = staticmethod(loss_setup)
+        backward = staticmethod(loss_backward)
+
+    def spline_mix(weights, x):
+        if _functorch_transforms_active():
+            return SplineMixForTransforms.apply(weights, x)
+        return SplineMix.apply(weights, x)
+
+    def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
+        function = ReconstructionLossForTransforms if _functorch_transforms_active() else ReconstructionLoss
+        return function.apply(y, y_coded, decoder, reduction, compute_grads)[0]
+
+    return spline_mix, reconstruction_loss
+
+
+def _functorch_transforms_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _define_coding_weights():

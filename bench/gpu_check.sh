@@ -16,6 +16,8 @@
 #   dots     fp32 dot modes (ieee vs tf32x3): error against float64 relative to torch's own fp32 error,
 #            and time; the fp16/bf16 split dots
 #   kernels  python -m bench.kernels --device cuda: every backend and torch.compile against measured floors
+#   overhead python -m bench.call_overhead --device cuda: host cost of one small-d forward + backward per backend,
+#            eager road against registered ops against plain torch, and a cProfile of the slowest
 #   cold     python -m bench.cold_start --device cuda: a fresh process's first DReS step on ResNet-18 with an empty
 #            Triton cache (compile and autotune included; target under 10 s)
 #   sweep    python -m bench.kernels --device cuda --sweep: d = 10 .. 2^20 at K = N = 256, and K = N = 4096 at
@@ -32,7 +34,7 @@ cd "$(dirname "$0")/.."
 # the JSON summaries: a few files are easier to fetch back than a folder of logs.
 if [ -n "${OUT:-}" ]; then LOG_DIR=$(mktemp -d); else LOG_DIR=bench/out/gpu_check; fi
 mkdir -p "$LOG_DIR"
-STEPS="${STEPS:-deps install build cpp tests dots kernels cold sweep steps}"
+STEPS="${STEPS:-deps install build cpp tests dots kernels overhead cold sweep steps}"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-480}"
 KERNELS_MODE="${KERNELS_MODE:-full}"
@@ -133,6 +135,7 @@ export LOG_DIR; export -f step_tests
 run_step tests 200 bash -c step_tests
 run_step dots 90 "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"
 run_step kernels 150 "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --out "$LOG_DIR/kernels.json"
+run_step overhead 60 "$PY" -m bench.call_overhead --device cuda --out "$LOG_DIR/overhead.json"
 run_step cold 100 "$PY" -m bench.cold_start --device cuda --timeout 45 --out "$LOG_DIR/cold.json"
 run_step sweep 150 "$PY" -m bench.kernels --device cuda --sweep --out "$LOG_DIR/sweep.json"
 run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"
@@ -141,12 +144,13 @@ run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$L
     > "$LOG_DIR/gpu_check.json"
 if [ -n "${OUT:-}" ]; then
     tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$LOG_DIR" .
-    for f in gpu_check.json kernels.json sweep.json dots.json cold.json; do [ -f "$LOG_DIR/$f" ] && cp "$LOG_DIR/$f" "$OUT/"; done
+    for f in gpu_check.json kernels.json sweep.json dots.json cold.json overhead.json; do [ -f "$LOG_DIR/$f" ] && cp "$LOG_DIR/$f" "$OUT/"; done
 fi
 echo
 for f in kernels sweep; do [ -f "$LOG_DIR/$f.log" ] && grep -E "^(op |-----|spline_mix|reconstruction_loss|    error|measured)" "$LOG_DIR/$f.log" | cut -c1-120; echo; done
 if [ -f "$LOG_DIR/cpp.log" ]; then echo "cpp:"; cat "$LOG_DIR/cpp.log" | cut -c1-300; echo; fi
 if [ -f "$LOG_DIR/dots.log" ]; then echo "dot modes:"; grep -A12 "^case" "$LOG_DIR/dots.log" | head -n 12; echo; fi
+if [ -f "$LOG_DIR/overhead.log" ]; then echo "call overhead:"; sed -n 1,12p "$LOG_DIR/overhead.log" | cut -c1-160; echo; fi
 if [ -f "$LOG_DIR/cold.log" ]; then echo "cold first step:"; grep -A6 "^backend" "$LOG_DIR/cold.log" | cut -c1-160; echo; fi
 if [ -f "$LOG_DIR/tests.log" ]; then
     grep -E "^(FAILED|ERROR)" "$LOG_DIR/tests.log" | head -n 40 | cut -c1-220

@@ -176,3 +176,14 @@ def test_cold_start_times_a_fresh_process(tmp_path):
         assert math.isfinite(row[key]) and row[key] > 0
     assert "first step" in cold_start.format_rows([row]) and "error: boom" in cold_start.format_rows(
         [{"backend": "triton", "dtype": "float32", "error": "boom"}])
+
+
+def test_call_overhead_times_every_road():
+    from bench import call_overhead
+
+    result = call_overhead.measure("cpu", calls=3, rounds=1)
+    roads = [row["road"] for row in result["rows"]]
+    assert roads[:2] == ["torch/eager", "torch/registered"] and roads[-1] == "plain"
+    assert all(math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0 for row in result["rows"])
+    assert "cProfile of torch/eager" in result["profile"]
+    assert "torch/registered" in call_overhead.format_rows(result["rows"])

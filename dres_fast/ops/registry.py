@@ -104,9 +104,11 @@ def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
 
 
 # The backward formulas (module docstring), written once for the registered ops and the eager functions;
-# ``mix`` is the differentiable spline_mix of the caller's kind (so double backward works in both).
+# ``mix`` is the differentiable spline_mix of the caller's kind (so double backward works in both). W^T is
+# passed as a view: every backend takes weights of any strides (a copy per call cost more than the
+# small-d GEMM itself on the CPU).
 def _spline_mix_grad(mix, weights, grad_out):
-    return mix(weights.t().contiguous(), grad_out)
+    return mix(weights.t(), grad_out)
 
 
 def _reconstruction_loss_grads(mix, reduction, compute_grads, decoder, grad_y, grad_y_coded, grad_loss):
@@ -117,7 +119,7 @@ def _reconstruction_loss_grads(mix, reduction, compute_grads, decoder, grad_y, g
         )
     if reduction == "none":
         grad_y = grad_y * grad_loss.to(grad_y.dtype)[:, None]
-        return grad_y, mix(decoder.t().contiguous(), grad_y).neg()
+        return grad_y, mix(decoder.t(), grad_y).neg()
     scale = grad_loss.to(grad_y.dtype)  # a tensor: no host sync to test whether it is 1
     return grad_y * scale, grad_y_coded * scale
 

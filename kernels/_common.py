@@ -100,12 +100,16 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
 def traced(args) -> bool:
     """Whether a launch with these arguments is being traced (``torch.compile``, ``torch.export``,
-    ``make_fx``, fake or functional tensors) rather than run."""
+    ``make_fx``, fake or functional tensors) rather than run. Tensor subclasses without
+    ``__torch_dispatch__`` (``nn.Parameter``) run: only the Python dispatch key marks a traced tensor."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
+    return any(isinstance(a, torch.Tensor) and torch._C._dispatch_keys(a).has(_PYTHON_KEY) for a in args)
 
 
 def launch(kernel, grid, *args, **kwargs):

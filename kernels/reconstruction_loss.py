@@ -249,8 +249,10 @@ def resident_n_max(mode):
     return N_RESIDENT_MAX if mode in ("ieee", "fp64") else N_RESIDENT_MAX // 2
 
 
-#: ``DRES_TRITON_RECON_PATH=rows|resident`` overrides ``choose_path`` (for measurements: the GPU check times
-#: both); "resident" still falls back to "rows" where N does not fit on-chip.
+#: ``DRES_TRITON_RECON_PATH=rows|resident`` overrides ``choose_path``, for measurements only (the GPU check
+#: times both): the fused kernel sums over N in one fp32 chain (no two-level sum), so with fp32 "ieee" dots
+#: it does not carry the rows path's accuracy fix. "resident" still falls back to "rows" where N does not
+#: fit on-chip.
 RECON_PATH_ENV = "DRES_TRITON_RECON_PATH"
 
 

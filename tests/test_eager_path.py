@@ -99,6 +99,7 @@ def test_triton_launches_are_wrapped_only_when_traced():
 
     plain = torch.empty(3)
     assert not _common.traced((plain, 2, 1.0))
+    assert not _common.traced((torch.nn.Parameter(plain),))  # a subclass that runs like a tensor
     with FakeTensorMode() as mode:
         assert _common.traced((torch.empty(3),))
     assert _common.traced((mode.from_tensor(plain),))  # a fake tensor with its mode no longer active
@@ -128,3 +129,69 @@ def test_eager_functions_pass_gradcheck_and_gradgradcheck():
         torch.autograd.gradcheck(
             lambda a, b: loaded.eager_reconstruction_loss(a, b, decoder, reduction, True), (y, y_coded))
     torch.autograd.gradgradcheck(lambda a: loaded.eager_spline_mix(decoder, a), (y_coded,))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # the custom ops' per-sample vmap fallback
+def test_vmap_and_per_sample_gradients_match_a_loop():
+    y, y_coded, decoder = _inputs("cpu", torch.float64)
+    weights = decoder.t().contiguous()
+    stacked = torch.stack([y, 2 * y, y.flip(0)])
+
+    def loss(y):
+        return ops.reconstruction_loss(y, ops.spline_mix(weights, y) + y_coded, decoder)
+
+    torch.testing.assert_close(torch.vmap(lambda a: ops.spline_mix(weights, a))(stacked),
+                               torch.stack([weights @ a for a in stacked]))
+    torch.testing.assert_close(torch.vmap(loss)(stacked), torch.stack([loss(a) for a in stacked]))
+    per_sample = torch.vmap(torch.func.grad(loss))(stacked)
+    torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(loss)(a) for a in stacked]))
+
+
+@pytest.mark.parametrize("road", ["eager", "registered"])
+def test_second_derivative_through_the_loss_raises(road):
+    # The loss's backward scales gradients saved by the forward: differentiating it again would silently
+    # miss the main term (2/(K d) for "mean"; before, with a weight that requires grad, the second
+    # derivative came out as 0), so both roads refuse.
+    loaded = dispatch.load_backend("torch")
+    loss_fn = loaded.eager_reconstruction_loss if road == "eager" else (
+        lambda *args: loaded.reconstruction_loss(*args)[0])
+    y, y_coded, decoder = _inputs("cpu", torch.float64)
+    y = y.requires_grad_()
+    weight = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)  # the incoming gradient needs grad
+    (grad,) = torch.autograd.grad(weight * loss_fn(y, y_coded, decoder, "mean", True), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_backward_under_compiled_autograd():
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    y, y_coded, decoder = _inputs("cpu", torch.float32)
+    weights = decoder.t().contiguous()
+    grads = []
+    for compiled in (False, True):
+        leaf = y.clone().requires_grad_()
+        loss = ops.reconstruction_loss(leaf, ops.spline_mix(weights, leaf) + y_coded, decoder, reduction="none")
+        if compiled:  # the backward traced by Dynamo (fullgraph) calls the registered ops
+            with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+                loss.sum().backward()
+        else:
+            loss.sum().backward()
+        grads.append(leaf.grad)
+    torch._dynamo.reset()
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("road", ["eager", "registered"])
+def test_autocast_does_not_lower_the_torch_backend_to_bf16(road):
+    # Under AMP the reference backend's matmuls must stay fp32 (the contract's accumulation dtype).
+    loaded = dispatch.load_backend("torch")
+    mix = loaded.eager_spline_mix if road == "eager" else loaded.spline_mix
+    loss_fn = loaded.eager_reconstruction_loss if road == "eager" else (
+        lambda *args: loaded.reconstruction_loss(*args)[0])
+    y, y_coded, decoder = _inputs("cpu", torch.float32, K=33, N=31, d=65)
+    expected = (loss_fn(y, y_coded, decoder, "mean", False), mix(decoder, y_coded))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (loss_fn(y, y_coded, decoder, "mean", False), mix(decoder, y_coded))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -42,8 +42,23 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+@contextlib.contextmanager
 def _ieee_fp32(device: torch.device):
-    return _no_tf32() if device.type == "cuda" else contextlib.nullcontext()
+    """IEEE fp32 (or fp64) products for the matmuls inside: no TF32 on CUDA, and no autocast, which would
+    otherwise run them in bf16/fp16 under AMP (the weights and the accumulation must stay fp32)."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(_no_tf32())
+        if _autocast_enabled(device.type):
+            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        yield
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

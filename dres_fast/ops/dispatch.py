@@ -17,6 +17,7 @@ from typing import List
 import torch
 
 from ..backends import BackendUnavailableError
+from .registry import use_registered_ops
 
 __all__ = ["BACKENDS", "BACKEND_MODULES", "BackendUnavailableError", "resolve_backend", "backend_ops",
            "backend_functions", "use_registered_ops", "available_backends", "load_backend"]
@@ -126,14 +127,6 @@ def backend_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     ``device``, as op packets (defined on first use)."""
     ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
     return ops.spline_mix, ops.reconstruction_loss
-
-
-def use_registered_ops() -> bool:
-    """Whether a call must go through the registered ``torch.library`` ops: while ``torch.compile`` or
-    ``torch.export`` traces, and under any ``TorchDispatchMode`` (fake tensors, ``make_fx``,
-    functionalization), which need the ops' fake kernels. Otherwise the eager ``autograd.Function`` s do
-    the same work with half the Python per call (:func:`dres_fast.ops.registry.eager_functions`)."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def backend_functions(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):

@@ -36,10 +36,11 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..contract import compute_dtype, loss_dtype
 
-__all__ = ["define_ops", "register_autograd", "eager_functions", "coding_weights_op"]
+__all__ = ["define_ops", "register_autograd", "eager_functions", "use_registered_ops", "coding_weights_op"]
 
 _LOCK = threading.Lock()
 _DEFINED: dict = {}
@@ -103,10 +104,20 @@ def _define(name: str, impl, op_factory: Callable) -> SimpleNamespace:
     return register_autograd(spline_mix_name, loss_name, impl)
 
 
+def use_registered_ops() -> bool:
+    """Whether a call must go through the registered ``torch.library`` ops: while ``torch.compile`` (also
+    compiled autograd) or ``torch.export`` traces, and under any ``TorchDispatchMode`` (fake tensors,
+    ``make_fx``, functionalization), which need the ops' fake kernels. Otherwise the eager
+    ``autograd.Function`` s do the same work with half the Python per call (:func:`eager_functions`)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 # The backward formulas (module docstring), written once for the registered ops and the eager functions;
-# ``mix`` is the differentiable spline_mix of the caller's kind (so double backward works in both). W^T is
-# passed as a view: every backend takes weights of any strides (a copy per call cost more than the
-# small-d GEMM itself on the CPU).
+# ``mix`` is the differentiable spline_mix of the caller's kind, so spline_mix has exact higher derivatives
+# (it is linear). reconstruction_loss's backward only scales gradients saved by the forward, which are
+# constants to autograd: a second derivative through it would silently miss its main term, so both kinds
+# mark it once_differentiable (differentiating it again raises). W^T is passed as a view: every backend
+# takes weights of any strides (a copy per call cost more than the small-d GEMM itself on the CPU).
 def _spline_mix_grad(mix, weights, grad_out):
     return mix(weights.t(), grad_out)
 
@@ -144,6 +155,7 @@ def register_autograd(spline_mix_name: str, loss_name: str, impl) -> SimpleNames
         ctx.compute_grads = compute_grads
         ctx.save_for_backward(decoder, output[1], output[2])
 
+    @once_differentiable
     def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
         grads = _reconstruction_loss_grads(spline_mix_op, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors,
                                            grad_loss)
@@ -151,22 +163,24 @@ def register_autograd(spline_mix_name: str, loss_name: str, impl) -> SimpleNames
 
     torch.library.register_autograd(spline_mix_name, spline_mix_backward, setup_context=spline_mix_setup)
     torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
-    eager_spline_mix, eager_reconstruction_loss = eager_functions(impl)
+    eager_spline_mix, eager_reconstruction_loss = eager_functions(impl, spline_mix_op, reconstruction_loss_op)
     return SimpleNamespace(spline_mix=spline_mix_op, reconstruction_loss=reconstruction_loss_op,
                            eager_spline_mix=eager_spline_mix, eager_reconstruction_loss=eager_reconstruction_loss)
 
 
-def eager_functions(impl) -> Tuple[Callable, Callable]:
+def eager_functions(impl, spline_mix_op, reconstruction_loss_op) -> Tuple[Callable, Callable]:
     """``(spline_mix(weights, x) -> out, reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)
     -> loss)``: ``torch.autograd.Function`` s around the plain functions of ``impl``, with the ops'
-    backward formulas. Same inputs, same kernels, same bits as the registered ops; for eager calls only
-    (``torch.compile`` and other tracing need the ops: :func:`dres_fast.ops.dispatch.use_registered_ops`)."""
+    backward formulas. Same inputs, same kernels, same bits as the registered ops ``spline_mix_op`` and
+    ``reconstruction_loss_op``, which they call instead while something traces (:func:`use_registered_ops`;
+    a backward traced by compiled autograd calls them too)."""
 
-    # Two forms of each Function with the same bodies: forward(ctx, ...) for plain eager calls, and
-    # forward + setup_context, the form torch.func transforms (grad, jacrev's backward) accept, whose apply
-    # binds the arguments through inspect.signature on every call (which doubled the cost of a small call).
-    # Forward runs below autograd, as custom_op's own autograd runs its kernel: the C++ ops' Python autograd
-    # wrapper would only find gradients off and pass through.
+    # Two forms of each Function. Plain calls: forward(ctx, ...), running impl below autograd (as custom_op's
+    # own autograd runs its kernel: the C++ ops' Python autograd wrapper would only find gradients off and
+    # pass through). Under torch.func transforms: forward + setup_context, the form they accept (its apply
+    # binds the arguments through inspect.signature on every call, which doubled the cost of a small call),
+    # calling the registered ops, whose per-sample fallback makes generate_vmap_rule work (torch.vmap,
+    # per-sample gradients, jacrev); torch.func.jvp raises (no jvp rule).
     def mix_forward(weights, x):
         with torch._C._AutoDispatchBelowAutograd():
             return impl.spline_mix(weights, x)
@@ -184,6 +198,7 @@ def eager_functions(impl) -> Tuple[Callable, Callable]:
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.save_for_backward(decoder, output[1], output[2])
 
+    @once_differentiable
     def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
         grads = _reconstruction_loss_grads(spline_mix, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors,
                                            grad_loss)
@@ -198,8 +213,12 @@ def eager_functions(impl) -> Tuple[Callable, Callable]:
         backward = staticmethod(mix_backward)
 
     class SplineMixForTransforms(torch.autograd.Function):
-        forward = staticmethod(mix_forward)
+        generate_vmap_rule = True
         backward = staticmethod(mix_backward)
+
+        @staticmethod
+        def forward(weights, x):
+            return spline_mix_op(weights, x)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -215,16 +234,24 @@ def eager_functions(impl) -> Tuple[Callable, Callable]:
         backward = staticmethod(loss_backward)
 
     class ReconstructionLossForTransforms(torch.autograd.Function):
-        forward = staticmethod(loss_forward)
+        generate_vmap_rule = True
         setup_context = staticmethod(loss_setup)
         backward = staticmethod(loss_backward)
 
+        @staticmethod
+        def forward(y, y_coded, decoder, reduction, compute_grads):
+            return reconstruction_loss_op(y, y_coded, decoder, reduction, compute_grads)
+
     def spline_mix(weights, x):
+        if use_registered_ops():
+            return spline_mix_op(weights, x)
         if _functorch_transforms_active():
             return SplineMixForTransforms.apply(weights, x)
         return SplineMix.apply(weights, x)
 
     def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
+        if use_registered_ops():
+            return reconstruction_loss_op(y, y_coded, decoder, reduction, compute_grads)[0]
         function = ReconstructionLossForTransforms if _functorch_transforms_active() else ReconstructionLoss
         return function.apply(y, y_coded, decoder, reduction, compute_grads)[0]
 

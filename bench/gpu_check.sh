@@ -16,12 +16,12 @@
 #   dots     fp32 dot modes (ieee vs tf32x3): error against float64 relative to torch's own fp32 error,
 #            and time; the fp16/bf16 split dots
 #   kernels  python -m bench.kernels --device cuda: every backend and torch.compile against measured floors
-#   overhead python -m bench.call_overhead --device cuda: host cost of one small-d forward + backward per backend,
-#            eager road against registered ops against plain torch, and a cProfile of the slowest
 #   cold     python -m bench.cold_start --device cuda: a fresh process's first DReS step on ResNet-18 with an empty
 #            Triton cache (compile and autotune included; target under 10 s)
 #   sweep    python -m bench.kernels --device cuda --sweep: d = 10 .. 2^20 at K = N = 256, and K = N = 4096 at
 #            d = 10 and 1000 (the small-d cliffs)
+#   overhead python -m bench.call_overhead --device cuda: host cost of one small-d forward + backward per backend,
+#            eager road against registered ops against plain torch, and a cProfile of the slowest
 #   steps    python -m bench --device cuda --skip-kernels: training steps (ResNet-18 and the small models)
 # Each step has its own cap, cut to what is left of the budget, so one slow step cannot eat the rest; a step
 # that runs out of time gets SIGINT first (pytest still prints its summary). Logs, per-step JSON and
@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.."
 # the JSON summaries: a few files are easier to fetch back than a folder of logs.
 if [ -n "${OUT:-}" ]; then LOG_DIR=$(mktemp -d); else LOG_DIR=bench/out/gpu_check; fi
 mkdir -p "$LOG_DIR"
-STEPS="${STEPS:-deps install build cpp tests dots kernels overhead cold sweep steps}"
+STEPS="${STEPS:-deps install build cpp tests dots kernels cold sweep overhead steps}"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-480}"
 KERNELS_MODE="${KERNELS_MODE:-full}"
@@ -129,15 +129,16 @@ step_tests() {
     DRES_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}" -m "not slow" \
         tests/test_spline_mix.py tests/test_reconstruction_loss.py tests/test_triton_backend.py \
         tests/test_cuda_backend.py tests/test_cuda_adapter.py tests/test_compile.py tests/test_training_loops.py \
+        tests/test_eager_path.py tests/test_kernel_paths.py \
         -k "not broken_file" --junitxml="$LOG_DIR/tests.xml"
 }
 export LOG_DIR; export -f step_tests
 run_step tests 200 bash -c step_tests
 run_step dots 90 "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"
 run_step kernels 150 "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --out "$LOG_DIR/kernels.json"
-run_step overhead 60 "$PY" -m bench.call_overhead --device cuda --out "$LOG_DIR/overhead.json"
-run_step cold 100 "$PY" -m bench.cold_start --device cuda --timeout 45 --out "$LOG_DIR/cold.json"
+run_step cold 100 "$PY" -m bench.cold_start --device cuda --timeout 30 --out "$LOG_DIR/cold.json"
 run_step sweep 150 "$PY" -m bench.kernels --device cuda --sweep --out "$LOG_DIR/sweep.json"
+run_step overhead 60 "$PY" -m bench.call_overhead --device cuda --out "$LOG_DIR/overhead.json"
 run_step steps 120 "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"
 
 ( IFS=,; echo "{\"gpu\": \"$(head -n 1 "$LOG_DIR/gpu.txt" | sed 's/"/\\"/g')\", \"budget_s\": $BUDGET, \"steps\": [${JSON_ROWS[*]}]}" ) \

@@ -190,20 +190,21 @@ def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
     return cases, notes
 
 
-def run_kernels(device: str = "cpu", mode: str = "quick", progress=None) -> dict:
-    """Measure rates and time every (op, backend, shape, dtype). Returns {"rates", "kernels", "skipped"}."""
+def run_kernels(device: str = "cpu", mode: str = "quick", progress=None, on_row=None) -> dict:
+    """Measure rates and time every (op, backend, shape, dtype). Returns {"rates", "kernels", "skipped"}.
+    ``on_row(partial_result)``, if given, is called after every row with what has been measured so far."""
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, as the kernels must use
     torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run_kernels(device, mode, progress)
+        return _run_kernels(device, mode, progress, on_row)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
 
 
-def _run_kernels(device: str, mode: str, progress) -> dict:
+def _run_kernels(device: str, mode: str, progress, on_row=None) -> dict:
     quick = mode in ("quick", "smoke")
-    # Seconds of timing per row: the sweep has ~120 rows on a GPU and must fit the GPU check's step cap.
+    # Seconds of timing per row on the CPU (on CUDA, do_bench's own 25 ms warm-up and 100 ms of repetitions).
     budget_s = 0.4 if quick else 0.5 if mode == "sweep" else 1.0
     cases, notes = kernel_cases(device, mode)
     bandwidth = measure_copy_bandwidth(device, quick)
@@ -230,8 +231,14 @@ def _run_kernels(device: str, mode: str, progress) -> dict:
         rows.append(row)
         if progress is not None:
             progress.update(1)
+        if on_row is not None:
+            on_row(_result(bandwidth, rates, rows, notes))
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    return _result(bandwidth, rates, rows, notes)
+
+
+def _result(bandwidth, rates, rows, notes) -> dict:
     return {"rates": {"copy_GBps": bandwidth / 1e9, **{f"mm_{k}_TFLOPs": v / 1e12 for k, v in rates.items()}},
             "kernels": rows, "skipped": notes}
 
@@ -259,19 +266,30 @@ def main(argv=None) -> None:
     threads_note = choose_threads(args.device, args.threads)
     from tqdm import tqdm
 
-    with tqdm(total=count_cases(args.device, mode), desc="kernels", leave=False) as bar:
-        result = run_kernels(args.device, mode, progress=bar)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    latest = {}
+
+    def save(result):  # after every row: a run cut off by the GPU check's cap keeps its rows
+        latest["result"] = result
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"device": name, "torch": torch.__version__, "threads_note": threads_note, **result},
+                          fh, indent=1)
+
+    try:
+        with tqdm(total=count_cases(args.device, mode), desc="kernels", leave=False) as bar:
+            save(run_kernels(args.device, mode, progress=bar, on_row=save))
+    except KeyboardInterrupt:  # the GPU check's timeout sends SIGINT: print the rows measured so far
+        if "result" not in latest:
+            raise
+        print("interrupted: the table below has the rows measured so far")
+    result = latest["result"]
     print(f"device: {name}   torch {torch.__version__}   threads: {threads_note}")
     print("measured rates: " +
           "   ".join(f"{k} {v:.3g}" for k, v in result["rates"].items()))
     print(report.kernel_table(result["kernels"]))
     for backend, why in result["skipped"].items():
         print(f"not timed: {backend}: {why}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": name, "torch": torch.__version__, "threads_note": threads_note, **result},
-                      fh, indent=1)
 
 
 if __name__ == "__main__":

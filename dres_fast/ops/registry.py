@@ -16,8 +16,8 @@ backend also gets two ``torch.autograd.Function`` s (:func:`eager_functions`) ar
 with the same backward formulas. A registered op costs about twice as much Python per call as an
 ``autograd.Function`` (custom_op's dispatch, default filling and autograd wrapper), and at small d that
 Python is the whole cost of a call: forward + backward of both ops through ``dres_fast.ops`` at K = N =
-16, d = 10 took 363-529 us through the ops and 156-242 us this way (plain autograd on the same math:
-79-134 us; 2-core CPU, three interleaved runs). Autograd, the same for every backend:
+16, d = 10 took 333-359 us through the ops and 201-202 us this way (plain autograd on the same math:
+74-89 us; 2-core CPU, interleaved runs). Autograd, the same for every backend:
 
 * ``spline_mix``: ``out = W x``  =>  ``grad_x = W^T grad_out`` (the same op with the transpose);
   the weights are constants (no gradient).

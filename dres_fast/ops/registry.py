@@ -135,6 +135,28 @@ def _reconstruction_loss_grads(mix, reduction, compute_grads, decoder, grad_y, g
     return grad_y * scale, grad_y_coded * scale
 
 
+def _spline_mix_backward_using(mix):
+    def spline_mix_backward(ctx, grad_out):
+        (weights,) = ctx.saved_tensors
+        return None, _spline_mix_grad(mix, weights, grad_out) if ctx.needs_input_grad[1] else None
+
+    return spline_mix_backward
+
+
+def _loss_setup(ctx, inputs, output):
+    _, _, decoder, ctx.reduction, ctx.compute_grads = inputs
+    ctx.save_for_backward(decoder, output[1], output[2])
+
+
+def _loss_backward_using(mix):
+    @once_differentiable
+    def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
+        grads = _reconstruction_loss_grads(mix, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors, grad_loss)
+        return *grads, None, None, None
+
+    return loss_backward
+
+
 def register_autograd(spline_mix_name: str, loss_name: str, impl) -> SimpleNamespace:
     """Register the autograd formulas (module docstring) on two already defined ops, given by
     qualified name. Returns the op packets as ``ns.spline_mix`` and ``ns.reconstruction_loss``, and
@@ -145,24 +167,9 @@ def register_autograd(spline_mix_name: str, loss_name: str, impl) -> SimpleNames
     def spline_mix_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
 
-    def spline_mix_backward(ctx, grad_out):
-        (weights,) = ctx.saved_tensors
-        return None, _spline_mix_grad(spline_mix_op, weights, grad_out) if ctx.needs_input_grad[1] else None
-
-    def loss_setup(ctx, inputs, output):
-        _, _, decoder, reduction, compute_grads = inputs
-        ctx.reduction = reduction
-        ctx.compute_grads = compute_grads
-        ctx.save_for_backward(decoder, output[1], output[2])
-
-    @once_differentiable
-    def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
-        grads = _reconstruction_loss_grads(spline_mix_op, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors,
-                                           grad_loss)
-        return *grads, None, None, None
-
-    torch.library.register_autograd(spline_mix_name, spline_mix_backward, setup_context=spline_mix_setup)
-    torch.library.register_autograd(loss_name, loss_backward, setup_context=loss_setup)
+    torch.library.register_autograd(spline_mix_name, _spline_mix_backward_using(spline_mix_op),
+                                    setup_context=spline_mix_setup)
+    torch.library.register_autograd(loss_name, _loss_backward_using(spline_mix_op), setup_context=_loss_setup)
     eager_spline_mix, eager_reconstruction_loss = eager_functions(impl, spline_mix_op, reconstruction_loss_op)
     return SimpleNamespace(spline_mix=spline_mix_op, reconstruction_loss=reconstruction_loss_op,
                            eager_spline_mix=eager_spline_mix, eager_reconstruction_loss=eager_reconstruction_loss)
@@ -185,24 +192,17 @@ def eager_functions(impl, spline_mix_op, reconstruction_loss_op) -> Tuple[Callab
         with torch._C._AutoDispatchBelowAutograd():
             return impl.spline_mix(weights, x)
 
-    def mix_backward(ctx, grad_out):
-        (weights,) = ctx.saved_tensors
-        return None, _spline_mix_grad(spline_mix, weights, grad_out) if ctx.needs_input_grad[1] else None
+    # the backward's own spline_mix is the dispatching function below (the ops while traced)
+    mix_backward = _spline_mix_backward_using(lambda weights, x: spline_mix(weights, x))
+    loss_backward = _loss_backward_using(lambda weights, x: spline_mix(weights, x))
 
     def loss_forward(y, y_coded, decoder, reduction, compute_grads):
         with torch._C._AutoDispatchBelowAutograd():
             return impl.reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)
 
     def loss_setup(ctx, inputs, output):
-        _, _, decoder, ctx.reduction, ctx.compute_grads = inputs
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(decoder, output[1], output[2])
-
-    @once_differentiable
-    def loss_backward(ctx, grad_loss, _grad_of_grad_y, _grad_of_grad_y_coded):
-        grads = _reconstruction_loss_grads(spline_mix, ctx.reduction, ctx.compute_grads, *ctx.saved_tensors,
-                                           grad_loss)
-        return *grads, None, None, None
+        _loss_setup(ctx, inputs, output)
 
     class SplineMix(torch.autograd.Function):
         @staticmethod

@@ -266,7 +266,7 @@ def choose_path(N, d, device, mode="ieee"):
     K = N = 256, d = 2^16 and 18.7 ms at 2^20 (3.5x the FMA floor), while one ``spline_mix`` GEMM of the
     same size took 0.22 ms and forward + backward 6.5 ms at 2^20: with FMA dots the fused kernel's 16-row
     tiles are too small to keep the FMA units busy, and saving bytes does not help a compute-bound kernel.
-    The rows path is two GEMM-shaped launches (prediction: 0.45-0.55 ms at 2^16; not yet measured)."""
+    The rows path is two GEMM-shaped launches (prediction: 0.45-0.6 ms at 2^16; not yet measured)."""
     forced = os.environ.get(RECON_PATH_ENV, "auto")
     if forced not in ("auto", "rows", "resident"):
         raise ValueError(f"{RECON_PATH_ENV} must be 'auto', 'rows' or 'resident', got {forced!r}")

@@ -249,4 +249,3 @@ def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_ar, str
         else:
             acc = mix_dot(a, b, acc, DOT_MODE)
     return acc
-

@@ -84,10 +84,10 @@ def backend_params(*names: str):
     return params
 
 
-
 #: the op tests' parameter sets: every backend, and the fused ones (judged against the torch backend)
 ALL = backend_params()
 KERNELS = backend_params("triton", "cuda")
+
 
 def backend_device(name: str) -> str:
     """Where a backend's tests put their tensors: Triton runs on CPU only through the interpreter."""

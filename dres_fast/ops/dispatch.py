@@ -132,16 +132,14 @@ def backend_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
 def backend_functions(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """``(spline_mix(weights, x) -> out, reconstruction_loss(y, y_coded, decoder, reduction,
     compute_grads) -> loss)``, differentiable, of the backend chosen for data of ``dtype`` on ``device``:
-    the registered ops when :func:`use_registered_ops`, else the backend's eager functions."""
-    if use_registered_ops():
+    the backend's eager functions, which call its registered ops themselves when :func:`use_registered_ops`."""
+    if use_registered_ops():  # traced: the choice is a constant of the graph (_loaded_backend)
         ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
-        op = ops.reconstruction_loss
-        return ops.spline_mix, lambda *args: op(*args)[0]
-    # One dict lookup per call once a choice is made (the choice itself is cached by _resolve anyway).
-    key = (backend, device.type, dtype, os.environ.get(ENV_VAR, ""))
-    ops = _EAGER.get(key)
-    if ops is None:
-        ops = _EAGER.setdefault(key, _LOADED[_loaded_backend(backend, device.type, _precision(dtype))])
+    else:  # one dict lookup per call once a choice is made (the choice itself is cached by _resolve anyway)
+        key = (backend, device.type, dtype, os.environ.get(ENV_VAR, ""))
+        ops = _EAGER.get(key)
+        if ops is None:
+            ops = _EAGER.setdefault(key, _LOADED[_loaded_backend(backend, device.type, _precision(dtype))])
     return ops.eager_spline_mix, ops.eager_reconstruction_loss
 
 

@@ -1,14 +1,21 @@
 """``python -m bench.call_overhead [--device cuda] [--out FILE.json]``: what one small-d DReS call costs the host.
 
-At logits-sized widths (d = 10) the kernels' floor is microseconds, so a forward + backward of the two ops
-(``x_coded = spline_mix(E, x)``, ``loss = reconstruction_loss(x, x_coded, D)``, ``loss.backward()``) costs what
-the host spends issuing it: Python, dispatch, autograd, launches. This times that cost per backend on both
-roads into a backend (docs/ARCHITECTURE.md): ``eager`` (the ``autograd.Function`` s that ``dres_fast.ops``
-uses outside tracing) and ``registered`` (the ``torch.library`` ops that ``torch.compile`` sees), next to
-``plain`` (the same math in plain differentiable torch). Each row: the median over 5 rounds of the wall time
-of 200 calls divided by 200, the device synchronized once per round (so with a GPU the figure is the
-host's issue rate whenever the host is slower than the GPU, as at d = 10). Then the ``cProfile`` of the
-slowest eager backend shows where its time goes. No figure here is a kernel time.
+At logits-sized widths (d = 10) the kernels' floor is microseconds, so a forward + backward costs what the
+host spends issuing it: Python, dispatch, autograd, launches. Two parts:
+
+* **ops**: a forward + backward of the two ops (``x_coded = spline_mix(E, x)``, ``loss =
+  reconstruction_loss(x, x_coded, D)``, ``loss.backward()``) per backend on both roads into it
+  (docs/ARCHITECTURE.md): ``eager`` (what ``dres_fast.ops`` uses outside tracing) and ``registered`` (the
+  ``torch.library`` ops that ``torch.compile`` sees), next to ``plain`` (the same math in plain torch).
+* **steps** (:func:`measure_steps`): a whole DReS step of a small MLP, forward + backward, through
+  ``dres_loss`` and through ``SubmoduleDReS`` in both modes, each beside the same step written by hand:
+  plain torch for ``dres_loss`` (the weights as tensors, ``f(x)``, ``f(E x)``, ``D f(E x)``, the mean square),
+  and ``dres_loss`` on the block for ``SubmoduleDReS``. Each row also counts the calls into this repository's
+  Python (cProfile frames whose file is under the repository) and the aten ops (a dispatch mode) per step.
+
+Each timing: the median over rounds of the wall time of many calls divided by their number, the rows of
+one comparison interleaved round by round (the machine's load drifts), the device synchronized once per
+round. No figure here is a kernel time.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 K = N = 256
 D_SMALL = 10
@@ -45,10 +54,10 @@ def _roads(device: str) -> dict:
             continue  # the interpreter: a correctness tool, not timed
         if name == "cuda" and not _module_built():
             continue  # never start the extension's minutes-long first build here
-        loaded = dispatch.load_backend(name)
-        roads[f"{name}/eager"] = (loaded.eager_spline_mix, loaded.eager_reconstruction_loss)
-        op = loaded.reconstruction_loss
-        roads[f"{name}/registered"] = (loaded.spline_mix, lambda *args, op=op: op(*args)[0])
+        functions = dispatch.functions(name, torch.device(device), torch.float32)
+        roads[f"{name}/eager"] = (functions.spline_mix, lambda y, yc, d, r, g, f=functions: f.reconstruction_loss(y, yc, d, r))
+        mix_op, loss_op = dispatch.registered_ops(name, torch.device(device))
+        roads[f"{name}/registered"] = (mix_op, lambda *args, op=loss_op: op(*args)[0])
 
     def plain_mix(weights, x):
         return weights @ x
@@ -107,6 +116,111 @@ def measure(device: str = "cpu", calls: int = CALLS, rounds: int = ROUNDS) -> di
     return {"K": K, "N": N, "d": D_SMALL, "rows": rows, "profile": profile}
 
 
+#: (K, d_out) of the step rows: the issue's two small-d shapes (an MLP 16 -> 64 -> d_out)
+STEP_SHAPES = ((32, 16), (256, 10))
+STEP_CALLS, STEP_ROUNDS = 100, 7
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _step_cases(K: int, width: int, device: str) -> dict:
+    """name -> a function running one forward + backward of a DReS step (module docstring)."""
+    import dres_fast
+    from dres_fast.cache import default_cache
+    from dres_fast.smoothing import SmoothingSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, width)).to(device)
+    x = torch.randn(K, 16, device=device)
+    encoder, decoder = default_cache.weights(SmoothingSpec(), K, torch.device(device), torch.float32)
+
+    def plain():
+        y = model(x)
+        loss = (y - decoder @ model(encoder @ x)).square().mean()
+        loss.backward()
+
+    def functional():
+        dres_fast.dres_loss(model, x, backend="torch").backward()
+
+    cases = {"plain torch": plain, "dres_loss": functional}
+    wrapper = torch.nn.Sequential(model)  # SubmoduleDReS regularizes its "0"
+    for mode in ("separate", "concat"):
+        reg = dres_fast.SubmoduleDReS(wrapper, "0", mode=mode, backend="torch")
+
+        def hooked(reg=reg):
+            with reg:
+                wrapper(x)
+            reg.loss.backward()
+
+        cases[f"SubmoduleDReS {mode}"] = hooked
+
+    def by_hand():  # what a user writes without SubmoduleDReS: the block's output, then dres_loss on it
+        y = model(x)
+        dres_fast.dres_loss(model, x, y=y, backend="torch").backward()
+
+    cases["dres_loss on the block"] = by_hand
+    return cases
+
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _project_calls(run) -> int:
+    """Calls into this repository's Python during ``run()`` (cProfile frames whose file is in the repo)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    return sum(calls for (file, _, _), (_, calls, *_rest) in stats.items()
+               if file.startswith(REPO) and os.sep + "bench" + os.sep not in file and ".venv" not in file)
+
+
+def measure_steps(device: str = "cpu", calls: int = STEP_CALLS, rounds: int = STEP_ROUNDS) -> list[dict]:
+    """One row per (shape, case): host microseconds per step (interleaved rounds, median), the ratio to the
+    hand-written step it is compared with, project Python calls and aten ops per step."""
+    rows = []
+    for K, width in STEP_SHAPES:
+        cases = _step_cases(K, width, device)
+        times = {name: [] for name in cases}
+        for run in cases.values():
+            for _ in range(5):
+                run()
+        for _ in range(rounds):
+            for name, run in cases.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    run()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) / calls * 1e6)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        for name, run in cases.items():
+            counter = _AtenCounter()
+            with counter:
+                run()
+            baseline = "plain torch" if name in ("dres_loss", "plain torch") else "dres_loss on the block"
+            rows.append({"K": K, "d": width, "case": name, "us": median[name], "baseline": baseline,
+                         "x_baseline": median[name] / median[baseline], "project_calls": _project_calls(run),
+                         "aten_ops": counter.count})
+    return rows
+
+
+def format_step_rows(rows: list[dict]) -> str:
+    lines = [f"{'K':>4} {'d':>3} {'case':24} {'us/step':>9} {'x base':>7} {'py calls':>8} {'aten':>5}  base"]
+    lines += [f"{r['K']:4d} {r['d']:3d} {r['case']:24} {r['us']:9.1f} {r['x_baseline']:7.2f} {r['project_calls']:8d} "
+              f"{r['aten_ops']:5d}  {r['baseline']}" for r in rows]
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'road':22} {'us per fwd+bwd':>14} {'min':>8}"]
     lines += [f"{r['road']:22} {r['us_per_call']:14.1f} {r['min_us']:8.1f}" for r in rows]
@@ -124,6 +238,8 @@ def main(argv=None) -> None:
     print(f"device: {name}   torch {torch.__version__}   K = N = {K}, d = {D_SMALL}, float32")
     print(format_rows(result["rows"]))
     print(result["profile"])
+    result["steps"] = measure_steps(args.device)
+    print(format_step_rows(result["steps"]))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, **result}, fh, indent=1)

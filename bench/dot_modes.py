@@ -25,9 +25,9 @@ def _rel(a, b):
 def run(K=256, N=256, d=1 << 16):
     import triton.testing
 
-    from dres_fast.ops.dispatch import backend_ops
+    from dres_fast.ops.dispatch import registered_ops
 
-    mix, recon = backend_ops("triton", torch.device("cuda"))
+    mix, recon = registered_ops("triton", torch.device("cuda"))
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
     decoder = torch.randn(K, N, device="cuda", dtype=torch.float64, generator=gen) / N ** 0.5

@@ -107,6 +107,14 @@ def weights_table(rows: list[dict], markdown: bool = False) -> str:
     return grid(head, body, markdown, left=())
 
 
+def host_table(rows: list[dict], markdown: bool = False) -> str:
+    """Host cost of a small-d DReS step (bench/call_overhead.py ``measure_steps``)."""
+    head = ["K", "d", "case", "us per step", "x base", "project calls", "aten ops", "base"]
+    body = [[str(r["K"]), str(r["d"]), r["case"], f"{r['us']:.1f}", f"{r['x_baseline']:.2f}", str(r["project_calls"]),
+             str(r["aten_ops"]), r["baseline"]] for r in rows]
+    return grid(head, body, markdown, left=(2, 7))
+
+
 def errors(rows: list[dict]) -> list[str]:
     return [f"{r['model']}/{r['key']}: {r['error']}" for r in rows if r.get("error")] + \
            [f"{r['model']}/{r['key']} (memory): {r['mem_error']}" for r in rows if r.get("mem_error")]
@@ -126,6 +134,9 @@ def console_table(results: dict) -> str:
         parts += ["measurement problems (kernel times under their floor):"] + [f"  {p}" for p in problems]
     if results.get("weights"):
         parts += ["", "weight set-up (encoder and decoder, first call):", weights_table(results["weights"])]
+    if results.get("host"):
+        parts += ["", "host cost of a small-d DReS step, forward + backward (bench/call_overhead.py):",
+                  host_table(results["host"])]
     parts += ["", "training steps: median ms per step (x ERM) | peak step memory MB:",
               steps_table(results["steps"])]
     errs = errors(results["steps"])
@@ -162,6 +173,12 @@ def write_summary(results: dict, out_dir: str, plots: list[str]) -> str:
     if results.get("weights"):
         lines += ["", "## Weight set-up (encoder and decoder, first call)", "",
                   weights_table(results["weights"], markdown=True)]
+    if results.get("host"):
+        lines += ["", "## Host cost of a small-d DReS step (forward + backward)", "",
+                  "An MLP 16 -> 64 -> d on K samples, backend torch; `x base` = time relative to the same step "
+                  "written by hand (`base`); project calls = calls into this repository's Python per step "
+                  "(cProfile); aten ops per step (a dispatch mode). Interleaved rounds, medians.", "",
+                  host_table(results["host"], markdown=True)]
     lines += ["", "## Training steps", "",
               "One step = forward, backward, optimizer step; median over interleaved rounds. "
               "`x` = relative to ERM on the same model. MB = peak memory of a step beyond the memory held "

@@ -18,7 +18,7 @@ import tracemalloc
 
 import dres_fast
 from dres_fast import splines
-from dres_fast.cache import DEFAULT_DOF_FRACTION
+from dres_fast.smoothing import DEFAULT_DOF_FRACTION
 
 DEFAULT_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 

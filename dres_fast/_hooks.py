@@ -10,10 +10,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .contract import loss_dtype
-
-__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers", "rewrite_extra_args",
-           "take_samples", "skipped_step_loss"]
+__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers",
+           "rewrite_extra_args"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")
@@ -127,21 +125,3 @@ def rewrite_extra_args(
         else:
             kwargs[place] = transform(value)
     return tuple(args), kwargs
-
-
-def take_samples(value, sort: Optional[torch.Tensor], batch_dim: int):
-    """``value`` with its samples (along ``batch_dim``) in the order ``sort``; unchanged without a
-    sort or when ``value`` is not a tensor with that axis (the caller's checks then report it)."""
-    if sort is None or not isinstance(value, torch.Tensor):
-        return value
-    axis = batch_axis(batch_dim, value)
-    return value if axis is None else value.index_select(axis, sort)
-
-
-def skipped_step_loss(x, batch_dim: int, reduction: str) -> torch.Tensor:
-    """The zero a lazy DReSLoss returns on a step without coded branch (shape and dtype of a real one)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    axis = batch_axis(batch_dim, x)
-    shape = (x.shape[axis],) if reduction == "none" and axis is not None else ()
-    return x.new_zeros(shape, dtype=loss_dtype(x.dtype))

@@ -1,14 +1,13 @@
 """Encoder/decoder weights, built once per configuration and kept on the device.
 
 ``E = W(alpha -> beta, lam_enc)`` (N x K) and ``D = W(beta -> alpha, lam_dec)`` (K x N) are computed
-in float64 on the CPU (:meth:`SmoothingSpec.float64_weights`), cast once to the compute dtype
+in float64 on the CPU (:func:`dres_fast.splines.float64_weights`), cast once to the compute dtype
 (float64 for float64 data, float32 otherwise), moved once to the device, and kept in a bounded,
 thread-safe LRU cache keyed by (spec, K, device, compute dtype).
 
 :func:`weights_for` is what the rest of the package calls. Under ``torch.compile`` it becomes the
-opaque op ``dres_fast::coding_weights`` (registered by :mod:`dres_fast.ops.registry`) whose fake
-implementation only knows the shapes, so the batch size may be symbolic (``dynamic=True``) and no
-numpy/scipy code is traced.
+opaque op ``dres_fast::coding_weights`` (defined below) whose fake implementation only knows the
+shapes, so the batch size may be symbolic (``dynamic=True``) and no numpy/scipy code is traced.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from typing import Tuple
 import torch
 
 from .contract import compute_dtype
-from .smoothing import DEFAULT_DOF_FRACTION, SmoothingSpec
+from .smoothing import SmoothingSpec, from_key
 
-__all__ = ["WeightCache", "default_cache", "weights_for", "build_weights", "DEFAULT_DOF_FRACTION"]
+__all__ = ["WeightCache", "default_cache", "weights_for", "coding_weights", "coding_weights_op"]
 
 
 class WeightCache:
@@ -57,7 +56,9 @@ class WeightCache:
                 return hit
         # Built outside the lock: it can take a while (large K with a dof target) and is deterministic,
         # so two threads racing on the same key just produce equal tensors.
-        encoder, decoder = spec.float64_weights(int(num_samples))
+        from .splines import float64_weights  # scipy loads on first use, not at import
+
+        encoder, decoder = float64_weights(spec, int(num_samples))
         pair = (_cast_weights(encoder, device, weight_dtype), _cast_weights(decoder, device, weight_dtype))
         with self._lock:
             self._entries[key] = pair
@@ -77,23 +78,46 @@ def _cast_weights(weights: torch.Tensor, device: torch.device, dtype: torch.dtyp
     return weights.to(device).contiguous()
 
 
-def build_weights(num_samples, num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta):
-    """Float64 ``(E, D)`` for one configuration, uncached (positional form kept for callers of the
-    first version; new code uses ``SmoothingSpec(...).float64_weights(K)``)."""
-    spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
-    return spec.float64_weights(num_samples)
-
-
 default_cache = WeightCache()
 
 WHICH = ("encoder", "decoder")
+
+
+def _define_coding_weights():
+    """``torch.ops.dres_fast.coding_weights(spec_key, num_samples, which, device, dtype)``: the cached
+    encoder (``which="encoder"``, ``(N, K)``) or decoder (``(K, N)``) of the spec whose key is
+    ``spec_key``. ``num_samples`` is a SymInt, so one compiled graph serves every batch size; the fake
+    kernel only computes shapes. Defined at import: Dynamo cannot trace the lock a lazy definition needs."""
+
+    @torch.library.custom_op("dres_fast::coding_weights", mutates_args=())
+    def coding_weights(spec_key: str, num_samples: int, which: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        pair = default_cache.weights(from_key(spec_key), num_samples, device, dtype)
+        # a fresh tensor: a compiled graph may reuse an op's output buffer for later results
+        return pair[WHICH.index(which)].clone()
+
+    @coding_weights.register_fake
+    def _(spec_key, num_samples, which, device, dtype):
+        num_samples, num_coded = from_key(spec_key).sizes(num_samples)
+        shape = (num_coded, num_samples) if which == "encoder" else (num_samples, num_coded)
+        return torch.empty(shape, device=device, dtype=compute_dtype(dtype))
+
+    return torch.ops.dres_fast.coding_weights
+
+
+coding_weights_op = _define_coding_weights()
 
 
 def weights_for(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype, which: str) -> torch.Tensor:
     """The encoder ``(N, K)`` or decoder ``(K, N)`` of ``spec`` for a batch of ``num_samples``, in the
     compute dtype for ``dtype``, on ``device``, from :data:`default_cache`."""
     if torch.compiler.is_compiling():
-        from .ops import registry
-
-        return registry.coding_weights_op(spec.key, num_samples, which, device, dtype)
+        return coding_weights_op(spec.key, num_samples, which, device, dtype)
     return default_cache.weights(spec, num_samples, device, dtype)[WHICH.index(which)]
+
+
+def coding_weights(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype):
+    """``(encoder (N, K), decoder (K, N))`` of ``spec``: :func:`weights_for` both, with one cache lookup."""
+    if torch.compiler.is_compiling():
+        return (coding_weights_op(spec.key, num_samples, "encoder", device, dtype),
+                coding_weights_op(spec.key, num_samples, "decoder", device, dtype))
+    return default_cache.weights(spec, num_samples, device, dtype)

@@ -3,29 +3,17 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 import warnings
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-from . import ops
-from ._hooks import (EXTRA_ARGS, BoundHook, batch_axis, check_batch_dim, rewrite_extra_args, sequence_first_layers,
-                     skipped_step_loss, take_samples)
-from .cache import weights_for
-from .functional import dres_loss_with_spec, principal_order
-from .smoothing import SmoothingSpec, check_anchor, check_every, check_order
+from ._hooks import EXTRA_ARGS, BoundHook, batch_axis, rewrite_extra_args, sequence_first_layers
+from .smoothing import SmoothingSpec
+from .step import DReSConfig, DReSStep
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
-
-
-def _check_options(reduction: str, backend: str) -> None:
-    if reduction not in ops.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-    if not isinstance(backend, str) or backend not in ("auto",) + ops.BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}, got {backend!r}")
 
 
 class DReSLoss(nn.Module):
@@ -56,27 +44,36 @@ class DReSLoss(nn.Module):
         anchor: str = "observed",
     ):
         super().__init__()
-        _check_options(reduction, backend)
-        self.every = check_every(every)
-        if self.every > 1 and return_decoded:
+        spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+        self.step = DReSStep(DReSConfig(spec, reduction, backend, batch_dim, order, anchor, every))
+        if self.step.config.every > 1 and return_decoded:
             raise ValueError("every > 1 cannot be combined with return_decoded=True: skipped steps have no reconstruction")
-        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
-        # the call options; the smoothing options live in self.spec, validated once
-        self.options = dict(reduction=reduction, return_decoded=return_decoded, backend=backend, batch_dim=check_batch_dim(batch_dim), order=check_order(order),
-                            anchor=check_anchor(anchor))
-        #: calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``
-        self.step_count = 0
+        self.return_decoded = return_decoded
+
+    @property
+    def spec(self) -> SmoothingSpec:
+        return self.step.config.spec
+
+    @property
+    def step_count(self) -> int:
+        """Calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``."""
+        return self.step.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.step.step_count = value
 
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        if self.every == 1:  # no counter: a changing int would recompile a torch.compile'd step
-            return dres_loss_with_spec(fn, x, self.spec, y=y, **self.options)
-        step, self.step_count = self.step_count, self.step_count + 1
-        if step % self.every != 0:
-            return skipped_step_loss(x, self.options["batch_dim"], self.options["reduction"])
-        return dres_loss_with_spec(fn, x, self.spec, y=y, **self.options) * self.every
+        if not self.step.begin():
+            axis = self.step.batch_axis_of(x)
+            return self.step.zero(x, x.shape[axis])
+        return self.step.run(fn, x, y=y, return_decoded=self.return_decoded)
 
     def extra_repr(self) -> str:
-        options = dict(self.spec.options(), **self.options, every=self.every)
+        config = self.step.config
+        options = dict(config.spec.options(), reduction=config.reduction, return_decoded=self.return_decoded,
+                       backend=config.backend, batch_dim=config.batch_dim, every=config.every, order=config.order,
+                       anchor=config.anchor)
         return ", ".join(f"{k}={v!r}" for k, v in options.items() if not isinstance(v, torch.Tensor))
 
 
@@ -174,9 +171,6 @@ class SubmoduleDReS:
             raise ValueError("reduction must be 'mean' or 'sum' here (reg.loss is added to a scalar loss)")
         if extra_args not in EXTRA_ARGS:
             raise ValueError(f"extra_args must be one of {EXTRA_ARGS}, got {extra_args!r}")
-        _check_options(reduction, backend)
-        self.every, self.order, self.anchor = check_every(every), check_order(order), check_anchor(anchor)
-        self.spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         if batch_dim is None:
             sequence_first = sequence_first_layers(self.module)
             if sequence_first:
@@ -187,20 +181,31 @@ class SubmoduleDReS:
                     "submodule's input has the batch first."
                 )
             batch_dim = 0
-        self.batch_dim = check_batch_dim(batch_dim)
-        self.model = model
-        self.name = submodule
-        self.mode = mode
-        self.reduction = reduction
-        self.extra_args = extra_args
-        self.backend = backend
+        spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
+        self.step = DReSStep(DReSConfig(spec, reduction, backend, batch_dim, order, anchor, every, clip_dof=True))
+        self.model, self.name, self.mode, self.extra_args = model, submodule, mode, extra_args
         self._handles: list = []
         self._losses: List[torch.Tensor] = []
-        self._pending: list = []  # concat mode: (batch size, coded size, spec) of calls in flight
+        self._pending: list = []  # concat mode: the coding of each call in flight (None: skipped)
         self._inside = False  # separate mode: set while the coded branch runs
-        self._warned: set = set()
-        self.step_count = 0  # steps counted so far; a step runs the coded branch when step_count % every == 0
         self._coded_step = True  # whether the current step runs the coded branch
+
+    @property
+    def spec(self) -> SmoothingSpec:
+        return self.step.config.spec
+
+    @property
+    def batch_dim(self) -> int:
+        return self.step.config.batch_dim
+
+    @property
+    def step_count(self) -> int:
+        """Steps counted so far when ``every > 1``; a step runs the coded branch when ``step_count % every == 0``."""
+        return self.step.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.step.step_count = value
 
     # -- context / attach --------------------------------------------------------------------------
     def attach(self) -> "SubmoduleDReS":
@@ -211,7 +216,7 @@ class SubmoduleDReS:
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
-        if record_per_forward and self.every > 1:  # imports torch._dynamo: only when needed
+        if record_per_forward and self.step.config.every > 1:  # imports torch._dynamo: only when needed
             self._count_step = torch.compiler.disable(self._begin_forward_step)
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
         if record_per_forward:  # registered first: it runs before the others when submodule == model
@@ -230,18 +235,13 @@ class SubmoduleDReS:
         self._pending.clear()
 
     def __enter__(self) -> "SubmoduleDReS":
-        self._begin_step()
+        self._coded_step = self.step.begin()
         return self._install(record_per_forward=False)
-
-    def _begin_step(self) -> None:
-        if self.every > 1:  # every=1 counts nothing: an int that changes would recompile a compiled model
-            self._coded_step = self.step_count % self.every == 0
-            self.step_count += 1
 
     def _begin_forward_step(self) -> None:
         # wrapped in torch.compiler.disable by attach: a graph break beats a recompile per counter value
         if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
-            self._begin_step()
+            self._coded_step = self.step.begin()
 
     def __exit__(self, *exc) -> None:
         self.detach()
@@ -262,11 +262,6 @@ class SubmoduleDReS:
         self._pending.clear()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"SubmoduleDReS({self.name!r}): {message} This warning is shown once.", stacklevel=5)
-
     def _batch_of(self, args) -> torch.Tensor:
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule's first positional argument must be the batch tensor")
@@ -277,109 +272,72 @@ class SubmoduleDReS:
             )
         return args[0]
 
-    def _skipped(self, module: nn.Module, batch: torch.Tensor) -> bool:
-        """True (and a zero recorded) when this call gets no coded branch."""
-        num_samples = batch.shape[batch_axis(self.batch_dim, batch)]
-        skip = not (self._coded_step and torch.is_grad_enabled() and module.training)
-        if not skip and num_samples < 3:
-            self._warn_once("small", f"a batch of {num_samples} samples is too small for DReS (needs 3); it contributes zero.")
-            skip = True
-        if skip:
-            self._losses.append(batch.new_zeros((), dtype=torch.float64 if batch.dtype == torch.float64 else torch.float32))
-        return skip
-
-    def _spec_for(self, num_samples: int, num_coded: int) -> SmoothingSpec:
-        """The smoothing spec with a fixed ``dof_*`` clipped to this batch's knots."""
-        spec = self.spec
-        for key, knots in (("dof_enc", num_samples), ("dof_dec", num_coded)):
-            dof = getattr(spec, key)
-            if isinstance(dof, numbers.Real) and not isinstance(dof, bool) and dof > knots:
-                spec = dataclasses.replace(spec, **{key: float(knots)})
-                self._warn_once(
-                    key, f"{key}={dof:g} exceeds the {knots} knots of a batch of {num_samples} samples; it is "
-                    f"clipped to {knots} (interpolation) for such batches."
-                )
-        return spec
-
-    def _coding(self, batch: torch.Tensor, args, kwargs):
-        """``(K, N, spec, sort, branches, arguments)`` of one call. ``branches(v)``: ``[E v]``, or ``[E v,
-        D E v]`` (anchor="reconstructed"), of ``v`` sorted by ``sort``; ``arguments(pick)``: the submodule's
-        arguments, each per-sample extra one ``v`` replaced by ``pick(v, branches(v))`` (``extra_args``)."""
+    def _coding(self, module: nn.Module, args):
+        """The coding of this call (:meth:`DReSStep.encode`), or None (and a zero recorded) when it gets no
+        coded branch: a skipped ``every`` step, gradients off, the submodule in eval mode, < 3 samples."""
+        batch = self._batch_of(args)
         axis = batch_axis(self.batch_dim, batch)
-        num_samples, num_coded = self.spec.sizes(batch.shape[axis])
-        spec = self._spec_for(num_samples, num_coded)
-        sort = principal_order(batch.movedim(axis, 0)) if self.order == "principal" else None
+        if not (self._coded_step and torch.is_grad_enabled() and module.training):
+            self._losses.append(self.step.zero(batch))
+            return None
+        if batch.shape[axis] < 3:
+            if "small" not in self.step._warned:
+                self.step._warned.add("small")
+                warnings.warn(f"SubmoduleDReS({self.name!r}): a batch of {batch.shape[axis]} samples is too small for "
+                              "DReS (needs 3); it contributes zero. This warning is shown once.", stacklevel=5)
+            self._losses.append(self.step.zero(batch))
+            return None
+        return self.step.encode(batch, axis)
 
-        def branches(value: torch.Tensor) -> list:
-            value_axis = batch_axis(self.batch_dim, value)
-            first = take_samples(value.movedim(value_axis, 0), sort, 0)
-            out = [ops.spline_mix(weights_for(spec, num_samples, value.device, value.dtype, "encoder"), first, backend=self.backend)]
-            if self.anchor == "reconstructed":
-                decoder = weights_for(spec, num_samples, value.device, value.dtype, "decoder")
-                out.append(ops.spline_mix(decoder, out[0], backend=self.backend))
-            return [branch.movedim(0, value_axis) for branch in out]
+    def _arguments(self, coding, args, kwargs, pick):
+        """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v))``."""
+        def transform(value):
+            return pick(value, coding.mix(value, batch_axis(self.batch_dim, value)))
 
-        def arguments(pick):
-            return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=num_samples, batch_dim=self.batch_dim,
-                                      transform=lambda value: pick(value, branches(value)), owner=f"SubmoduleDReS({self.name!r})")
-
-        return num_samples, num_coded, spec, sort, branches, arguments
+        return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=coding.num_samples,
+                                  batch_dim=self.batch_dim, transform=transform, owner=f"SubmoduleDReS({self.name!r})")
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
         if not self._inside:  # the coded branch re-enters the model when the submodule is the model
             self.reset()
-            if self.every > 1:
+            if self.step.config.every > 1:
                 self._count_step()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
             return None
-        batch = self._batch_of(args)
-        if self._skipped(module, batch):
+        coding = self._coding(module, args)
+        if coding is None:
             return None
-        _, _, spec, sort, _, arguments = self._coding(batch, args, kwargs)
-        # dres_loss calls fn on E x, then (anchor="reconstructed") on D E x: one argument set per call
-        calls = iter([arguments(lambda value, coded: coded[i]) for i in range(2 if self.anchor == "reconstructed" else 1)])
-
-        def coded_branch(coded):
-            coded_args, coded_kwargs = next(calls)
-            return module(coded, *coded_args[1:], **coded_kwargs)
-
         self._inside = True
-        try:
-            loss = dres_loss_with_spec(
-                coded_branch,
-                take_samples(batch, sort, batch_axis(self.batch_dim, batch)),
-                spec,
-                y=take_samples(output, sort, self.batch_dim) if self.anchor == "observed" else output,
-                reduction=self.reduction,
-                backend=self.backend,
-                batch_dim=self.batch_dim,
-                anchor=self.anchor,  # order: the batch is already sorted here (for the extra arguments too)
-            )
+        try:  # the coded call(s): f(E x), and f(D E x) for the reconstructed anchor, each with its arguments
+            outputs = []
+            for i, coded in enumerate(coding.inputs):
+                coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed: mixed[i])
+                outputs.append(module(coded, *coded_args[1:], **coded_kwargs))
         finally:
             self._inside = False
-        self._losses.append(loss * self.every if self.every > 1 else loss)
+        anchor = output if self.step.config.anchor == "observed" else outputs[1]
+        self._losses.append(self.step.loss(coding, anchor, outputs[0]))
         return None
 
     def _concat_pre_hook(self, module, args, kwargs):
-        batch = self._batch_of(args)
-        if self._skipped(module, batch):
-            self._pending.append(None)
+        coding = self._coding(module, args)
+        self._pending.append(coding)
+        if coding is None:
             return None
-        num_samples, num_coded, spec, sort, branches, arguments = self._coding(batch, args, kwargs)
-        axis = batch_axis(self.batch_dim, batch)
-        args, kwargs = arguments(lambda value, coded: torch.cat([value, *coded], dim=batch_axis(self.batch_dim, value)))
-        self._pending.append((num_samples, num_coded, spec, sort))
-        return (torch.cat([batch, *branches(batch)], dim=axis),) + tuple(args[1:]), kwargs
+        axis = batch_axis(self.batch_dim, args[0])
+        args, kwargs = self._arguments(coding, args, kwargs,
+                                       lambda value, mixed: torch.cat([value, *mixed], dim=batch_axis(self.batch_dim, value)))
+        return (torch.cat([args[0], *coding.inputs], dim=axis),) + tuple(args[1:]), kwargs
 
     def _concat_hook(self, module, args, output):
-        sizes = self._pending.pop() if self._pending else None
-        if sizes is None:
+        coding = self._pending.pop() if self._pending else None
+        if coding is None:
             return None
-        num_samples, num_coded, spec, sort = sizes
-        total = num_samples + num_coded + (num_samples if self.anchor == "reconstructed" else 0)
+        num_samples, num_coded = coding.num_samples, coding.num_coded
+        total = num_samples + num_coded + (num_samples if self.step.config.anchor == "reconstructed" else 0)
         axis = batch_axis(self.batch_dim, output) if isinstance(output, torch.Tensor) else None
         if axis is None or output.shape[axis] != total:
             raise TypeError(
@@ -387,13 +345,7 @@ class SubmoduleDReS:
                 f"samples along batch_dim={self.batch_dim} ({total} of them here), got "
                 f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
             )
-        y, y_coded = output.narrow(axis, 0, num_samples), output.narrow(axis, num_samples, num_coded)
-        # the reconstructed anchor f(D E x) is already in the sorted order
-        anchor = (output.narrow(axis, num_samples + num_coded, num_samples) if self.anchor == "reconstructed"
-                  else take_samples(y, sort, axis))
-        decoder = weights_for(spec, num_samples, y.device, y.dtype, "decoder")
-        loss = ops.reconstruction_loss(anchor.movedim(axis, 0), y_coded.movedim(axis, 0), decoder,
-                                       reduction=self.reduction, backend=self.backend)
-        self._losses.append(loss * self.every if self.every > 1 else loss)
+        y = output.narrow(axis, 0, num_samples)
+        anchor = y if self.step.config.anchor == "observed" else output.narrow(axis, num_samples + num_coded, num_samples)
+        self._losses.append(self.step.loss(coding, anchor, output.narrow(axis, num_samples, num_coded)))
         return y
-

@@ -7,7 +7,7 @@ hashable, and together with the batch size ``K``, the device and the compute dty
 the weight cache (:mod:`dres_fast.cache`).
 
 Adding an option that changes the weights: add a field here (and its check in ``__post_init__``),
-use it in :meth:`SmoothingSpec.float64_weights`, and expose it in the signatures that take smoothing
+use it in :func:`dres_fast.splines.float64_weights`, and expose it in the signatures that take smoothing
 options (``dres_loss``, ``DReSLoss``, ``SubmoduleDReS``), which pass it on by name. The key, the
 cache and the weight lookup op under ``torch.compile`` follow from the fields.
 """
@@ -159,35 +159,6 @@ class SmoothingSpec:
             if not isinstance(points, str) and len(points) != count:
                 raise ValueError(f"{name} must have {count} points (one per {what}), got {len(points)}")
         return num_samples, num_coded
-
-    def lam(self, spline: str, knots) -> float:
-        """The lambda of spline ``"enc"`` or ``"dec"`` on ``knots`` (given, from dof, or the default)."""
-        from . import splines  # scipy is loaded on first use, not at import
-
-        lam, dof = getattr(self, "lam_" + spline), getattr(self, "dof_" + spline)
-        if lam is not None:
-            return lam
-        count = len(knots)
-        if dof is None:
-            dof = max(2.0, DEFAULT_DOF_FRACTION * count)
-        else:
-            check_dof(dof, "dof_" + spline, knots=count)
-        return splines.lam_for_dof(knots, dof)
-
-    def float64_weights(self, num_samples: int):
-        """Float64 ``(E (N, K), D (K, N))`` for a batch of ``num_samples`` (uncached)."""
-        from . import splines
-
-        num_samples, num_coded = self.sizes(num_samples)
-        alpha = splines.as_knots(_as_points_arg(self.alpha), num_samples, "alpha")
-        beta = splines.as_knots(_as_points_arg(self.beta), num_coded, "beta")
-        encoder = splines.spline_weights(alpha, beta, self.lam("enc", alpha))
-        decoder = splines.spline_weights(beta, alpha, self.lam("dec", beta))
-        return encoder, decoder
-
-
-def _as_points_arg(points: Points):
-    return points if isinstance(points, str) else list(points)
 
 
 #: the fields of a spec, in signature order (the keyword names of dres_loss and friends)

@@ -60,11 +60,11 @@ import numpy as np
 import torch
 
 from ._banded import PenalizedSystem
-from .smoothing import POINT_KINDS, check_lam
+from .smoothing import DEFAULT_DOF_FRACTION, POINT_KINDS, SmoothingSpec, check_dof, check_lam
 
 # scipy is imported inside the functions that use it, so that importing the package stays cheap.
 
-__all__ = ["points", "spline_weights", "degrees_of_freedom", "lam_for_dof", "POINT_KINDS"]
+__all__ = ["points", "spline_weights", "degrees_of_freedom", "lam_for_dof", "float64_weights", "POINT_KINDS"]
 
 PointsLike = Union[str, torch.Tensor, np.ndarray, Sequence[float]]
 
@@ -316,3 +316,26 @@ def lam_for_dof(src, dof: float) -> float:
     if not (2.0 <= float(dof) <= n):
         raise ValueError(f"dof must be between 2 and the number of knots ({n}), got {dof}")
     return _lam_for_dof_cached(tuple(src_np.tolist()), float(dof))
+
+
+def spec_lam(spec: SmoothingSpec, spline: str, knots: np.ndarray) -> float:
+    """The lambda of ``spec``'s spline ``"enc"`` or ``"dec"`` on ``knots``: given, from its dof, or the
+    default (``DEFAULT_DOF_FRACTION`` of the knots' degrees of freedom, never below 2)."""
+    lam, dof = getattr(spec, "lam_" + spline), getattr(spec, "dof_" + spline)
+    if lam is not None:
+        return lam
+    if dof is None:
+        dof = max(2.0, DEFAULT_DOF_FRACTION * len(knots))
+    else:
+        check_dof(dof, "dof_" + spline, knots=len(knots))
+    return lam_for_dof(knots, dof)
+
+
+def float64_weights(spec: SmoothingSpec, num_samples: int):
+    """Float64 ``(E (N, K), D (K, N))`` of ``spec`` for a batch of ``num_samples`` (uncached)."""
+    num_samples, num_coded = spec.sizes(num_samples)
+    alpha = as_knots(spec.alpha if isinstance(spec.alpha, str) else list(spec.alpha), num_samples, "alpha")
+    beta = as_knots(spec.beta if isinstance(spec.beta, str) else list(spec.beta), num_coded, "beta")
+    encoder = spline_weights(alpha, beta, spec_lam(spec, "enc", alpha))
+    decoder = spline_weights(beta, alpha, spec_lam(spec, "dec", beta))
+    return encoder, decoder

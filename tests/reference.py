@@ -16,15 +16,18 @@ at most twice as far from float64 as the torch fp32 backend's result (IEEE fp32,
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import math
 import os
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
-import dres_fast  # a broken package must fail every test that imports this module, never skip it
+import dres_fast  # noqa: F401  (a broken package must fail every test that imports this module, never skip it)
 
 BACKENDS = ("torch", "triton", "cuda")
 HAS_GPU = torch.cuda.is_available()
@@ -118,9 +121,10 @@ def cuda_loader():
 
 def registered_op(backend: str, op: str):
     """The ``torch.library`` op that ``dres_fast.ops`` dispatches ``op`` to on ``backend``."""
-    from dres_fast.ops.dispatch import load_backend
+    from dres_fast.ops.dispatch import registered_ops
 
-    return getattr(load_backend(backend), op).default
+    packets = registered_ops(backend, torch.device(backend_device(backend)))
+    return packets[("spline_mix", "reconstruction_loss").index(op)].default
 
 
 def skip_if_interpreter_lacks(name: str, dtype: torch.dtype) -> None:
@@ -152,8 +156,14 @@ def size_classes(sizes=(3, 17, 256, 1024), widths=(1, 7, 131, 65537)):
 
 
 def spline_weights(rows: int, cols: int, dtype=torch.float64) -> torch.Tensor:
-    """Real DReS weights, ``W(chebyshev(cols) -> lobatto(rows), 1e-4)``: shape ``(rows, cols)``."""
-    return dres_fast.spline_weights(dres_fast.points(cols), dres_fast.points(rows, "lobatto"), 1e-4).to(dtype)
+    """Real DReS weights, ``W(chebyshev(cols) -> lobatto(rows), 1e-4)``: shape ``(rows, cols)``, from the
+    independent float64 references below (scipy), not from the library."""
+    return _spline_weights_cached(rows, cols).to(dtype, copy=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _spline_weights_cached(rows: int, cols: int) -> torch.Tensor:
+    return torch.from_numpy(spline_weights64(points64(cols, "chebyshev"), points64(rows, "lobatto"), 1e-4))
 
 
 def randn(shape, dtype, device="cpu", noncontiguous=False, seed=0) -> torch.Tensor:
@@ -180,6 +190,137 @@ def mixing_matrix(rows: int, cols: int, seed=1, dtype=torch.float64, device="cpu
 # --------------------------------------------------------------------------------------------------
 # References
 # --------------------------------------------------------------------------------------------------
+
+
+# Points and smoothing-spline weights, independent of dres_fast: the formulas of the spec (README,
+# dres_fast/splines.py) in numpy and the smoothing spline of scipy, which uses the same convention
+# (min sum_k (y_k - g(t_k))^2 + lam * int g''(t)^2 dt over natural cubic splines g). A library bug in
+# its points, its weights or its lambda search cannot cancel out of a comparison with these.
+
+
+def points64(n: int, kind: str = "chebyshev") -> np.ndarray:
+    """``n`` ascending float64 points in [-1, 1] from the spec's formulas: chebyshev
+    ``cos((2k-1) pi / (2n))``, k = 1..n; lobatto ``cos(k pi / (n-1))``, k = 0..n-1; uniform
+    ``linspace(-1, 1, n)``."""
+    if kind == "chebyshev":
+        return np.cos((2 * np.arange(1, n + 1) - 1) * np.pi / (2 * n))[::-1].copy()
+    if kind == "lobatto":
+        return np.cos(np.arange(n) * np.pi / (n - 1))[::-1].copy()
+    if kind == "uniform":
+        return np.linspace(-1.0, 1.0, n)
+    raise ValueError(f"unknown point kind {kind!r}")
+
+
+def _natural_interpolant_at(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``(len(s), len(t))``: the natural cubic interpolant of unit data at ``s`` (linear beyond the ends)."""
+    from scipy.interpolate import CubicSpline
+
+    return _evaluate(CubicSpline(t, np.eye(len(t)), bc_type="natural"), t, s)
+
+
+def _evaluate(spline, t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """A natural spline (a scipy piecewise polynomial with ``len(t)`` columns) at ``s``: inside the
+    knots the spline itself; beyond the end knots the straight line it continues as (``g'' = 0``
+    there), i.e. the end value plus the end slope times the distance (scipy would extend the cubic)."""
+    s = np.asarray(s, dtype=np.float64)
+    out = spline(np.clip(s, t[0], t[-1]))
+    slope = spline.derivative()
+    for end, outside in ((t[0], s < t[0]), (t[-1], s > t[-1])):
+        if outside.any():
+            out[outside] = spline(end)[None, :] + (s[outside] - end)[:, None] * slope(end)[None, :]
+    return out
+
+
+def _penalised_interpolant_weights(t: np.ndarray, s: np.ndarray, lam: float) -> np.ndarray:
+    """The smoothing spline for fewer than 5 knots (scipy's ``make_smoothing_spline`` needs 5): the
+    minimiser is the natural cubic interpolant of its own fitted values ``v``, whose roughness
+    ``int g''^2`` is the quadratic form ``v^T S^T G S v`` (``S v``: g'' at the knots, g'' linear in
+    between, so ``G`` holds ``h/3`` and ``h/6``); hence ``v = (I + lam S^T G S)^{-1} y``."""
+    from scipy.interpolate import CubicSpline
+
+    n = len(t)
+    h = np.diff(t)
+    second = CubicSpline(t, np.eye(n), bc_type="natural").derivative(2)(t)  # (n, n): g''(t_i) per unit datum
+    gram = np.zeros((n, n))
+    for i in range(n - 1):
+        gram[i:i + 2, i:i + 2] += h[i] / 6 * np.array([[2.0, 1.0], [1.0, 2.0]])
+    smoother = np.linalg.solve(np.eye(n) + lam * second.T @ gram @ second, np.eye(n))
+    return _natural_interpolant_at(t, s) @ smoother
+
+
+def spline_weights64(src, dst, lam: float) -> np.ndarray:
+    """``(len(dst), len(src))`` float64: column ``j`` is the smoothing spline of the unit vector
+    ``e_j`` on knots ``src`` (ascending) evaluated at ``dst``. ``lam = 0``: the natural cubic
+    interpolant (``CubicSpline(bc_type="natural")``); ``lam = inf``: the least-squares line; otherwise
+    ``make_smoothing_spline(src, e_j, lam=lam)`` (for every ``j`` at once). Beyond the end knots the
+    natural spline continues as a straight line. scipy agrees with exact arithmetic to ~1e-10 for
+    moderate ``lam`` and up to 64 knots, the sizes used here."""
+    from scipy.interpolate import make_smoothing_spline
+
+    t = np.asarray(src, dtype=np.float64)
+    s = np.asarray(dst, dtype=np.float64)
+    n = len(t)
+    if math.isinf(lam):
+        line = np.stack([np.ones(n), t], axis=1)
+        return np.stack([np.ones(len(s)), s], axis=1) @ np.linalg.pinv(line)
+    if lam == 0.0:
+        return _natural_interpolant_at(t, s)
+    if n < 5:
+        return _penalised_interpolant_weights(t, s, lam)
+    return _evaluate(make_smoothing_spline(t, np.eye(n), lam=lam), t, s)
+
+
+def degrees_of_freedom64(src, lam: float) -> float:
+    """Effective degrees of freedom: the trace of the smoother ``W(src -> src, lam)``."""
+    return float(np.trace(spline_weights64(src, src, lam)))
+
+
+def lam_for_dof64(src, dof: float) -> float:
+    """The ``lam`` whose smoother on ``src`` has trace ``dof`` (Brent on log-lambda; ``len(src)``
+    gives 0, 2 gives inf)."""
+    return _lam_for_dof64(tuple(float(v) for v in np.asarray(src, dtype=np.float64)), float(dof))
+
+
+@functools.lru_cache(maxsize=None)
+def _lam_for_dof64(src: tuple, dof: float) -> float:
+    from scipy.optimize import brentq
+
+    t = np.asarray(src)
+    if dof >= len(t):
+        return 0.0
+    if dof <= 2.0:
+        return math.inf
+
+    def excess(log_lam):  # decreasing in lam
+        return degrees_of_freedom64(t, math.exp(log_lam)) - dof
+
+    lo = hi = 3 * math.log(float(np.mean(np.diff(t))))  # lam scales like (knot spacing)^3
+    while excess(lo) < 0:
+        lo -= 2.0
+    while excess(hi) > 0:
+        hi += 2.0
+    return math.exp(brentq(excess, lo, hi, xtol=1e-13, rtol=1e-13, maxiter=500))
+
+
+def dres_weights64(num_samples: int, num_coded=None, *, lam_enc=None, lam_dec=None, dof_enc=None, dof_dec=None,
+                   alpha="chebyshev", beta="lobatto"):
+    """float64 ``(E, D)`` of ``dres_loss`` from the references above: ``E = W(alpha -> beta, lam_enc)``
+    (``(N, K)``), ``D = W(beta -> alpha, lam_dec)`` (``(K, N)``); a smoothing given as ``dof_*``, or
+    neither (the documented default, ``0.75 * knots`` degrees of freedom), is turned into ``lam`` by
+    :func:`lam_for_dof64`. ``alpha``/``beta``: a point kind or explicit ascending points."""
+    num_coded = num_samples if num_coded is None else num_coded
+    a = points64(num_samples, alpha) if isinstance(alpha, str) else np.asarray(alpha, dtype=np.float64)
+    b = points64(num_coded, beta) if isinstance(beta, str) else np.asarray(beta, dtype=np.float64)
+
+    def lam_of(lam, dof, knots):
+        if lam is not None:
+            return float(lam)
+        return lam_for_dof64(knots, 0.75 * len(knots) if dof is None else dof)
+
+    encoder = spline_weights64(a, b, lam_of(lam_enc, dof_enc, a))
+    decoder = spline_weights64(b, a, lam_of(lam_dec, dof_dec, b))
+    return torch.from_numpy(encoder), torch.from_numpy(decoder)
+
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -241,3 +382,34 @@ def assert_fp32_accuracy(got, torch_fp32, ref, what, floor=FP32_FLOOR):
     """fp32 rule: error against float64 at most twice the torch fp32 backend's (plus ``floor``)."""
     ours, theirs = rel_err(got, ref), rel_err(torch_fp32, ref)
     assert ours <= 2 * theirs + floor, f"{what}: rel err {ours:.3e} > 2 x torch fp32 {theirs:.3e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Study statistics (bench/generalization): the intervals recomputed from the per-seed values
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_mean_ci95(stats: dict, values, what: str, atol: float = 1e-12) -> float:
+    """``stats`` (``{"mean", "ci95": [lo, hi], "std", "n"}`` of a study) against the per-seed ``values``
+    it summarises: the mean, and the two-sided 95% Student-t interval
+    ``mean -+ t.ppf(0.975, n - 1) * sd / sqrt(n)`` (``sd`` with ``n - 1``), which must contain the mean.
+    ``atol``: for values stored rounded (generalization.json keeps 6 significant digits). Returns the
+    half-width, so a caller can check that some interval is not trivially empty."""
+    from scipy import stats as scipy_stats
+
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    assert n >= 2, f"{what}: an interval needs at least 2 seeds, got {n}"
+    mean = float(v.mean())
+    sd = float(v.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    lo, hi = stats["ci95"]
+    assert stats["mean"] == pytest.approx(mean, rel=1e-9, abs=atol), f"{what}: mean {stats['mean']} != {mean}"
+    assert (lo, hi) == (pytest.approx(mean - half, rel=1e-9, abs=atol), pytest.approx(mean + half, rel=1e-9, abs=atol)), (
+        f"{what}: ci95 [{lo}, {hi}] != mean -+ t sd / sqrt(n) = [{mean - half}, {mean + half}]")
+    assert lo <= stats["mean"] <= hi, f"{what}: the mean {stats['mean']} is outside [{lo}, {hi}]"
+    if "n" in stats:
+        assert stats["n"] == n, f"{what}: n {stats['n']} != {n} seeds"
+    if "std" in stats:
+        assert stats["std"] == pytest.approx(sd, rel=1e-9, abs=atol), f"{what}: std {stats['std']} != {sd}"
+    return half

@@ -187,3 +187,19 @@ def test_call_overhead_times_every_road():
     assert all(math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0 for row in result["rows"])
     assert "cProfile of torch/eager" in result["profile"]
     assert "torch/registered" in call_overhead.format_rows(result["rows"])
+
+
+def test_call_overhead_steps_count_project_calls_and_aten_ops():
+    """The step rows: every case timed against its hand-written base, the project's Python counted (the
+    hand-written plain torch step calls none of it), and aten ops counted."""
+    from bench import call_overhead
+
+    rows = call_overhead.measure_steps("cpu", calls=2, rounds=1)
+    cases = {(r["K"], r["case"]): r for r in rows}
+    for K, _ in call_overhead.STEP_SHAPES:
+        assert cases[(K, "plain torch")]["project_calls"] == 0
+        assert cases[(K, "dres_loss")]["project_calls"] > 5
+        assert cases[(K, "plain torch")]["aten_ops"] > 20
+        assert cases[(K, "SubmoduleDReS concat")]["baseline"] == "dres_loss on the block"
+    assert all(math.isfinite(r["x_baseline"]) and r["us"] > 0 for r in rows)
+    assert "SubmoduleDReS separate" in call_overhead.format_step_rows(rows)

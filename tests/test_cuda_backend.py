@@ -220,7 +220,7 @@ class TestCpuErrorPaths:
         from dres_fast.ops import dispatch
 
         with pytest.raises(dispatch.BackendUnavailableError) as info:
-            dispatch._cuda_module()
+            dispatch.load_backend("cuda")
         assert "cuda" in str(info.value).lower()
         assert "CPU-only" in str(info.value) or "no CUDA GPU" in str(info.value)
 

@@ -1,4 +1,5 @@
-"""dres_loss, DReSLoss, SubmoduleDReS and the weight cache against explicit float64 math."""
+"""dres_loss, DReSLoss, SubmoduleDReS and the weight cache against explicit float64 math (points and
+spline weights from the independent references of tests/reference.py, not from the library)."""
 
 import math
 import threading
@@ -11,19 +12,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dres_fast
-from dres_fast.cache import WeightCache, build_weights
-from dres_fast.splines import degrees_of_freedom, lam_for_dof
+from reference import dres_weights64, points64
+from dres_fast.cache import WeightCache
+from dres_fast.smoothing import SmoothingSpec
+from dres_fast.splines import degrees_of_freedom, float64_weights, lam_for_dof
 
 
 def smooth_net(d_in=5, d_out=4):
     return nn.Sequential(nn.Linear(d_in, 16), nn.Tanh(), nn.Linear(16, d_out)).double()
 
 
-def explicit_dres(fn, x, N, lam_enc, lam_dec, reduction="mean"):
+def explicit_dres(fn, x, N, lam_enc=None, lam_dec=None, reduction="mean", **smoothing):
+    """Float64 DReS loss and ``y_hat`` from the definition, with the weights of tests/reference.py
+    (without ``lam_*`` / ``dof_*``: the documented default, 0.75 * knots degrees of freedom)."""
     K = x.shape[0]
-    alpha, beta = dres_fast.points(K, "chebyshev"), dres_fast.points(N, "lobatto")
-    E = dres_fast.spline_weights(alpha, beta, lam_enc)
-    D = dres_fast.spline_weights(beta, alpha, lam_dec)
+    E, D = dres_weights64(K, N, lam_enc=lam_enc, lam_dec=lam_dec, **smoothing)
     y = fn(x)
     y_hat = torch.einsum("kn,n...->k...", D, fn(torch.einsum("nk,k...->n...", E, x)))
     per = ((y - y_hat) ** 2).reshape(K, -1).sum(1)
@@ -40,10 +43,51 @@ def test_matches_explicit_float64(K, N, reduction):
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(y_hat, ref_hat, rtol=1e-10, atol=1e-14)
 
+def _rank_changing_case(case):
+    """``(x, fn, x_axis, y_axis)``: a batch of K = 6 samples on axis ``x_axis`` of ``x`` and an ``fn``
+    whose output has one rank more or less, with the samples on axis ``y_axis``; both axes are what
+    ``batch_dim=-2`` names in the tensor at hand. The other sizes make a y_hat with its samples on the
+    wrong axis the same shape as the right one (only its values differ)."""
+    gen = torch.Generator().manual_seed(4)
+    if case == "rank_3_to_2":  # (T, K, C) -> (K, C'): a per-sample pooling over T; K on axis 1 of x, 0 of y
+        w = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        x = torch.randn(4, 6, 3, generator=gen, dtype=torch.float64)
+        return x, lambda z: torch.tanh(z @ w).square().mean(0), 1, 0
+    # (K, C) -> (T, K, C'): T = K views of each sample; K on axis 0 of x, 1 of y
+    w = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    return x, lambda z: torch.tanh(torch.einsum("kc,tcd->tkd", z, w)).square(), 0, 1
+
+
+@pytest.mark.parametrize("case", ["rank_3_to_2", "rank_2_to_3"])
+def test_return_decoded_samples_on_the_output_axis(case):
+    """``return_decoded=True`` with ``batch_dim=-2`` and an ``fn`` that changes the rank: the samples
+    sit on axis 1 of ``x`` but axis 0 of ``fn(x)``, or the other way round. ``y_hat`` is a
+    reconstruction of ``fn(x)``, so it must have ``fn(x)``'s layout, the samples on the axis that
+    ``batch_dim`` resolves to in the *output*: ``y_hat = D fn(E x)`` mixed along that axis, with E, D
+    built by hand (tests/reference.py) with the documented default smoothing (0.75 * knots degrees of
+    freedom). Catches ``y_hat`` moved back to the *input*'s batch axis (checked below to be a different
+    tensor of the same shape) and a loss that mixes the wrong axis."""
+    x, fn, x_axis, y_axis = _rank_changing_case(case)
+    K, N = 6, 9
+    loss, y_hat = dres_fast.dres_loss(fn, x, num_coded=N, batch_dim=-2, reduction="none", return_decoded=True)
+    E, D = dres_weights64(K, N)
+    x_coded = torch.tensordot(E, x, dims=([1], [x_axis])).movedim(0, x_axis)  # E mixes the samples of x
+    y_hat_first = torch.tensordot(D, fn(x_coded), dims=([1], [y_axis]))  # (K, ...) samples first
+    expected = y_hat_first.movedim(0, y_axis)
+    assert y_hat.shape == fn(x).shape == expected.shape
+    torch.testing.assert_close(y_hat, expected, rtol=1e-10, atol=1e-13)
+    residual = (fn(x).movedim(y_axis, 0) - y_hat_first).reshape(K, -1)
+    torch.testing.assert_close(loss, residual.square().sum(1), rtol=1e-10, atol=1e-13)
+    # the mutant's y_hat: samples-first data moved to the input's axis instead: same shape, other values
+    on_input_axis = y_hat_first.movedim(0, x_axis)
+    assert x_axis != y_axis and on_input_axis.shape == expected.shape
+    assert not torch.allclose(on_input_axis, expected, rtol=1e-3, atol=1e-3)
+
 
 def test_affine_function_on_affine_batch_gives_zero():
     K = 9
-    alpha = dres_fast.points(K)
+    alpha = torch.from_numpy(points64(K))
     x = alpha[:, None, None] * torch.randn(1, 3, 2, dtype=torch.float64) + torch.randn(1, 3, 2, dtype=torch.float64)
     affine = nn.Linear(2, 5).double()
     for kw in ({}, {"lam_enc": 0.0, "lam_dec": 0.0}, {"dof_enc": 2.5, "dof_dec": 3.0}, {"num_coded": 20}):
@@ -65,15 +109,9 @@ def test_gradients_reach_parameters_through_both_branches():
     dres_fast.dres_loss(net, x).backward()
     got = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    explicit_dres(net, x, 8, build_lam("enc", 8, 8), build_lam("dec", 8, 8))[0].backward()
+    explicit_dres(net, x, 8)[0].backward()  # the default smoothing
     for a, b in zip(got, [p.grad for p in net.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
-
-
-def build_lam(which, K, N):
-    """The default lambda: 0.75 of the knots' degrees of freedom."""
-    knots = dres_fast.points(K if which == "enc" else N, "chebyshev" if which == "enc" else "lobatto")
-    return lam_for_dof(knots, 0.75 * len(knots))
 
 
 def test_reuses_y_and_runs_main_branch_once():
@@ -100,7 +138,7 @@ def test_low_precision_inputs(dtype):
     x = torch.randn(10, 5).to(dtype)
     loss = dres_fast.dres_loss(net, x, num_coded=12)
     assert loss.dtype == (torch.float32)
-    ref, _ = explicit_dres(lambda t: net.double()(t), x.double(), 12, build_lam("enc", 10, 12), build_lam("dec", 10, 12))
+    ref, _ = explicit_dres(lambda t: net.double()(t), x.double(), 12)
     net.to(dtype)
     tol = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype]
     assert abs(loss.item() - ref.item()) <= tol * ref.item() + 1e-6
@@ -110,8 +148,8 @@ def test_dof_and_lam_give_the_same_weights():
     K, N = 16, 24
     lam_e = lam_for_dof(dres_fast.points(K), 7.0)
     lam_d = lam_for_dof(dres_fast.points(N, "lobatto"), 11.0)
-    E1, D1 = build_weights(K, N, None, None, 7.0, 11.0, "chebyshev", "lobatto")
-    E2, D2 = build_weights(K, N, lam_e, lam_d, None, None, "chebyshev", "lobatto")
+    E1, D1 = float64_weights(SmoothingSpec(N, dof_enc=7.0, dof_dec=11.0), K)
+    E2, D2 = float64_weights(SmoothingSpec(N, lam_enc=lam_e, lam_dec=lam_d), K)
     torch.testing.assert_close(E1, E2)
     torch.testing.assert_close(D1, D2)
     assert degrees_of_freedom(dres_fast.points(K), lam_e) == pytest.approx(7.0)
@@ -123,8 +161,7 @@ def test_explicit_points():
     alpha = torch.tensor([-1.0, -0.3, 0.0, 0.4, 1.0])
     beta = torch.linspace(-0.9, 0.9, 6)
     loss = dres_fast.dres_loss(net, x, num_coded=6, alpha=alpha, beta=beta, lam_enc=0.0, lam_dec=0.0)
-    E = dres_fast.spline_weights(alpha, beta, 0.0)
-    D = dres_fast.spline_weights(beta, alpha, 0.0)
+    E, D = dres_weights64(5, 6, lam_enc=0.0, lam_dec=0.0, alpha=alpha, beta=beta)
     ref = ((net(x) - D @ net(E @ x)) ** 2).mean()
     torch.testing.assert_close(loss, ref)
 
@@ -160,9 +197,7 @@ def test_property_matches_explicit(K, ratio, trailing, dof_fraction, reduction, 
     net = nn.Sequential(nn.Linear(3, 4), nn.Softplus()).double()
     dof_e = 2 + dof_fraction * (K - 2)
     dof_d = 2 + dof_fraction * (N - 2)
-    lam_e = lam_for_dof(dres_fast.points(K), dof_e)
-    lam_d = lam_for_dof(dres_fast.points(N, "lobatto"), dof_d)
-    ref, ref_hat = explicit_dres(net, x, N, lam_e, lam_d, reduction)
+    ref, ref_hat = explicit_dres(net, x, N, reduction=reduction, dof_enc=dof_e, dof_dec=dof_d)
     net_in_dtype = nn.Sequential(nn.Linear(3, 4), nn.Softplus()).to(dtype)
     net_in_dtype.load_state_dict(net.state_dict())
     loss, y_hat = dres_fast.dres_loss(
@@ -240,7 +275,7 @@ def test_cached_weights_have_no_subnormals(dtype):
     for w in (E, D):
         tiny = (w != 0) & (w.abs() < info.tiny / info.eps)
         assert not tiny.any()
-    E64, _ = build_weights(256, 256, 0.0, 0.0, None, None, "chebyshev", "lobatto")
+    E64, _ = float64_weights(SmoothingSpec(256, 0.0, 0.0), 256)
     assert (E.double() - E64).abs().max() < (1e-7 if dtype == torch.float32 else 1e-300) * 1.0
 
 
@@ -350,6 +385,52 @@ def test_submodule_sums_repeated_calls():
         model(x)
     single = dres_fast.dres_loss(model.body, model.stem(x), num_coded=5)
     torch.testing.assert_close(reg.loss, 2 * single)
+
+
+@pytest.mark.parametrize("mode", ["separate", "concat"])
+def test_submodule_training_flag_decides_the_coded_branch(mode):
+    """The coded branch follows the *submodule's* ``training`` flag, not the model's (class docstring:
+    "a call with gradients disabled or with the submodule in eval mode runs no coded branch and
+    contributes zero"):
+
+    * a frozen block (eval mode, no trainable parameters) inside a model in training mode, as in
+      fine-tuning: no coded branch, ``reg.loss`` is exactly zero, the block runs once, on the K real
+      samples, and the model's output is the plain one;
+    * a block in training mode inside a model whose top level is in eval mode: the coded branch runs
+      (the block runs on the coded batch too), and ``reg.loss`` is the DReS loss of the block on its
+      actual input, computed by hand with the weights of tests/reference.py.
+
+    Catches a skip that reads ``model.training`` (or any flag but the submodule's)."""
+    x = torch.randn(8, 4, dtype=torch.float64)
+    model = Model(norm=True).double()
+    calls = []  # the batch size of each call of the block, as it runs (after DReS's concatenation)
+    model.body.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    reg = dres_fast.SubmoduleDReS(model, "body", mode=mode, num_coded=6)
+
+    model.train()
+    model.body.eval().requires_grad_(False)
+    with reg:
+        out = model(x)
+    assert calls == [8]
+    assert reg.loss.item() == 0.0
+    torch.testing.assert_close(out, model(x))
+
+    model.eval()
+    model.body.train().requires_grad_(True)
+    calls.clear()
+    with reg:
+        model(x)
+    assert calls == ([8, 6] if mode == "separate" else [14])
+    h = model.stem(x)
+    E, D = dres_weights64(8, 6)
+    if mode == "separate":  # BatchNorm in training mode: each batch with its own statistics
+        y, y_coded = model.body(h), model.body(E @ h)
+    else:
+        both = model.body(torch.cat([h, E @ h]))
+        y, y_coded = both[:8], both[8:]
+    expected = (y - D @ y_coded).square().mean()
+    assert expected.item() > 1e-4
+    torch.testing.assert_close(reg.loss, expected, rtol=1e-10, atol=1e-14)
 
 
 # -- torch.compile --------------------------------------------------------------------------------

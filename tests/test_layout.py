@@ -1,14 +1,18 @@
 """The shape of the package: one module per backend, the op rules in one place, the smoothing spec.
 
 * every backend module has NAME, is_available and load, and dispatch finds it by name;
-* the autograd formulas registered by ``registry.register_autograd`` on ops defined outside Python's
-  ``custom_op`` (as the CUDA backend's C++ ops are) give the torch backend's gradients;
+* the autograd of ``registry.differentiable`` on ops defined outside Python's ``custom_op`` (as the CUDA
+  backend's C++ ops are) gives the torch backend's gradients, second derivatives included;
+* the package's imports flow one way: no cycle, no backend importing the ops layer or another backend;
 * ``SmoothingSpec`` is frozen, validated, hashable, round-trips through its key, and keys the cache.
 """
 
+import ast
 import dataclasses
 import importlib
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,12 +35,82 @@ def test_every_backend_module_has_the_same_shape(name):
     assert callable(module.load)
 
 
-def test_old_module_names_are_the_new_modules():
-    import dres_fast._cuda_ext as old_cuda
-    import dres_fast.torch_backend as old_reference
-    from dres_fast.backends import cuda
+PACKAGE = os.path.dirname(os.path.abspath(dres_fast.__file__))
 
-    assert old_reference is reference and old_cuda is cuda
+
+def _imports_of_package():
+    """module name -> the package modules it imports (at top level or inside functions), read from the source."""
+    graph = {}
+    for root, _, files in os.walk(PACKAGE):
+        for file in files:
+            if not file.endswith(".py"):
+                continue
+            path = os.path.join(root, file)
+            parts = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].split(os.sep)
+            is_package = parts[-1] == "__init__"
+            name = ".".join(parts[:-1] if is_package else parts)
+            package = name if is_package else name.rsplit(".", 1)[0]
+            targets = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = package
+                    for _ in range(node.level - 1):
+                        base = base.rsplit(".", 1)[0]
+                    module = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+                    targets.add(module)
+                    # "from . import ops" imports the module dres_fast.ops; "from .x import f" names a function
+                    targets.update(module + "." + alias.name for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    targets.update(alias.name for alias in node.names)
+            graph[name] = {t for t in targets if t.startswith("dres_fast") and t != name}
+    modules = set(graph)
+    # a module's own packages are being imported already when it runs (``from . import x`` names one)
+    return {m: {t for t in ts & modules if not m.startswith(t + ".") and t != m} for m, ts in graph.items()}
+
+
+def _cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_imports_flow_one_way():
+    """No import cycle in the package (lazy imports inside functions count), and a backend imports neither
+    the ops layer (which sits above it) nor another backend; the ops layer never imports the DReS step."""
+    graph = _imports_of_package()
+    assert "dres_fast.ops.registry" in graph and "dres_fast.backends.reference" in graph
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+    backends = {m for m in graph if m.startswith("dres_fast.backends.")}
+    for backend in backends:
+        upward = {t for t in graph[backend] if t.startswith("dres_fast.ops") or t in backends
+                  or t in ("dres_fast.step", "dres_fast.functional", "dres_fast.module")}
+        assert not upward, f"{backend} imports {sorted(upward)}"
+    for module in (m for m in graph if m.startswith("dres_fast.ops")):
+        assert not graph[module] & {"dres_fast.step", "dres_fast.functional", "dres_fast.module"}, module
+
+
+def test_the_import_checker_sees_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 @pytest.mark.parametrize("dtype", contract.FLOAT_DTYPES)
@@ -61,8 +135,9 @@ _LIB.impl("spline_mix", reference.spline_mix, "CPU")
 _LIB.impl("reconstruction_loss", reference.reconstruction_loss, "CPU")
 _LIB.impl("spline_mix", registry._spline_mix_fake, "Meta")
 _LIB.impl("reconstruction_loss", registry._reconstruction_loss_fake, "Meta")
-CXX_STYLE_OPS = registry.register_autograd("dres_test_cxx::spline_mix", "dres_test_cxx::reconstruction_loss",
-                                           reference)
+CXX_STYLE_OPS = registry.differentiable("test_cxx", SimpleNamespace(
+    OPS=("dres_test_cxx::spline_mix", "dres_test_cxx::reconstruction_loss"),
+    spline_mix=reference.spline_mix, reconstruction_loss=reference.reconstruction_loss))
 
 
 @pytest.mark.parametrize("reduction", contract.REDUCTIONS)
@@ -74,7 +149,7 @@ def test_autograd_registered_on_ops_defined_elsewhere(reduction):
     decoder = torch.randn(6, 5, dtype=torch.float64)
     incoming = torch.rand(6, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
 
-    loss, _, _ = CXX_STYLE_OPS.reconstruction_loss(y, y_coded, decoder, reduction, True)
+    loss = CXX_STYLE_OPS.reconstruction_loss(y, y_coded, decoder, reduction)
     grads = torch.autograd.grad(loss, (y, y_coded), incoming)
     per_sample = (y - decoder @ y_coded).square().sum(1)
     expected = {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.sum() / y.numel()}[reduction]
@@ -83,6 +158,7 @@ def test_autograd_registered_on_ops_defined_elsewhere(reduction):
 
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda t: CXX_STYLE_OPS.spline_mix(decoder, t), (x,))
+    torch.autograd.gradgradcheck(lambda a, b: CXX_STYLE_OPS.reconstruction_loss(a, b, decoder, reduction), (y, y_coded))
 
 
 def test_spec_is_validated_frozen_and_hashable():

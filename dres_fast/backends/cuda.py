@@ -3,7 +3,7 @@
 The kernels live in csrc/ (plain CUDA launchers + a torch binding that defines the ops
 ``torch.ops.dres_fast_C.spline_mix`` and ``torch.ops.dres_fast_C.reconstruction_loss`` with CUDA and
 Meta kernels; the Meta kernels are their fake kernels). ``load()`` makes them available, in this
-order, then registers their autograd (:func:`dres_fast.ops.registry.register_autograd`, once):
+order, and returns this module (:mod:`dres_fast.ops` registers the ops' autograd, named by ``OPS``):
 
 1. ``import dres_fast._C``: the extension built at install time by setup.py;
 2. a first-use build with ``torch.utils.cpp_extension.load`` (nvcc + ninja) into
@@ -34,10 +34,11 @@ NAME = "cuda"
 JIT_NAME = "dres_fast_C_jit"
 PREBUILT_NAME = "dres_fast._C"
 OPS_NAMESPACE = "dres_fast_C"
+#: the ops the extension defines (schema and Meta kernels in csrc/binding.cpp)
+OPS = (f"{OPS_NAMESPACE}::spline_mix", f"{OPS_NAMESPACE}::reconstruction_loss")
 
 _LOCK = threading.RLock()
 _loaded_from: str | None = None  # "dres_fast._C" or the first-use build's directory
-_ops_with_autograd = None  # what load() returns, once the autograd formulas are registered
 
 
 def _package_dir() -> str:
@@ -174,20 +175,11 @@ def _unavailable(reason: str) -> BackendUnavailableError:
 
 
 def load(verbose: bool = False):
-    """Load (building on first use if needed) the CUDA extension and register the autograd of its
-    ops; returns the op packets (``.spline_mix``, ``.reconstruction_loss``). Thread-safe; later calls
-    are free. Raises BackendUnavailableError (a RuntimeError) naming what is missing or where the
-    build log is."""
-    global _ops_with_autograd
-    with _LOCK:
-        if _ops_with_autograd is None:
-            _load_extension(verbose)
-            from ..ops import registry
-
-            _ops_with_autograd = registry.register_autograd(
-                f"{OPS_NAMESPACE}::spline_mix", f"{OPS_NAMESPACE}::reconstruction_loss", sys.modules[__name__]
-            )
-        return _ops_with_autograd
+    """Load (building on first use if needed) the CUDA extension; returns this module, whose
+    ``spline_mix`` and ``reconstruction_loss`` call its ops. Thread-safe; later calls are free. Raises
+    BackendUnavailableError (a RuntimeError) naming what is missing or where the build log is."""
+    _load_extension(verbose)
+    return sys.modules[__name__]
 
 
 def _load_extension(verbose: bool) -> None:

@@ -1,9 +1,9 @@
 """Backend ``"triton"``: adapter over the Triton kernels in ``kernels/`` (installed as ``dres_fast.kernels``).
 
-``load()`` imports the kernels (and with them Triton) on first use and defines the ops
-``dres_fast::spline_mix_triton`` and ``dres_fast::reconstruction_loss_triton`` with the kernels'
-``OP_FACTORY`` (``torch.library.triton_op`` on a GPU, so ``torch.compile`` traces into the kernels;
-``custom_op`` under the interpreter).
+``load()`` imports the kernels (and with them Triton) on first use and returns them: their plain
+``spline_mix`` and ``reconstruction_loss`` and ``OP_FACTORY`` (``torch.library.triton_op`` on a GPU, so
+``torch.compile`` traces into the kernels; ``custom_op`` under the interpreter), from which
+:mod:`dres_fast.ops` defines the ops.
 
 Triton reads ``TRITON_INTERPRET`` once, when it is imported. ``import dres_fast`` does not import
 Triton, so setting ``TRITON_INTERPRET=1`` any time before the first use of this backend (or of
@@ -76,7 +76,7 @@ def is_available(device_type: str = "cuda"):
 
 
 def load():
-    """The ops ``dres_fast::spline_mix_triton`` and ``dres_fast::reconstruction_loss_triton``."""
+    """The kernels module (``spline_mix``, ``reconstruction_loss``, ``OP_FACTORY``)."""
     late = _late_interpreter_note()
     if late:
         raise BackendUnavailableError(f"backend 'triton' is not available: {late}")
@@ -84,6 +84,4 @@ def load():
     ok, reason = kernels.is_available()
     if not ok:
         raise BackendUnavailableError(f"backend 'triton' is not available: {reason}")
-    from ..ops import registry
-
-    return registry.define_ops(NAME, kernels, op_factory=getattr(kernels, "OP_FACTORY", None))
+    return kernels

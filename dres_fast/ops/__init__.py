@@ -3,11 +3,10 @@
 * :func:`spline_mix` — ``weights @ x`` along the batch axis (encoding, and decoding for ``y_hat``).
 * :func:`reconstruction_loss` — ``reduce(|| y - decoder @ y_coded ||^2)`` in one fused pass.
 
-Both validate their inputs (errors name the argument), flatten trailing dimensions to ``(batch, d)``,
-cast the weights to the compute dtype (:mod:`dres_fast.contract`: float64 for float64 inputs, else
-float32) and call the backend: its ``torch.library`` op while ``torch.compile`` (or another tracer) is
-at work, else the same functions through a leaner ``autograd.Function``
-(:func:`dispatch.backend_functions`).
+Both validate their inputs (errors name the argument: this is the edge; nothing below re-validates),
+flatten trailing dimensions to ``(batch, d)``, cast the weights to the compute dtype
+(:mod:`dres_fast.contract`: float64 for float64 inputs, else float32) and call the differentiable
+functions of the chosen backend (:func:`dispatch.functions`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import FLOAT_DTYPES, REDUCTIONS, compute_dtype
-from .dispatch import BACKENDS, BackendUnavailableError, available_backends, backend_functions, resolve_backend
+from .dispatch import BACKENDS, BackendUnavailableError, available_backends, functions, resolve_backend
 
 __all__ = [
     "spline_mix",
@@ -77,8 +76,7 @@ def spline_mix(weights: torch.Tensor, x: torch.Tensor, backend: str = "auto") ->
             f"weights has {weights.shape[1]} columns but x has {x.shape[0]} samples (x.shape[0]); "
             f"weights must be (M, {x.shape[0]})"
         )
-    mix, _ = backend_functions(backend, x.device, x.dtype)
-    out = mix(weights, _as_rows(x))
+    out = functions(backend, x.device, x.dtype).spline_mix(weights, _as_rows(x))
     return out if x.dim() == 2 else out.reshape((weights.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -110,6 +108,4 @@ def reconstruction_loss(
             f"decoder must have shape (len(y), len(y_coded)) = {(y.shape[0], y_coded.shape[0])}, "
             f"got {tuple(decoder.shape)}"
         )
-    compute_grads = torch.is_grad_enabled() and (y.requires_grad or y_coded.requires_grad)
-    _, loss_fn = backend_functions(backend, y.device, y.dtype)
-    return loss_fn(_as_rows(y), _as_rows(y_coded), decoder, reduction, compute_grads)
+    return functions(backend, y.device, y.dtype).reconstruction_loss(_as_rows(y), _as_rows(y_coded), decoder, reduction)

@@ -12,15 +12,16 @@ import importlib
 import os
 import sys
 import threading
+from types import SimpleNamespace
 from typing import List
 
 import torch
 
-from ..backends import BackendUnavailableError
-from .registry import use_registered_ops
+from ..backends import BackendUnavailableError, reference
+from . import registry
 
-__all__ = ["BACKENDS", "BACKEND_MODULES", "BackendUnavailableError", "resolve_backend", "backend_ops",
-           "backend_functions", "use_registered_ops", "available_backends", "load_backend"]
+__all__ = ["BACKENDS", "BACKEND_MODULES", "BackendUnavailableError", "resolve_backend", "functions",
+           "registered_ops", "available_backends", "load_backend"]
 
 #: backend name -> the module that adapts it; ``"auto"`` tries them in this order on CUDA tensors
 BACKEND_MODULES = {
@@ -29,16 +30,17 @@ BACKEND_MODULES = {
     "cuda": "dres_fast.backends.cuda",
 }
 BACKENDS = tuple(BACKEND_MODULES)
-#: on CUDA tensors "auto" takes the first usable of these for the data's precision, else "torch". Measured on
-#: an H200 (bench/RESULTS.md): for float16/bfloat16 the Triton kernels are 2-4x faster than eager torch at
-#: large widths; for float32 neither fused backend beats cuBLAS by enough to pay for what they still lack
-#: (Triton is slower than eager; both exceed twice torch's fp32 error on long reductions), so float32 and
-#: float64 stay on the reference backend unless a backend is named.
+#: on CUDA tensors "auto" takes the first usable of these for the data's precision, else "torch". From the
+#: H200 figures in bench/RESULTS.md: for float16/bfloat16 the Triton kernels beat eager torch at large
+#: widths; for float32 neither fused backend beat cuBLAS by enough, so float32 and float64 stay on "torch".
 AUTO_ORDER_CUDA = {"half": ("triton", "cuda"), "full": ()}
 ENV_VAR = "DRES_BACKEND"
 _LOAD_LOCK = threading.RLock()
-_LOADED: dict = {}  # backend name -> its ops, filled by load_backend
-_EAGER: dict = {}  # (backend, device type, dtype, DRES_BACKEND) -> the ops of the backend chosen for it
+_LOADED: dict = {}  # backend name -> its plain functions (the backend module's load())
+_FUNCTIONS: dict = {}  # (backend name, on CUDA) -> its differentiable functions
+_CHOSEN: dict = {}  # (backend, device type, dtype, DRES_BACKEND) -> the functions chosen for it
+#: backend "torch" off CUDA: plain autograd over the reference math (no TF32 to keep out of a backward there)
+_PLAIN_TORCH = SimpleNamespace(spline_mix=reference.spline_mix, reconstruction_loss=reference.loss)
 
 
 def _module(name: str):
@@ -46,14 +48,22 @@ def _module(name: str):
 
 
 def load_backend(name: str):
-    """The ops of backend ``name`` (``.spline_mix``, ``.reconstruction_loss``), loaded once."""
+    """The plain functions of backend ``name`` (``.spline_mix``, ``.reconstruction_loss``), loaded once;
+    raises :class:`BackendUnavailableError` saying why and what to install."""
     with _LOAD_LOCK:
         if name not in _LOADED:
             _LOADED[name] = _module(name).load()
         return _LOADED[name]
 
 
-_cuda_module = functools.partial(load_backend, "cuda")  # the first version's name (tests use it)
+def _differentiable(name: str, device_type: str) -> SimpleNamespace:
+    on_cuda = device_type == "cuda"
+    found = _FUNCTIONS.get((name, on_cuda))
+    if found is None:
+        impl = load_backend(name)
+        found = _PLAIN_TORCH if name == "torch" and not on_cuda else registry.differentiable(name, impl)
+        _FUNCTIONS[(name, on_cuda)] = found
+    return found
 
 
 def _check_name(backend, source: str) -> str:
@@ -118,29 +128,29 @@ def _loaded_backend(backend: str, device_type: str, precision: str) -> str:
     # Under torch.compile this runs once, at trace time: the choice is a constant of the graph.
     _check_name(backend, "backend")
     name = _resolve(backend, os.environ.get(ENV_VAR, ""), device_type, precision)
-    load_backend(name)
+    _differentiable(name, device_type)
     return name
 
 
-def backend_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The ops ``(spline_mix, reconstruction_loss)`` of the backend chosen for data of ``dtype`` on
-    ``device``, as op packets (defined on first use)."""
-    ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
-    return ops.spline_mix, ops.reconstruction_loss
+def functions(backend: str, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
+    """``ns.spline_mix(weights, x)`` and ``ns.reconstruction_loss(y, y_coded, decoder, reduction) -> loss``,
+    differentiable, of the backend chosen for data of ``dtype`` on ``device`` (inputs already validated).
+    Backend "torch" off CUDA: plain autograd; every other choice: :func:`registry.differentiable`."""
+    if registry.traced():  # the choice is a constant of the graph; the dict is filled by _loaded_backend
+        return _FUNCTIONS[(_loaded_backend(backend, device.type, _precision(dtype)), device.type == "cuda")]
+    key = (backend, device.type, dtype, os.environ.get(ENV_VAR, ""))
+    found = _CHOSEN.get(key)
+    if found is None:
+        name = _loaded_backend(backend, device.type, _precision(dtype))
+        found = _CHOSEN.setdefault(key, _differentiable(name, device.type))
+    return found
 
 
-def backend_functions(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """``(spline_mix(weights, x) -> out, reconstruction_loss(y, y_coded, decoder, reduction,
-    compute_grads) -> loss)``, differentiable, of the backend chosen for data of ``dtype`` on ``device``:
-    the backend's eager functions, which call its registered ops themselves when :func:`use_registered_ops`."""
-    if use_registered_ops():  # traced: the choice is a constant of the graph (_loaded_backend)
-        ops = _LOADED[_loaded_backend(backend, device.type, _precision(dtype))]
-    else:  # one dict lookup per call once a choice is made (the choice itself is cached by _resolve anyway)
-        key = (backend, device.type, dtype, os.environ.get(ENV_VAR, ""))
-        ops = _EAGER.get(key)
-        if ops is None:
-            ops = _EAGER.setdefault(key, _LOADED[_loaded_backend(backend, device.type, _precision(dtype))])
-    return ops.eager_spline_mix, ops.eager_reconstruction_loss
+def registered_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The ``torch.library`` op packets ``(spline_mix, reconstruction_loss)`` of the backend chosen for
+    data of ``dtype`` on ``device`` (what a traced call runs; backend "torch" has them on CUDA only)."""
+    name = _loaded_backend(backend, device.type, _precision(dtype))
+    return registry.differentiable(name, load_backend(name)).ops
 
 
 def available_backends(device: str = None) -> List[str]:

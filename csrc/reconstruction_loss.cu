@@ -7,12 +7,10 @@
 //     grad_y_coded = -D^T grad_y  (mean and sum; for none it depends on the per-sample incoming
 //     gradient and is computed by the caller with spline_mix).
 //
-// Kernel 1 (persistent grid of col_blocks x row_groups blocks, one column tile of BD columns at a
-// time per block):
-//   for each row tile of D owned by the block's row group: acc = y[rows, tile], then
-//   acc -= D[rows] @ y_coded[:, tile] (tile GEMM
-//   with negated products), so acc ends as r; per-row
-//   partial sums of r^2 reduced across the threads sharing a row (fixed shuffle tree), added to the
+// Kernel 1 (persistent grid of col_blocks x row_groups blocks, one BD-column tile at a time per block):
+//   for each row tile of D owned by the block's row group: acc = y[rows, tile], then acc -= D[rows] @
+//   y_coded[:, tile] (tile GEMM with negated products), so acc ends as r; per-row partial sums of r^2
+//   reduced across the threads sharing a row (fixed shuffle tree), added to the
 //   column block's own row of `partials` (column block b owns partials[b, :], split by rows among its
 //   row groups: no atomics); grad_y = c r written.
 //   Then (one row group only) for each row tile of D^T: grad_y_coded[:, tile] = -(D^T @ grad_y[:, tile]),
@@ -24,8 +22,8 @@
 //   needs every row group's grad_y and moves to this second launch. Both paths call the same
 //   grad_y_coded_tile, and r, grad_y and the partials are summed in the same order either way, so the
 //   split changes no bit of any output (tests/cuda_emulation/harness.cpp checks it).
-// Kernel 2: per_sample[k] = sum_b partials[b, k] in a fixed order.
-// Kernel 3 (mean/sum): loss = (fixed-order tree sum of per_sample) / divisor.
+// Kernel 2: per_sample[k] = sum_b partials[b, k] in a fixed order. Kernel 3 (mean/sum): loss =
+// (fixed-order tree sum of per_sample) / divisor.
 // The order of every floating-point sum depends only on the shapes and the device's multiprocessor
 // count, so repeated calls give bitwise-identical results.
 #include "dres_kernels.h"
@@ -52,15 +50,12 @@ template <typename T>
 __device__ __forceinline__ void grad_y_coded_tile(const typename Elem<T>::Acc* decoder,
                                                   const typename Elem<T>::Acc* grad_source,
                                                   T* grad_y_coded, int64_t n0, int64_t col0, int64_t K,
-                                                  int64_t N, int64_t d, bool grad_src_vec_ok,
-                                                  bool grad_vec_ok,
-                                                  SmemTiles<typename Elem<T>::Acc>& smem, int tx,
-                                                  int ty) {
+                                                  int64_t N, int64_t d, bool grad_src_vec_ok, bool grad_vec_ok,
+                                                  SmemTiles<typename Elem<T>::Acc>& smem, int tx, int ty) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
   ALoader<Acc, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
-  BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0,
-                        grad_src_vec_ok);
+  BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0, grad_src_vec_ok);
   Acc acc[C::TM][C::TD];
   zero_and_gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
   store_tile<T>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);

@@ -293,3 +293,26 @@ def test_backward_under_compiled_autograd():
         grads.append(leaf.grad)
     torch._dynamo.reset()
     assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("mode", ["functional", "separate", "concat"])
+def test_gradcheck_and_gradgradcheck_of_a_dres_step(mode):
+    """First and second derivatives of a whole DReS step in float64, in the input: ``dres_loss`` and
+    both ``SubmoduleDReS`` modes (the hooks' coded calls and the concatenated batch included)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    if mode == "functional":
+        def step(x):
+            return dres_fast.dres_loss(model, x, reduction="sum")
+    else:
+        wrapper = nn.Sequential(model)
+        reg = dres_fast.SubmoduleDReS(wrapper, "0", mode=mode, reduction="sum")
+
+        def step(x):
+            with reg:
+                out = wrapper(x)
+            return reg.loss + out.sum()
+
+    assert torch.autograd.gradcheck(step, (x,))
+    assert torch.autograd.gradgradcheck(step, (x,))

@@ -222,3 +222,17 @@ def test_auto_on_cuda_follows_the_measured_order(monkeypatch):
         assert dispatch.resolve_backend("auto", cuda, torch.float32) == "triton"
     finally:
         dispatch._resolve.cache_clear()
+
+
+def test_no_source_file_over_400_lines():
+    """A file a reader can hold in mind: no non-test source file of the repository over 400 lines."""
+    import subprocess
+
+    root = os.path.dirname(PACKAGE)
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    sources = [f for f in files if f.endswith((".py", ".cu", ".cuh", ".cpp", ".h", ".sh")) and not f.startswith("tests/")]
+    long = {f: n for f in sources if os.path.exists(os.path.join(root, f))
+            for n in [sum(1 for _ in open(os.path.join(root, f)))] if n > 400}
+    assert not long, f"over 400 lines: {long}"

@@ -6,8 +6,8 @@ in float64 on the CPU (:func:`dres_fast.splines.float64_weights`), cast once to 
 thread-safe LRU cache keyed by (spec, K, device, compute dtype).
 
 :func:`weights_for` is what the rest of the package calls. Under ``torch.compile`` it becomes the
-opaque op ``dres_fast::coding_weights`` (defined below) whose fake implementation only knows the
-shapes, so the batch size may be symbolic (``dynamic=True``) and no numpy/scipy code is traced.
+opaque op ``dres_fast::coding_weights`` (defined below; also under fake tensors and ``make_fx``) whose
+fake implementation only knows the shapes, so the batch size may be symbolic (``dynamic=True``) and no numpy/scipy code is traced.
 """
 
 from __future__ import annotations
@@ -107,17 +107,22 @@ def _define_coding_weights():
 coding_weights_op = _define_coding_weights()
 
 
+def _traced() -> bool:
+    # torch.compile, and any dispatch mode (fake tensors, make_fx), whose tensors the cached ones are not
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def weights_for(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype, which: str) -> torch.Tensor:
     """The encoder ``(N, K)`` or decoder ``(K, N)`` of ``spec`` for a batch of ``num_samples``, in the
     compute dtype for ``dtype``, on ``device``, from :data:`default_cache`."""
-    if torch.compiler.is_compiling():
+    if _traced():
         return coding_weights_op(spec.key, num_samples, which, device, dtype)
     return default_cache.weights(spec, num_samples, device, dtype)[WHICH.index(which)]
 
 
 def coding_weights(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype):
     """``(encoder (N, K), decoder (K, N))`` of ``spec``: :func:`weights_for` both, with one cache lookup."""
-    if torch.compiler.is_compiling():
+    if _traced():
         return (coding_weights_op(spec.key, num_samples, "encoder", device, dtype),
                 coding_weights_op(spec.key, num_samples, "decoder", device, dtype))
     return default_cache.weights(spec, num_samples, device, dtype)

@@ -453,3 +453,29 @@ def test_compile_fullgraph_matches_eager(compiler):
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+# -- shapes only, and lazy steps ------------------------------------------------------------------
+def test_meta_and_fake_tensors_give_shapes():
+    """Shape inference and deferred init: meta tensors and fake tensors run through dres_loss and both ops
+    (the weights then come from the op whose fake kernel only knows shapes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loss = dres_fast.dres_loss(nn.Linear(8, 4, device="meta"), torch.randn(32, 8, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    with FakeTensorMode():
+        model, x = nn.Linear(8, 4), torch.randn(32, 8)
+        assert dres_fast.dres_loss(model, x, reduction="none", num_coded=20).shape == (32,)
+        assert dres_fast.ops.spline_mix(torch.randn(5, 32), x).shape == (5, 8)
+        assert dres_fast.ops.reconstruction_loss(x, torch.randn(5, 8), torch.randn(32, 5)).shape == ()
+
+
+def test_a_skipped_lazy_step_returns_a_zero_that_backward_accepts():
+    """every=4: the steps without coded branch return zero; `.backward()` on it must not raise."""
+    lazy, model, x = dres_fast.DReSLoss(every=4), nn.Linear(8, 4), torch.randn(32, 8)
+    lazy(model, x).backward()
+    skipped = lazy(model, x)
+    assert skipped.item() == 0.0 and skipped.dtype == torch.float32
+    skipped.backward()
+    with torch.no_grad():
+        assert not lazy(model, x).requires_grad

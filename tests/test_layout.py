@@ -236,3 +236,27 @@ def test_no_source_file_over_400_lines():
     long = {f: n for f in sources if os.path.exists(os.path.join(root, f))
             for n in [sum(1 for _ in open(os.path.join(root, f)))] if n > 400}
     assert not long, f"over 400 lines: {long}"
+
+
+def test_kernels_folder_is_not_importable_as_a_bare_name(tmp_path):
+    """From the clone's root the folder kernels/ is on sys.path; ``import kernels`` must find the package
+    that owns that name (Hugging Face's, which transformers imports) or nothing, never our folder."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(PACKAGE)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    plain = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=root, env=env,
+                           capture_output=True, text=True)
+    if plain.returncode == 0:  # the owner is installed here: that is what must load
+        assert not os.path.abspath(plain.stdout.strip()).startswith(os.path.join(root, "kernels")), plain.stdout
+    else:
+        assert "No module named 'kernels'" in plain.stderr, plain.stderr
+    owner = tmp_path / "kernels"
+    owner.mkdir()
+    (owner / "__init__.py").write_text("OWNER = 'other package'\n")
+    env["PYTHONPATH"] = str(tmp_path)  # after the clone's root ('' comes first for python -c)
+    found = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.OWNER)"], cwd=root, env=env,
+                           capture_output=True, text=True)
+    assert found.stdout.strip() == "other package", found.stderr

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import dres_fast
+from reference import backend_device, backend_params, dres_weights64, points64
 
 MODES = ["separate", "concat"]
 
@@ -69,10 +70,10 @@ def test_dres_loss_bad_batch_dim(batch_dim, err, match):
         dres_fast.DReSLoss(batch_dim=batch_dim)(nn.Linear(3, 2), torch.randn(6, 3))
 
 
-@pytest.mark.parametrize("backend", [b for b in dres_fast.ops.available_backends() if b != "torch"])
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))  # each skipped, with why, where it cannot run
 def test_other_backends_with_batch_dim_match_torch(backend):
     # compiled Triton and the CUDA backend run on a GPU; on CPU, Triton runs in its interpreter
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = backend_device(backend)
     fn = PerPosition().to(device)
     x = torch.randn(5, 9, 3, device=device, requires_grad=True)  # samples along dim 1: a strided view for the ops
     losses, grads = [], []
@@ -130,9 +131,55 @@ def test_submodule_bad_batch_dim():
         model(torch.randn(6, 4))
 
 
-def test_batch_first_layers_need_no_batch_dim():
-    dres_fast.SubmoduleDReS(SequenceModel(batch_first=True), "body")
-    dres_fast.SubmoduleDReS(nn.Sequential(nn.LSTM(3, 3, batch_first=True)), "")
+class BatchFirstLSTM(nn.Module):
+    """An ``nn.LSTM(batch_first=True)`` that returns its output sequence only (one tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def _dres_by_hand(submodule, h, num_coded, mode):
+    """Float64 DReS loss of ``submodule`` on its input ``h`` (samples on dim 0) with the default
+    weights of tests/reference.py: separate calls on ``h`` and ``E h``, or one call on both (concat);
+    returns ``(loss, y)`` with ``y`` the output of the real samples."""
+    E, D = dres_weights64(h.shape[0], num_coded)
+    coded = torch.einsum("nk,k...->n...", E, h)
+    if mode == "separate":
+        y, y_coded = submodule(h), submodule(coded)
+    else:
+        both = submodule(torch.cat([h, coded]))
+        y, y_coded = both[:h.shape[0]], both[h.shape[0]:]
+    return (y - torch.einsum("kn,n...->k...", D, y_coded)).square().mean(), y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make, name", [(lambda: SequenceModel(batch_first=True), "body"),
+                                        (lambda: nn.Sequential(nn.Linear(3, 3), BatchFirstLSTM()), "1")],
+                         ids=["transformer", "lstm"])
+def test_batch_first_layers_need_no_batch_dim(make, name, mode):
+    """Layers with ``batch_first=True`` (a transformer layer, an LSTM) take ``(B, T, C)``: SubmoduleDReS
+    accepts them without ``batch_dim`` and mixes along dim 0, the samples. ``reg.loss`` equals the DReS
+    loss of the submodule on its actual input, computed by hand, and differs from the loss that mixes
+    time steps (dim 1). Catches a default that refuses or mixes the wrong axis for batch-first layers."""
+    model = make().double().train()
+    submodule = model.get_submodule(name)
+    inputs = []  # registered before DReS's hooks: the submodule's input as the model passes it
+    submodule.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    reg = dres_fast.SubmoduleDReS(model, name, mode=mode, num_coded=6)
+    x = torch.randn(7, 5, 3, dtype=torch.float64)  # B=7, T=5
+    with reg:
+        out = model(x)
+    h = inputs[0]
+    assert h.shape[:2] == (7, 5)
+    expected, _ = _dres_by_hand(submodule, h, 6, mode)
+    torch.testing.assert_close(reg.loss, expected, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(out, model(x))  # no BatchNorm: the real branch is untouched
+    along_time = dres_fast.dres_loss(submodule, h.detach(), num_coded=6, batch_dim=1)
+    assert not torch.allclose(along_time, expected)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -248,18 +295,31 @@ def _count_calls(module):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_attach_across_steps_without_reset(mode):
+    """``attach()`` once, then training steps that never call ``reset()``: each forward starts a fresh
+    record, so after every step's forward ``reg.loss`` is that forward's DReS loss alone, equal to the
+    loss computed by hand from the submodule's actual input of that step (with the parameters the
+    previous steps left), not a sum with earlier steps (whose graphs backward has freed: "backward
+    through the graph a second time") nor a stale value; in concat mode the model's output comes
+    from the real samples of the concatenated call (BatchNorm saw both batches)."""
     model = Net().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     reg = dres_fast.SubmoduleDReS(model, "body", mode=mode, num_coded=5).attach()
+    recorded = []
     for step in range(3):
         x = torch.randn(8, 4, dtype=torch.float64)
         out = model(x)
+        with torch.no_grad():  # a copy of the block has inert hooks: it adds nothing to the record
+            expected, y = _dres_by_hand(copy.deepcopy(model.body), model.stem(x), 5, mode)
+        torch.testing.assert_close(reg.loss, expected, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(out, model.head(y), rtol=1e-12, atol=1e-14)
+        recorded.append(reg.loss.item())
         loss = out.pow(2).mean() + reg.loss
         opt.zero_grad()
         loss.backward()  # step 2 used to fail: "backward through the graph a second time"
         opt.step()
     reg.detach()
     assert len(reg._losses) == 1  # the latest forward's record only
+    assert len(set(recorded)) == 3  # three different batches: a stale record would repeat a value
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -372,7 +432,7 @@ def test_readme_setup_is_two_commands_and_ci_runs_the_second():
     commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert len(commands) == 2, commands
     install, test = commands
-    for step in ("git clone", "cd dres_fast", "python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==", 'pip install -e ".[dev,triton]"'):
+    for step in ("git clone", "cd dres-fast", "python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==", 'pip install -e ".[dev,triton]"'):
         assert step in install, step
     assert install.endswith("python -m bench --quick")
     ci = (root / ".ci" / "run").read_text().split("# README's test command:\n", 1)[1].splitlines()[0]
@@ -384,7 +444,7 @@ def test_readme_caveat_numbers():
     torch.manual_seed(3)
     identity = [dres_fast.dres_loss(lambda t: t, torch.randn(64, 32, dtype=torch.float64)).item() for _ in range(5)]
     assert 0.22 < sum(identity) / 5 < 0.32  # README: 0.27
-    alpha = dres_fast.points(64, "chebyshev").unsqueeze(1)
+    alpha = torch.from_numpy(points64(64, "chebyshev")).unsqueeze(1)
     on_curve = torch.randn(1, 8, dtype=torch.float64) + alpha * torch.randn(1, 8, dtype=torch.float64)
     assert dres_fast.dres_loss(lambda t: t, on_curve).item() < 1e-20
     assert dres_fast.dres_loss(lambda t: t, on_curve[torch.randperm(64)]).item() > 1e-2  # order matters

@@ -50,16 +50,16 @@ def csrc_sources(relative: bool = True) -> list[str]:
     return [os.path.relpath(p, root) if relative else p for p in found]
 
 
-# The system compiler builds against the C++ runtime that the Python process loads at run time. On the
-# first GPU machine (H200, 2026-11-26) the default `c++` was a wrapper in /opt/gcc: a torch op built with
-# it crashed (SIGSEGV) whenever it raised a C++ error (TORCH_CHECK), while the same op built with
-# /usr/bin/g++ raised a RuntimeError as it should (bench/cpp_throw_probe.py shows this per machine).
+# The system compiler builds against the C++ runtime that the Python process loads at run time. A `c++`
+# wrapper in another prefix can link a different runtime: a torch op built with it may crash (SIGSEGV)
+# whenever it raises a C++ error (TORCH_CHECK), while the same op built with /usr/bin/g++ raises a
+# RuntimeError as it should (bench/cpp_throw_probe.py tells per machine; bench/RESULTS.md has a case).
 SYSTEM_CXX = "/usr/bin/g++"
 
 
 def host_compiler() -> str | None:
     """The C++ compiler for the extension: ``DRES_CXX`` when set, else the system g++ when there is one
-    (even when ``CXX`` names another: on the H200 image ``CXX`` itself named the crashing wrapper), else
+    (even when ``CXX`` names another: ``CXX`` itself may name such a wrapper), else
     ``CXX``, else ``None`` (torch's default, ``c++`` on PATH)."""
     if os.environ.get("DRES_CXX"):
         return os.environ["DRES_CXX"]

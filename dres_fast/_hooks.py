@@ -4,6 +4,7 @@ per-sample tensor arguments besides the batch (``extra_args``)."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -11,10 +12,13 @@ import torch
 from torch import nn
 
 __all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers",
-           "rewrite_extra_args"]
+           "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")
+#: Which calls update the running statistics of normalization layers in separate mode: the real batch only,
+#: or the coded batch too.
+RUNNING_STATS = ("real", "all")
 
 
 class InertHook:
@@ -125,3 +129,20 @@ def rewrite_extra_args(
         else:
             kwargs[place] = transform(value)
     return tuple(args), kwargs
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module, freeze: bool = True):
+    """Inside the block, the normalization layers of ``module`` that would update running statistics
+    (training mode, ``track_running_stats``) normalize with the batch's statistics and update nothing
+    (``track_running_stats`` is off for the block: neither the means, the variances nor the batch counter
+    move)."""
+    layers = [layer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._NormBase)
+              and layer.training and layer.track_running_stats] if freeze else []
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True

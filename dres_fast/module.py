@@ -9,11 +9,15 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ._hooks import EXTRA_ARGS, BoundHook, batch_axis, rewrite_extra_args, sequence_first_layers
+from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, batch_axis, frozen_running_stats, rewrite_extra_args,
+                     sequence_first_layers)
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
+
+#: ``running_stats`` of a SubmoduleDReS in separate mode when not given (README "BatchNorm statistics")
+DEFAULT_RUNNING_STATS = "all"
 
 
 class DReSLoss(nn.Module):
@@ -107,10 +111,12 @@ class SubmoduleDReS:
     * ``"concat"``: the coded batch ``E x`` is appended to the real batch and the submodule runs
       **once** on ``K + N`` samples; only the first ``K`` outputs continue through the model.
       BatchNorm inside the submodule then normalizes real and coded samples together, and its running
-      statistics see that mixed batch (once per step). One call: the fastest on a GPU.
+      statistics see that mixed batch (once per step; ``running_stats="all"`` is the only choice). One
+      call: the fastest on a GPU.
     * ``"separate"``: the submodule runs on the real batch as usual, then a second time on the coded
       batch. BatchNorm normalizes each batch with its own statistics, and in training mode updates its
-      running statistics twice per step (once with the coded batch, which has smaller variance when the
+      running statistics from the real batch only (``running_stats="real"``, the default here), or also
+      from the coded batch (``"all"``: twice per step, once with samples of smaller variance when the
       encoder smooths). The real branch is exactly what the model computes without DReS.
 
     ``loss`` sums over the submodule's calls: inside a ``with`` block, all calls in the block; after
@@ -156,6 +162,7 @@ class SubmoduleDReS:
         every: int = 1,
         order: str = "given",
         anchor: str = "observed",
+        running_stats: Optional[str] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -183,6 +190,12 @@ class SubmoduleDReS:
             batch_dim = 0
         spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         self.step = DReSStep(DReSConfig(spec, reduction, backend, batch_dim, order, anchor, every, clip_dof=True))
+        if running_stats not in (None,) + RUNNING_STATS:
+            raise ValueError(f"running_stats must be one of {RUNNING_STATS} or None, got {running_stats!r}")
+        if mode == "concat" and running_stats == "real":
+            raise ValueError("running_stats='real' needs mode='separate': in concat mode the submodule runs once on "
+                             "the real and coded samples together, so BatchNorm's statistics see both")
+        self.running_stats = running_stats or (DEFAULT_RUNNING_STATS if mode == "separate" else "all")
         self.model, self.name, self.mode, self.extra_args = model, submodule, mode, extra_args
         self._handles: list = []
         self._losses: List[torch.Tensor] = []
@@ -313,9 +326,10 @@ class SubmoduleDReS:
         self._inside = True
         try:  # the coded call(s): f(E x), and f(D E x) for the reconstructed anchor, each with its arguments
             outputs = []
-            for i, coded in enumerate(coding.inputs):
-                coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed: mixed[i])
-                outputs.append(module(coded, *coded_args[1:], **coded_kwargs))
+            with frozen_running_stats(module, self.running_stats == "real"):
+                for i, coded in enumerate(coding.inputs):
+                    coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed: mixed[i])
+                    outputs.append(module(coded, *coded_args[1:], **coded_kwargs))
         finally:
             self._inside = False
         anchor = output if self.step.config.anchor == "observed" else outputs[1]

@@ -308,13 +308,11 @@ def grad_dot_mode(mode):
 def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
     """Backend entry point (docs/ARCHITECTURE.md). Returns ``(loss, grad_y, grad_y_coded)``."""
     check_device(y, y_coded, decoder)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    # validated by dres_fast.ops (the edge): asserted here, not checked again
+    assert reduction in ("mean", "sum", "none"), reduction
     K, d = y.shape
     N = y_coded.shape[0]
-    if y_coded.shape[1] != d or tuple(decoder.shape) != (K, N):
-        raise ValueError(f"reconstruction_loss: expected y (K, d), y_coded (N, d), decoder (K, N); got "
-                         f"{tuple(y.shape)}, {tuple(y_coded.shape)}, {tuple(decoder.shape)}")
+    assert y_coded.shape[1] == d and tuple(decoder.shape) == (K, N), (y.shape, y_coded.shape, decoder.shape)
     acc_dtype = compute_dtype(y.dtype)
     decoder = decoder.to(acc_dtype)
     write_grad_y = bool(compute_grads)

@@ -152,9 +152,8 @@ def spline_mix(weights, x):
     """Backend entry point (docs/ARCHITECTURE.md): ``weights (M, K) @ x (K, d)`` -> ``(M, d)``, contiguous,
     dtype of ``x``; fp32 accumulation with exact products (fp64 for float64 inputs), never TF32."""
     check_device(weights, x)
-    if weights.dim() != 2 or x.dim() != 2 or weights.shape[1] != x.shape[0]:
-        raise ValueError(f"spline_mix: expected weights (M, K) and x (K, d), got {tuple(weights.shape)} "
-                         f"and {tuple(x.shape)}")
+    # validated by dres_fast.ops (the edge): asserted here, not checked again
+    assert weights.dim() == 2 and x.dim() == 2 and weights.shape[1] == x.shape[0], (weights.shape, x.shape)
     weights = weights.to(compute_dtype(x.dtype))
     out = torch.empty((weights.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     with device_guard(x):

@@ -1,5 +1,7 @@
 r"""What every op test shares: the float64 references, the input generators, the error measures, and
-the one place that names the backends (which ones run here, on which device, and their modules).
+the one place that names the backends (which ones run here, on which device, and their modules). Also
+what the other tests compare the library with: points and smoothing-spline weights computed without
+the library (the spec's formulas and scipy), and the study intervals recomputed from per-seed values.
 
 The two ops, for ``x`` viewed as ``(K, d)`` (trailing dimensions flattened):
 

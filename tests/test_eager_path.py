@@ -26,8 +26,9 @@ from dres_fast import ops
 from dres_fast.backends import reference
 from dres_fast.ops import dispatch, registry
 
-#: the roads that go through registry.differentiable on this machine
-KERNEL_ROADS = ["torch-function"] + [name for name in ("triton",) if ref.backend_skip_reason(name) is None]
+#: the roads that go through registry.differentiable (CUDA needs a GPU: its C++-style ops are covered on the
+#: CPU by tests/test_layout.py); a road that cannot run here is skipped with its reason
+KERNEL_ROADS = [pytest.param("torch-function", id="torch-function")] + ref.backend_params("triton")
 
 
 def _road(name: str):
@@ -106,7 +107,7 @@ def test_tracers_see_the_registered_ops(road):
         assert functions.spline_mix(torch.empty(5, 7), torch.empty(7, 13)).shape == (5, 13)
 
 
-@pytest.mark.parametrize("road", ["torch"] + KERNEL_ROADS)
+@pytest.mark.parametrize("road", [pytest.param("torch", id="torch")] + KERNEL_ROADS)
 def test_gradcheck_and_gradgradcheck_on_every_road(road):
     functions = dispatch.functions("torch", torch.device("cpu"), torch.float64) if road == "torch" else _road(road)
     y, y_coded, decoder = _inputs("cpu", torch.float64, K=5, N=4, d=3)
@@ -125,16 +126,14 @@ def _mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
 
 
-def _hand_dres(f, x, dof=24):
-    """The DReS loss of ``f`` on ``x`` in plain torch, weights from the library's float64 splines."""
-    K = x.shape[0]
-    alpha, beta = dres_fast.points(K, "chebyshev"), dres_fast.points(K, "lobatto")
-    E = dres_fast.spline_weights(alpha, beta, dres_fast.lam_for_dof(alpha, dof))
-    D = dres_fast.spline_weights(beta, alpha, dres_fast.lam_for_dof(beta, dof))
+def _hand_dres(f, x):
+    """The DReS loss of ``f`` on ``x`` in plain torch, with the default weights from the tests' own
+    float64 references (scipy, not the library)."""
+    E, D = ref.dres_weights64(x.shape[0])
     return ((f(x) - D @ f(E @ x)) ** 2).sum(1).mean() / f(x).shape[1]
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b in ("triton",) if ref.backend_skip_reason(b) is None])
+@pytest.mark.parametrize("backend", ref.backend_params("torch", "triton"))
 def test_second_derivative_of_dres_matches_plain_torch(backend):
     """The issue's example: d/dW of ||dL/dx||^2 (a gradient penalty on top of DReS) must equal the same
     math in plain torch. With gradients saved by the forward as constants it came out 4.47e-5 against
@@ -144,7 +143,7 @@ def test_second_derivative_of_dres_matches_plain_torch(backend):
     for loss in (dres_fast.dres_loss(f, x, backend=backend), _hand_dres(f, x)):
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
         terms.append(torch.autograd.grad(g.pow(2).sum(), f[0].weight)[0])
-    torch.testing.assert_close(terms[0], terms[1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(terms[0], terms[1], rtol=1e-7, atol=1e-12)  # the references agree to ~4e-11
     assert terms[1].norm() > 1e-6
 
 
@@ -182,7 +181,7 @@ def test_r1_plus_dres_discriminator_step_matches_plain_torch():
     ours = objective(lambda body, x: dres_fast.dres_loss(body, x))
     plain = objective(_hand_dres)
     for a, b in zip(ours, plain):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-11)
 
 
 class _ZeroFills(TorchDispatchMode):
@@ -203,7 +202,7 @@ class _ZeroFills(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("reduction", ref.REDUCTIONS)
-@pytest.mark.parametrize("road", KERNEL_ROADS + ["registered"])
+@pytest.mark.parametrize("road", KERNEL_ROADS + [pytest.param("registered", id="registered")])
 def test_no_backward_writes_a_full_size_zero_tensor(road, reduction):
     """The loss's other outputs (saved gradients) are not differentiable: autograd must not materialize
     zero gradients for them (two full-size memsets per step at large d)."""

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from reference import assert_mean_ci95
+
 pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
 
@@ -18,17 +20,27 @@ def test_options_study_smoke(tmp_path):
     result = run_options(oc, tmp_path, "smoke", workers=1)
     entries = result["studies"]
     assert [e["setting"] for e in entries] == ["mnist_noise0.3", "digits_noise0.3"]
+    halves = []
     for e in entries:
         assert e["name"] == "options_supervised" and e["seeds"] == oc.seeds
         assert list(e["summary"]) == METHODS
         assert "dres_every4 - dres" in e["paired"] and "dres_reconstructed - grad_penalty" in e["paired"]
         assert "dres - dres" not in e["paired"] and "grad_penalty - grad_penalty" not in e["paired"]
-        for stats in list(e["summary"].values()) + list(e["paired"].values()):
-            lo, hi = stats["ci95"]
-            assert math.isfinite(stats["mean"]) and lo <= stats["mean"] <= hi
+        # each interval recomputed from the selected run of each method and seed: the mean and Student-t
+        # 95% interval over the seeds of the test accuracy, or of the paired difference "a - b"
+        selected = result["runs"][e["setting"]]["selected"]
+        acc = {(r["method"], r["seed"]): r["test_acc"] for r in selected}
+        assert len(acc) == len(selected) == len(METHODS) * len(oc.seeds)
+        for method, stats in e["summary"].items():
+            assert math.isfinite(stats["mean"])
+            halves.append(assert_mean_ci95(stats, [acc[method, s] for s in oc.seeds], f"{e['setting']} {method}"))
+        for key, stats in e["paired"].items():
+            a, b = key.split(" - ")
+            halves.append(assert_mean_ci95(stats, [acc[a, s] - acc[b, s] for s in oc.seeds], f"{e['setting']} {key}"))
         assert all(ms > 0 for ms in e["cpu_ms_per_step"].values())
         # chosen strengths come from each method's grid; the two-value grid reports its edge hits
         assert e["edge_hits"]["dres_reconstructed"]["n"] == len(oc.seeds)
+    assert max(halves) > 1e-3  # the seeds differ somewhere: the intervals are not all empty
     runs = result["runs"]["digits_noise0.3"]["rows"]
     assert len(runs) == len(oc.seeds) * sum(len(g) for g in oc.digits_grids.values())
     saved = json.loads((tmp_path / "options.json").read_text())

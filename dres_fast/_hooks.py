@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
+import types
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["BoundHook", "InertHook", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "sequence_first_layers",
-           "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats"]
+__all__ = ["BoundHook", "InertHook", "ForwardMark", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "compiled_code_hint",
+           "sequence_first_layers", "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")
@@ -49,6 +51,50 @@ class BoundHook:
 
     def __reduce__(self):
         return (InertHook, ())
+
+
+class ForwardMark:
+    """Sets ``forward`` in a hooked module's instance ``__dict__`` until :meth:`remove` (the same forward),
+    so that torch.compile sees the hooks whenever the model was compiled.
+
+    Dynamo does not guard on a module's hook dicts while they are empty
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default): code compiled before the hooks
+    existed would run without them. It does guard, for each module call it traces, that ``forward`` is
+    not in the instance ``__dict__`` (when it is: on its code). The mark fails that guard, so such code
+    is not reused while the hooks are on; code compiled with them is not reused after (the hook dicts are
+    guarded while not empty). The mark is the class's forward bound to the module: no extra frame, and
+    the same code for every mark, so attaching again recompiles nothing. A forward already set on the
+    instance (a user's patch) is wrapped instead. Copies (deepcopy, pickle) get a forward bound to the copy."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.had = module, "forward" in module.__dict__
+        self.previous = module.forward  # what runs now: the instance's forward, or the class's, bound
+        function = getattr(type(module), "forward", None)
+        plain = not self.had and isinstance(function, types.FunctionType)
+        self.mark = types.MethodType(function, module) if plain else self.__call__
+        module.__dict__["forward"] = self.mark
+
+    def __call__(self, *args, **kwargs):
+        return self.previous(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self.mark:  # replaced since: not ours to undo
+            return
+        if self.had:
+            self.module.__dict__["forward"] = self.previous
+        else:
+            del self.module.__dict__["forward"]
+
+
+def compiled_code_hint() -> str:
+    """A sentence for a missing record when torch.compile has compiled code in this process."""
+    utils = sys.modules.get("torch._dynamo.utils")  # imported by torch.compile, not by dres_fast
+    if utils is None or not utils.counters["stats"]["unique_graphs"]:
+        return ""
+    return (" torch.compile has compiled code in this process: if the model ran compiled, the compiled code "
+            "did not call the hooks (guards dropped by the user: torch.compiler.set_stance(..., "
+            "skip_guard_eval_unsafe=True), a guard_filter_fn that skips nn.Module guards, or an exported or "
+            "AOT-compiled program): drop that option, or call torch._dynamo.reset() once the hooks are on.")
 
 
 def batch_axis(batch_dim: int, tensor: torch.Tensor) -> Optional[int]:

@@ -3,14 +3,13 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, batch_axis, frozen_running_stats, rewrite_extra_args,
-                     sequence_first_layers)
+from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
+                     frozen_running_stats, rewrite_extra_args, sequence_first_layers)
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep
 
@@ -129,6 +128,10 @@ class SubmoduleDReS:
     Copies of the model made while the hooks are attached (``copy.deepcopy``, ``AveragedModel``, an
     EMA copy, ``torch.save`` of the whole module) carry inert hooks: no coded branch, no record.
 
+    ``torch.compile``: the model may be compiled before or after the hooks go on. While they are on, each
+    hooked module has its own forward set on the instance (:class:`dres_fast._hooks.ForwardMark`), which
+    Dynamo guards on: one more compile for the hooked model, none per ``with`` block or attach/detach.
+
     Options beyond the paper (README "Options beyond the paper"):
 
     * ``every=k``: lazy DReS. A step is a ``with`` block, or (after :meth:`attach`) a forward of the
@@ -239,6 +242,8 @@ class SubmoduleDReS:
             self._handles += [pre_hook, self.module.register_forward_hook(BoundHook(self, "_concat_hook"))]
         else:
             self._handles.append(self.module.register_forward_hook(BoundHook(self, "_separate_hook"), with_kwargs=True))
+        for target in dict.fromkeys((self.model, self.module) if record_per_forward else (self.module,)):
+            self._handles.append(ForwardMark(target))  # torch.compile then sees the hooks (ForwardMark)
         return self
 
     def detach(self) -> None:
@@ -263,7 +268,8 @@ class SubmoduleDReS:
     def loss(self) -> torch.Tensor:
         """The recorded DReS discrepancy (sum over the submodule's calls; see the class docstring)."""
         if not self._losses:
-            raise RuntimeError(f"submodule {self.name!r} did not run inside the `with` block: no DReS loss recorded")
+            raise RuntimeError(f"submodule {self.name!r} did not run inside the `with` block: no DReS loss "
+                               f"recorded.{compiled_code_hint()}")
         total = self._losses[0]
         for extra in self._losses[1:]:
             total = total + extra
@@ -294,10 +300,8 @@ class SubmoduleDReS:
             self._losses.append(self.step.zero(batch))
             return None
         if batch.shape[axis] < 3:
-            if "small" not in self.step._warned:
-                self.step._warned.add("small")
-                warnings.warn(f"SubmoduleDReS({self.name!r}): a batch of {batch.shape[axis]} samples is too small for "
-                              "DReS (needs 3); it contributes zero. This warning is shown once.", stacklevel=5)
+            self.step.warn_once("small", f"SubmoduleDReS({self.name!r}): a batch of {batch.shape[axis]} samples is too "
+                                "small for DReS (needs 3); it contributes zero.")
             self._losses.append(self.step.zero(batch))
             return None
         return self.step.encode(batch, axis)

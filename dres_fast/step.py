@@ -135,7 +135,6 @@ class Coding:
             out.append(_unrows(mix(decoder, _rows(coded)), first))
         return [_moved(branch, 0, axis) for branch in out]
 
-
     def weights_for(self, value: torch.Tensor):
         """``(E, D)`` in the compute dtype of ``value``, on its device."""
         if compute_dtype(value.dtype) == self.encoder.dtype and value.device == self.encoder.device:
@@ -178,12 +177,15 @@ class DReSStep:
             dof = getattr(spec, key)
             if isinstance(dof, numbers.Real) and dof > knots:
                 spec = dataclasses.replace(spec, **{key: float(knots)})
-                if key not in self._warned:
-                    self._warned.add(key)
-                    warnings.warn(f"{key}={dof:g} exceeds the {knots} knots of a batch of {num_samples} samples; it "
-                                  f"is clipped to {knots} (interpolation) for such batches. This warning is shown once.",
-                                  stacklevel=4)
+                self.warn_once(key, f"{key}={dof:g} exceeds the {knots} knots of a batch of {num_samples} samples; it "
+                               f"is clipped to {knots} (interpolation) for such batches.")
         return spec
+
+    def warn_once(self, key: str, message: str) -> None:
+        """``message`` as a warning, the first time ``key`` is seen by this step."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " This warning is shown once.", stacklevel=5)
 
     # -- the two halves ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, axis: int) -> Coding:

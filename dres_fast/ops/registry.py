@@ -116,7 +116,7 @@ def _define_ops(name: str, impl) -> Tuple[str, str]:
 def _scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
     # skipped when it is free to know that g = 1 (a CPU scalar, as loss.backward() makes on the CPU);
     # otherwise one multiply, with g kept in fp32 for half-precision gradients
-    if grad_loss.device.type == "cpu" and not traced() and grad_loss.item() == 1.0:
+    if grad_loss.device.type == "cpu" and not traced() and not _transforms_active() and grad_loss.item() == 1.0:
         return grad
     return _times(grad, grad_loss)
 

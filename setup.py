@@ -46,7 +46,8 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["dres_fast", "dres_fast.ops", "dres_fast.backends", "dres_fast.kernels", "dres_fast.csrc"],
+    packages=["dres_fast", "dres_fast.ops", "dres_fast.backends", "dres_fast.integrations", "dres_fast.kernels",
+              "dres_fast.csrc"],
     # kernels/ and csrc/ live at the top of the repository but install inside the package; csrc/
     # ships its sources so backend="cuda" can compile them on first use.
     package_dir={"dres_fast.kernels": "kernels", "dres_fast.csrc": "csrc"},
@@ -55,6 +56,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # dres_fast.integrations (hf: transformers.Trainer, which needs accelerate; lightning). Name torch in
+        # the same pip command, or pip may replace a CPU torch with the CUDA build.
+        "integrations": ["transformers>=4.50", "accelerate>=1.1", "pytorch-lightning>=2.0"],
         "bench": ["matplotlib", "tqdm", "scikit-learn", "mlxtend"],
         "dev": [
             "pytest",

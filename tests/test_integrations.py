@@ -10,6 +10,9 @@ Trainer divides the loss by the accumulation steps or takes it as scaled); evalu
 the submodule once per batch (no coded branch) and add nothing.
 
 Lightning: a tiny LightningModule trained with ``pytorch_lightning`` (or ``lightning``) for 3 steps.
+
+The tests skip (saying why) without the ``integrations`` extra. The first that imports ``transformers``
+pays its import (a few seconds); a Trainer run here takes well under a second.
 """
 
 import copy
@@ -128,10 +131,32 @@ def test_hf_trainer_adds_and_logs_the_mean_dres_of_each_accumulated_step(tmp_pat
     by_hand = [_by_hand(copy.deepcopy(initial), batch)[1].item() for batch in trainer.micro_batches[:2]]
     assert logs[0]["dres_loss"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     assert logs[0]["loss"] == pytest.approx(reference[0]["loss"] + WEIGHT * logs[0]["dres_loss"], rel=1e-5)
-    assert logs[1]["loss"] != pytest.approx(reference[1]["loss"], rel=1e-3)  # the parameters differ after step 1
+    # step 2: the task loss differs from the plain Trainer's: DReS's gradient entered the first update
+    assert logs[1]["loss"] - WEIGHT * logs[1]["dres_loss"] != pytest.approx(reference[1]["loss"], rel=1e-4)
     changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters())]
     assert all(changed)
-    assert trainer.dres._handles == []  # detached when train() returned
+    assert not model.get_submodule(SUBMODULE)._forward_hooks and not model._forward_pre_hooks  # detached by train()
+
+
+def test_hf_concat_mode_under_gradient_checkpointing_logs_what_separate_mode_does(tmp_path):
+    # BertLayer recomputes its forward in backward: the hooks must still be there (attached for all of
+    # train()). No BatchNorm and no dropout, so both modes compute the same numbers.
+    transformers, hf = _hf()
+    data = _data(16, seed=1)
+    history = {}
+    for mode, checkpointing in (("separate", False), ("concat", True)):
+        model = _bert(transformers)
+        fields = transformers.TrainingArguments.__dataclass_fields__  # renamed in transformers 5.x
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        args = _args(transformers, tmp_path, **{name: checkpointing})
+        config = hf.DReSTrainerConfig(SUBMODULE, weight=WEIGHT, mode=mode, options={"extra_args": "mix"})
+        trainer = hf.DReSTrainer(model=model, args=args, train_dataset=data, dres=config)
+        trainer.train()
+        assert getattr(model, name.replace("activation", "is_activation").replace("gradient", "is_gradient")) \
+            is checkpointing
+        history[mode] = [v for e in trainer.state.log_history if "loss" in e for v in (e["loss"], e["dres_loss"])]
+    assert len(history["concat"]) == 4
+    assert history["concat"] == pytest.approx(history["separate"], rel=1e-5)
 
 
 def test_hf_compute_loss_by_hand_and_no_coded_branch_in_evaluation(tmp_path):
@@ -204,6 +229,7 @@ def _lightning():
     return pl
 
 
+@pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning vs torch
 def test_lightning_training_step_adds_and_logs_dres_and_validation_runs_no_coded_branch():
     pl = _lightning()
     from dres_fast.integrations.lightning import LightningDReS
@@ -282,3 +308,32 @@ def test_importing_dres_fast_and_its_integrations_package_loads_no_framework():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_lightning_helper_attached_under_activation_checkpointing():
+    from dres_fast.integrations.lightning import LightningDReS
+
+    class Module(nn.Module):  # the helper needs only get_submodule and log
+        def __init__(self):
+            super().__init__()
+            self.block, self.head, self.logged = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 1), []
+            self.dres = LightningDReS(self, "block", weight=WEIGHT, name="reg", log_options={"on_epoch": True})
+
+        def forward(self, x):
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+        def log(self, name, value, **options):
+            self.logged.append((name, value.item(), options))
+
+    module, x = Module(), torch.randn(6, 4)
+    module.dres.attach()
+    out = module(x)
+    task = out.square().mean()
+    loss = module.dres.add(task)
+    loss.backward()  # the checkpointed block reruns its forward here, hooks included
+    module.dres.detach()
+    with torch.no_grad():
+        manual = dres_fast.dres_loss(module.block, x).item()
+    assert loss.item() == pytest.approx(task.item() + WEIGHT * manual, rel=1e-6)
+    assert module.logged == [("reg", pytest.approx(manual, rel=1e-6), {"on_epoch": True})]
+    assert module.block[0].weight.grad is not None and not module.block._forward_hooks

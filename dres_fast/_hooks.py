@@ -143,13 +143,15 @@ def rewrite_extra_args(
     batch_dim: int,
     transform: Callable[[torch.Tensor], torch.Tensor],
     owner: str,
+    skip=(),
 ) -> Tuple[tuple, Dict]:
     """The submodule's arguments with each per-sample floating-point tensor replaced by
     ``transform(tensor)`` (``policy="mix"``), unchanged (``"pass"``), or an error that names the
-    argument (``"error"``; and ``"mix"`` for per-sample tensors that are not floating point)."""
+    argument (``"error"``; and ``"mix"`` for per-sample tensors that are not floating point). Arguments at
+    the places in ``skip`` (positions or keywords: recognised masks) are left as they are."""
     if policy == "pass":
         return args, kwargs
-    found = _per_sample(args, kwargs, num_samples, batch_dim)
+    found = [item for item in _per_sample(args, kwargs, num_samples, batch_dim) if item[1] not in skip]
     if not found:
         return args, kwargs
     if policy == "error":
@@ -165,8 +167,9 @@ def rewrite_extra_args(
             raise ValueError(
                 f"{owner}: the submodule's {label} is per-sample ({num_samples} entries along "
                 f"batch_dim={batch_dim}) but of dtype {value.dtype}: extra_args='mix' can only mix "
-                "floating-point values (a mask or an id has no value between two samples). Make it "
-                "floating point, drop it, or pass extra_args='pass' if it is not per-sample."
+                "floating-point values (an id has no value between two samples; padding and attention "
+                "masks are recognised by their name, see README \"Masks\"). Drop it, hook a submodule that "
+                "does not take it, or pass extra_args='pass' if it is not per-sample."
             )
     args, kwargs = list(args), dict(kwargs)
     for _, place, value in found:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
                      frozen_running_stats, rewrite_extra_args, sequence_first_layers)
+from ._masks import find_masks
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep
 
@@ -291,7 +292,7 @@ class SubmoduleDReS:
             )
         return args[0]
 
-    def _coding(self, module: nn.Module, args):
+    def _coding(self, module: nn.Module, args, kwargs):
         """The coding of this call (:meth:`DReSStep.encode`), or None (and a zero recorded) when it gets no
         coded branch: a skipped ``every`` step, gradients off, the submodule in eval mode, < 3 samples."""
         batch = self._batch_of(args)
@@ -304,15 +305,30 @@ class SubmoduleDReS:
                                 "small for DReS (needs 3); it contributes zero.")
             self._losses.append(self.step.zero(batch))
             return None
-        return self.step.encode(batch, axis)
+        masks = (find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, f"SubmoduleDReS({self.name!r})")
+                 if len(args) > 1 or kwargs else [])
+        return self.step.encode(batch, axis, masks)
 
     def _arguments(self, coding, args, kwargs, pick):
-        """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v))``."""
+        """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v), axis)``,
+        each mask ``m`` by ``pick(m, [its coded mask for each coded input], axis)`` (:mod:`dres_fast._masks`);
+        ``axis``: where the value holds the samples."""
         def transform(value):
-            return pick(value, coding.mix(value, batch_axis(self.batch_dim, value)))
+            axis = batch_axis(self.batch_dim, value)
+            return pick(value, coding.mix(value, axis), axis)
 
-        return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=coding.num_samples,
-                                  batch_dim=self.batch_dim, transform=transform, owner=f"SubmoduleDReS({self.name!r})")
+        args, kwargs = list(args), dict(kwargs)
+        for mask in coding.masks:
+            union = coding.valid.any(dim=0)
+            counts = [coding.num_coded] + [coding.num_samples] * (len(coding.inputs) - 1)
+            coded = pick(mask.tensor, [mask.coded(union, count) for count in counts], mask.axis)
+            if isinstance(mask.place, int):
+                args[mask.place] = coded
+            else:
+                kwargs[mask.place] = coded
+        return rewrite_extra_args(tuple(args), kwargs, policy=self.extra_args, num_samples=coding.num_samples,
+                                  batch_dim=self.batch_dim, transform=transform, owner=f"SubmoduleDReS({self.name!r})",
+                                  skip={mask.place for mask in coding.masks})
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
@@ -324,7 +340,7 @@ class SubmoduleDReS:
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
             return None
-        coding = self._coding(module, args)
+        coding = self._coding(module, args, kwargs)
         if coding is None:
             return None
         self._inside = True
@@ -332,7 +348,7 @@ class SubmoduleDReS:
             outputs = []
             with frozen_running_stats(module, self.running_stats == "real"):
                 for i, coded in enumerate(coding.inputs):
-                    coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed: mixed[i])
+                    coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed, axis: mixed[i])
                     outputs.append(module(coded, *coded_args[1:], **coded_kwargs))
         finally:
             self._inside = False
@@ -341,13 +357,13 @@ class SubmoduleDReS:
         return None
 
     def _concat_pre_hook(self, module, args, kwargs):
-        coding = self._coding(module, args)
+        coding = self._coding(module, args, kwargs)
         self._pending.append(coding)
         if coding is None:
             return None
         axis = batch_axis(self.batch_dim, args[0])
         args, kwargs = self._arguments(coding, args, kwargs,
-                                       lambda value, mixed: torch.cat([value, *mixed], dim=batch_axis(self.batch_dim, value)))
+                                       lambda value, mixed, axis: torch.cat([value, *mixed], dim=axis))
         return (torch.cat([args[0], *coding.inputs], dim=axis),) + tuple(args[1:]), kwargs
 
     def _concat_hook(self, module, args, output):

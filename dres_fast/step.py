@@ -33,6 +33,7 @@ from typing import List, Optional
 import torch
 
 from ._hooks import batch_axis, check_batch_dim
+from ._masks import positions_valid
 from .cache import coding_weights
 from .contract import MIN_SAMPLES, REDUCTIONS, compute_dtype, loss_dtype
 from .ops.dispatch import BACKENDS, functions
@@ -109,17 +110,50 @@ def _unrows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows if like.dim() == 2 else rows.reshape((rows.shape[0],) + like.shape[1:])
 
 
+def _zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` with each sample's padded positions set to zero (positions: axis 1 for batch-first ``x``,
+    axis 0 for sequence-first)."""
+    position = 1 if axis == 0 else 0
+    if x.dim() < 2 or position == axis or x.shape[position] != valid.shape[1]:
+        raise ValueError(f"the submodule's input {tuple(x.shape)} has no axis of the mask's {valid.shape[1]} "
+                         "positions next to its samples' axis")
+    layout = valid if position > axis else valid.t()
+    return x * layout.to(x.dtype).view(layout.shape + (1,) * (x.dim() - 2))
+
+
+def _masked_loss(mix, anchor, y_coded, decoder, valid, reduction: str) -> torch.Tensor:
+    """The loss over each sample's valid positions only: ``anchor`` and ``y_coded`` with the samples on
+    axis 0 and the positions on axis 1, ``valid`` ``(K, T)`` bool (:mod:`dres_fast._masks`). Plain torch
+    around one ``spline_mix`` (the fused op has no mask); ``"mean"`` divides by the valid elements."""
+    if anchor.dim() < 2 or anchor.shape[1] != valid.shape[1]:
+        raise ValueError(f"the submodule's output {tuple(anchor.shape)} (samples first) has no position axis of "
+                         f"the mask's {valid.shape[1]} positions after the samples' axis")
+    dtype = decoder.dtype
+    decoded = _unrows(mix(decoder, _rows(y_coded.to(dtype))), y_coded)
+    weight = valid.to(dtype).view(valid.shape + (1,) * (anchor.dim() - 2))
+    per_sample = ((anchor.to(dtype) - decoded) * weight).square().flatten(1).sum(1)
+    if reduction == "none":
+        loss = per_sample
+    elif reduction == "sum":
+        loss = per_sample.sum()
+    else:
+        loss = per_sample.sum() / (weight.sum() * (anchor[0, 0].numel())).clamp_min(1)
+    return loss.to(loss_dtype(anchor.dtype))
+
+
 class Coding:
     """One call's coding: sizes, spec, the sort (or None), the encoder and decoder (compute dtype of the
-    batch), and ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the
-    samples on the batch's axis."""
+    batch), ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the samples
+    on the batch's axis; and, for a submodule called with masks, ``masks`` and ``valid`` (``(K, T)`` bool,
+    each real sample's valid positions: the loss counts only those; :mod:`dres_fast._masks`)."""
 
-    __slots__ = ("step", "num_samples", "num_coded", "spec", "sort", "encoder", "decoder", "inputs")
+    __slots__ = ("step", "num_samples", "num_coded", "spec", "sort", "encoder", "decoder", "inputs", "masks", "valid")
 
     def __init__(self, step: "DReSStep", num_samples: int, num_coded: int, spec: SmoothingSpec, sort, encoder, decoder):
         self.step, self.num_samples, self.num_coded, self.spec, self.sort = step, num_samples, num_coded, spec, sort
         self.encoder, self.decoder = encoder, decoder
         self.inputs: List[torch.Tensor] = []
+        self.masks, self.valid = [], None
 
     def mix(self, value: torch.Tensor, axis: int) -> List[torch.Tensor]:
         """``[E v]`` (and ``D E v`` for the reconstructed anchor) of ``v``, a tensor with this batch's
@@ -188,13 +222,18 @@ class DReSStep:
             warnings.warn(message + " This warning is shown once.", stacklevel=5)
 
     # -- the two halves ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, axis: int) -> Coding:
-        """Order and encode the batch ``x`` (samples along ``axis``, at least 3 of them)."""
+    def encode(self, x: torch.Tensor, axis: int, masks=()) -> Coding:
+        """Order and encode the batch ``x`` (samples along ``axis``, at least 3 of them). ``masks``: the
+        submodule's padding masks (:func:`dres_fast._masks.find_masks`): padded positions of ``x`` (its
+        first non-batch axis of the first two) are zero in what is mixed, and the loss skips them."""
         spec = self.spec_for(x.shape[axis])
         num_samples, num_coded = spec.sizes(x.shape[axis])
         sort = principal_order(_moved(x, axis, 0)) if self.config.order == "principal" else None
         encoder, decoder = coding_weights(spec, num_samples, x.device, x.dtype)
         coding = Coding(self, num_samples, num_coded, spec, sort, encoder, decoder)
+        if masks:
+            coding.masks, coding.valid = list(masks), positions_valid(masks)
+            x = _zero_padded(x, axis, coding.valid)
         coding.inputs = coding.mix(x, axis)
         return coding
 
@@ -226,7 +265,11 @@ class DReSStep:
             anchor, y_coded = anchor.to(dtype), y_coded.to(dtype)
         decoder = coding.weights_for(y_coded)[1]
         ops = functions(config.backend, y_coded.device, y_coded.dtype)
-        loss = ops.reconstruction_loss(_rows(anchor), _rows(y_coded), decoder, config.reduction)
+        if coding.valid is None:
+            loss = ops.reconstruction_loss(_rows(anchor), _rows(y_coded), decoder, config.reduction)
+        else:
+            valid = coding.valid if coding.sort is None else coding.valid.index_select(0, coding.sort)
+            loss = _masked_loss(ops.spline_mix, anchor, y_coded, decoder, valid, config.reduction)
         unsort = torch.argsort(coding.sort) if coding.sort is not None else None
         if unsort is not None and config.reduction == "none":
             loss = loss.index_select(0, unsort)  # per-sample losses in the caller's order

@@ -276,6 +276,16 @@ class SubmoduleDReS:
             total = total + extra
         return total
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are installed (inside ``with``, or between :meth:`attach` and :meth:`detach`)."""
+        return bool(self._handles)
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy or pickle of a model that holds this object, as SWA/EMA callbacks make) gets the
+        # options without the record (non-leaf tensors cannot be copied) and without hooks.
+        return dict(self.__dict__, _losses=[], _pending=[], _handles=[], _inside=False)
+
     def reset(self) -> None:
         """Forget the recorded losses."""
         self._losses = []

@@ -16,6 +16,7 @@ pays its import (a few seconds); a Trainer run here takes well under a second.
 """
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -337,3 +338,43 @@ def test_lightning_helper_attached_under_activation_checkpointing():
     assert loss.item() == pytest.approx(task.item() + WEIGHT * manual, rel=1e-6)
     assert module.logged == [("reg", pytest.approx(manual, rel=1e-6), {"on_epoch": True})]
     assert module.block[0].weight.grad is not None and not module.block._forward_hooks
+
+
+def test_accelerate_recipe_from_the_readme():
+    """README's Accelerate recipe: hooks on the unwrapped model, the loss through accelerator.backward; the
+    step's loss is the task loss plus the weighted DReS loss of the block, and the parameters move."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reg = dres_fast.SubmoduleDReS(accelerator.unwrap_model(model), "1")
+    x, target = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    before = [p.detach().clone() for p in model.parameters()]
+    with reg:
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, target) + 0.1 * reg.loss
+    with torch.no_grad():  # by hand, before the step moves the parameters
+        hidden = model[0](x)
+    with torch.enable_grad():
+        expected = torch.nn.functional.cross_entropy(out, target) + 0.1 * dres_fast.dres_loss(model[1], hidden)
+    torch.testing.assert_close(loss, expected)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_hf_trainer_on_a_whole_layer_with_its_attention_mask(tmp_path):
+    """README's recipe: DReS on a whole BertLayer, whose (B, 1, T, T) attention mask is recognised; one
+    training step logs a finite dres_loss and moves the parameters."""
+    transformers, hf = _hf()
+    model = _bert(transformers, seed=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = hf.DReSTrainer(model=model, args=_args(transformers, tmp_path, max_steps=1, gradient_accumulation_steps=1),
+                             train_dataset=_data(8, seed=6), dres=hf.DReSTrainerConfig("bert.encoder.layer.1", weight=0.1))
+    trainer.train()
+    logged = [entry["dres_loss"] for entry in trainer.state.log_history if "dres_loss" in entry]
+    assert logged and all(math.isfinite(value) and value > 0 for value in logged)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

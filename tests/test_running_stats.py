@@ -92,3 +92,22 @@ def test_options_are_checked():
         dres_fast.SubmoduleDReS(model, "0", mode="concat", running_stats="real")
     with pytest.raises(ValueError, match="running_stats must be one of"):
         dres_fast.SubmoduleDReS(model, "0", running_stats="coded")
+
+
+def test_a_model_holding_a_used_regularizer_can_be_copied():
+    """SWA/EMA callbacks deep-copy the module, regularizer and all: the copy carries the options, an empty
+    record and no hooks (the record's non-leaf tensors cannot be copied)."""
+    import copy
+
+    model = _model()
+    reg = dres_fast.SubmoduleDReS(model, "0", running_stats="real")
+    with reg:
+        model(torch.randn(16, 4))
+    object.__setattr__(model, "dres", reg)
+    twin = copy.deepcopy(model)
+    assert twin.dres.running_stats == "real" and not twin.dres.attached and twin.dres._losses == []
+    assert twin.dres.module is twin[0]  # the copy's regularizer points into the copy
+    assert reg._losses  # the original keeps its record
+    reg.attach()
+    assert reg.attached
+    reg.detach()

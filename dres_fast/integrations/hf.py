@@ -44,9 +44,9 @@ backward, finds the hooks there and reruns the coded branch too; a ``compute_los
 each micro-batch is a step. ``nn.DataParallel`` (``args.n_gpu > 1`` in one process) is refused: its
 threads would share one record; use ``torchrun`` (DDP), where each rank has its own.
 
-**Which submodule (BERT).** ``bert.encoder.layer.<i>.output`` (``BertOutput``: ``LayerNorm(dropout(dense(h))
-+ input_tensor)``, applied per token) takes no attention mask: a mask is an integer or boolean per-sample
-tensor, which ``extra_args="mix"`` cannot interpolate. Its second argument, the residual ``input_tensor``
+**Which submodule (BERT).** A whole ``bert.encoder.layer.<i>`` works: its attention mask is recognised
+and given a coded meaning (README "Masks"). ``bert.encoder.layer.<i>.output`` (``BertOutput``:
+``LayerNorm(dropout(dense(h)) + input_tensor)``, applied per token) takes no mask at all. Its second argument, the residual ``input_tensor``
 (``(B, T, hidden)``, floating point), is per-sample, so give ``options={"extra_args": "mix"}``: it is
 encoded with the same encoder as the batch, and a coded sample is the coded pair. The features compared are
 all ``T`` positions, padded ones included (the submodule computes them anyway; attention ignores them

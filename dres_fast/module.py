@@ -323,6 +323,9 @@ class SubmoduleDReS:
         """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v), axis)``,
         each mask ``m`` by ``pick(m, [its coded mask for each coded input], axis)`` (:mod:`dres_fast._masks`);
         ``axis``: where the value holds the samples."""
+        if len(args) == 1 and not kwargs:  # the batch alone: nothing to rewrite
+            return args, kwargs
+
         def transform(value):
             axis = batch_axis(self.batch_dim, value)
             return pick(value, coding.mix(value, axis), axis)

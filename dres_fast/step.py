@@ -184,6 +184,7 @@ class DReSStep:
         self.config = config
         self.step_count = 0
         self._warned: set = set()
+        self._clipped: dict = {}  # batch size -> the spec with dof clipped to its knots (clip_dof)
 
     # -- every ------------------------------------------------------------------------------------
     def begin(self) -> bool:
@@ -206,6 +207,15 @@ class DReSStep:
         spec = self.config.spec
         if not self.config.clip_dof:
             return spec
+        if torch.compiler.is_compiling():  # a symbolic batch size is no dict key
+            return self._clip(spec, num_samples)
+        clipped = self._clipped.get(num_samples)
+        if clipped is not None:
+            return clipped
+        clipped = self._clipped[num_samples] = self._clip(spec, num_samples)
+        return clipped
+
+    def _clip(self, spec: SmoothingSpec, num_samples: int) -> SmoothingSpec:
         num_samples, num_coded = spec.sizes(num_samples)
         for key, knots in (("dof_enc", num_samples), ("dof_dec", num_coded)):
             dof = getattr(spec, key)

@@ -15,20 +15,14 @@ import dres_fast
 torch_dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
+
 BATCH_SIZES = (32, 32, 20, 32, 17)
 CONFIGS = {
     "default": {},
     "fullgraph": {"fullgraph": True},
     "dynamic": {"fullgraph": True, "dynamic": True},
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def _net():

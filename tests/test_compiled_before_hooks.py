@@ -11,6 +11,8 @@ import dres_fast
 torch_dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -19,14 +21,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(torch.tanh(self.stem(x))))
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def _step(forward, model, reg, use, x):

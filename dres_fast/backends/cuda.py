@@ -273,9 +273,9 @@ _WHO = "dres_fast cuda backend: "
 
 def _check_2d_cuda(tensor, name: str) -> None:
     # For direct calls of this adapter (tests, benchmarks; dres_fast.ops validates before it dispatches):
-    # the binding checks the same (csrc/binding.cpp), but on the first GPU run a failed TORCH_CHECK inside
-    # the extension crashed the process instead of raising (bench/cpp_throw_probe.py tells whether a
-    # machine has that problem), so a bad argument must not reach C++.
+    # the binding checks the same (csrc/binding.cpp), but an extension built with a host compiler whose C++
+    # runtime differs from the process's crashes on a failed TORCH_CHECK instead of raising
+    # (bench/cpp_throw_probe.py tells per machine), so a bad argument must not reach C++.
     import torch
 
     if not isinstance(tensor, torch.Tensor):

@@ -93,15 +93,17 @@ at::Tensor spline_mix_cuda(const at::Tensor& weights_arg, const at::Tensor& x) {
   check_spline_mix(weights_arg, x, /*need_cuda=*/true);
   const DresDType dtype = to_dres_dtype(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor weights =
-      weights_in_compute_dtype(weights_arg, "weights", compute_dtype(x.scalar_type()));
+  const at::ScalarType acc = compute_dtype(x.scalar_type());
+  // W^T of a contiguous W (what backward passes) is read in place by the transposed loader: no copy.
+  const bool transposed = weights_arg.scalar_type() == acc && weights_arg.size(0) > 1 && weights_arg.stride(0) == 1 &&
+                          weights_arg.stride(1) == weights_arg.size(0);
+  const at::Tensor weights = transposed ? weights_arg : weights_in_compute_dtype(weights_arg, "weights", acc);
   const int64_t M = weights.size(0), K = x.size(0), d = x.size(1);
   at::Tensor out = at::empty({M, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || d == 0) return out;
   if (K == 0) return out.zero_();  // empty sum
-  check_cuda(dres_spline_mix(weights.data_ptr(), x.data_ptr(), out.data_ptr(), M, K, d,
-                             x.stride(0), x.stride(1), dtype,
-                             c10::cuda::getCurrentCUDAStream().stream()),
+  check_cuda(dres_spline_mix(weights.data_ptr(), transposed ? 1 : 0, x.data_ptr(), out.data_ptr(), M, K, d,
+                             x.stride(0), x.stride(1), dtype, c10::cuda::getCurrentCUDAStream().stream()),
              "spline_mix kernel launch");
   return out;
 }

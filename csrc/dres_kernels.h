@@ -35,10 +35,11 @@ typedef enum DresReduction {
 } DresReduction;
 
 // out[m, j] = sum_k weights[m, k] * x[k, j].
-//   weights: (M, K) contiguous, compute type.   x: (K, d) with element strides (x_stride_k, x_stride_d).
+//   weights: (M, K) contiguous, compute type; or, with weights_transposed, the transpose of a contiguous
+//   (K, M) matrix (read in place).   x: (K, d) with element strides (x_stride_k, x_stride_d).
 //   out: (M, d) contiguous, dtype of x.
-cudaError_t dres_spline_mix(const void* weights, const void* x, void* out, int64_t M, int64_t K,
-                            int64_t d, int64_t x_stride_k, int64_t x_stride_d, DresDType dtype,
+cudaError_t dres_spline_mix(const void* weights, int weights_transposed, const void* x, void* out, int64_t M,
+                            int64_t K, int64_t d, int64_t x_stride_k, int64_t x_stride_d, DresDType dtype,
                             cudaStream_t stream);
 
 // Sizes of the scratch buffers reconstruction_loss needs (elements of the compute type):

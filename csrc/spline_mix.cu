@@ -19,7 +19,9 @@ namespace {
 template <typename T>
 constexpr int kSplineMixBlocksPerSm = std::is_same<typename Elem<T>::Acc, float>::value ? 1 : 2;
 
-template <typename T>
+// kWeightsTransposed: the weights are the transpose of a contiguous (K, M) matrix (backward passes W^T as a
+// view), read in place by the transposed loader: no copy.
+template <typename T, bool kWeightsTransposed>
 __global__ void __launch_bounds__(256, kSplineMixBlocksPerSm<T>)
 spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int64_t M, int64_t K,
                   int64_t d, int64_t x_stride_k, int64_t x_stride_d, int64_t num_row_tiles,
@@ -34,7 +36,7 @@ spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int6
   const int64_t m0 = (block % num_row_tiles) * C::BM;
   const int64_t col0 = (block / num_row_tiles) * C::BD;
 
-  ALoader<Acc, false> a_loader(weights, /*lda=*/K, /*rows=*/M, /*depth=*/K, m0);
+  ALoader<Acc, kWeightsTransposed> a_loader(weights, /*lda=*/kWeightsTransposed ? M : K, /*rows=*/M, /*depth=*/K, m0);
   BLoader<T> b_loader(x, x_stride_k, x_stride_d, /*depth=*/K, /*cols=*/d, col0, x_vec_ok);
   Acc acc[C::TM][C::TD];
   zero_and_gemm_tile<Acc, false>(a_loader, b_loader, K, smem, tx, ty, acc);
@@ -43,8 +45,8 @@ spline_mix_kernel(const typename Elem<T>::Acc* weights, const T* x, T* out, int6
 
 #ifndef DRES_HOST_EMULATION  // launchers: nvcc only
 template <typename T>
-cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int64_t K, int64_t d,
-                   int64_t x_stride_k, int64_t x_stride_d, cudaStream_t stream) {
+cudaError_t launch(const void* weights, bool weights_transposed, const void* x, void* out, int64_t M, int64_t K,
+                   int64_t d, int64_t x_stride_k, int64_t x_stride_d, cudaStream_t stream) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
   if (M <= 0 || d <= 0) return cudaSuccess;  // nothing to write
@@ -60,7 +62,8 @@ cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int
   constexpr int kHalf = C::TD / 2;
   const bool out_vec_ok = d % kHalf == 0 && is_aligned(out, sizeof(Pack<T, kHalf>));
 
-  spline_mix_kernel<T><<<static_cast<unsigned>(blocks), C::THREADS, 0, stream>>>(
+  auto kernel = weights_transposed ? spline_mix_kernel<T, true> : spline_mix_kernel<T, false>;
+  kernel<<<static_cast<unsigned>(blocks), C::THREADS, 0, stream>>>(
       static_cast<const Acc*>(weights), static_cast<const T*>(x), static_cast<T*>(out), M, K, d,
       x_stride_k, x_stride_d, row_tiles, x_vec_ok, out_vec_ok);
   return cudaGetLastError();
@@ -71,12 +74,12 @@ cudaError_t launch(const void* weights, const void* x, void* out, int64_t M, int
 }  // namespace dres
 #ifndef DRES_HOST_EMULATION
 
-extern "C" cudaError_t dres_spline_mix(const void* weights, const void* x, void* out, int64_t M,
-                                       int64_t K, int64_t d, int64_t x_stride_k,
+extern "C" cudaError_t dres_spline_mix(const void* weights, int weights_transposed, const void* x, void* out,
+                                       int64_t M, int64_t K, int64_t d, int64_t x_stride_k,
                                        int64_t x_stride_d, DresDType dtype, cudaStream_t stream) {
   return dres::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dres::launch<T>(weights, x, out, M, K, d, x_stride_k, x_stride_d, stream);
+    return dres::launch<T>(weights, weights_transposed != 0, x, out, M, K, d, x_stride_k, x_stride_d, stream);
   });
 }
 #endif  // DRES_HOST_EMULATION

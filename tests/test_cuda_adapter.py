@@ -70,6 +70,7 @@ def test_host_compiler_prefers_dres_cxx_then_the_system_compiler(monkeypatch, tm
     monkeypatch.setenv("DRES_CXX", "/opt/other/g++")
     assert build.host_compiler() == "/opt/other/g++"
     assert "opt_other_g++" in cuda.cache_dir()
-    with cuda._compiler_env():
-        assert os.environ["CXX"] == "/opt/other/g++"
-    assert os.environ["CXX"] == "/opt/cc/g++"  # restored after the build
+    monkeypatch.delenv("CC", raising=False)
+    with cuda._compiler_env():  # torch compiles the binding with CXX, nvcc takes its host compiler from CC
+        assert os.environ["CXX"] == os.environ["CC"] == "/opt/other/g++"
+    assert os.environ["CXX"] == "/opt/cc/g++" and "CC" not in os.environ  # restored after the build

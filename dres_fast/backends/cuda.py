@@ -247,17 +247,20 @@ def _load_extension(verbose: bool) -> None:
 
 @contextlib.contextmanager
 def _compiler_env():
-    """``CXX`` set to the chosen host compiler for the duration of the build only."""
-    compiler, previous = host_compiler(), os.environ.get("CXX")
+    """``CXX`` and ``CC`` set to the chosen host compiler for the duration of the build only: torch builds the
+    .cpp files with ``CXX``, and nvcc takes its host compiler (``-ccbin``) from ``CC``."""
+    compiler = host_compiler()
+    previous = {name: os.environ.get(name) for name in ("CXX", "CC")}
     if compiler:
-        os.environ["CXX"] = compiler
+        os.environ["CXX"] = os.environ["CC"] = compiler
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("CXX", None)
-        else:
-            os.environ["CXX"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _ops():

@@ -77,11 +77,14 @@ void report(const char* what, double max_err, double max_ref, double tol, const 
   std::printf("%s %-44s %-9s rel err %.3e (tol %.1e)\n", ok ? "OK  " : "FAIL", what, name, rel, tol);
 }
 
-template <typename T>
+template <typename T, bool kTransposed = false>
 void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* name) {
   using Acc = typename Elem<T>::Acc;
   using C = Cfg<Acc>;
   auto w = weights<Acc>(M, K);
+  std::vector<Acc> w_t(M * K);  // the same weights stored as a contiguous (K, M) matrix
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) w_t[k * M + m] = w[m * K + k];
   auto x = make<T>(K, d, layout);
   std::vector<T> out(M * d, Elem<T>::out(Acc(1e4)));  // sentinel: unwritten entries fail
   const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
@@ -89,8 +92,8 @@ void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* n
   const bool x_vec_ok = x.sc == 1 && x.sr % kVec == 0 && is_aligned(x.ptr(), 16);
   const bool out_vec_ok = d % kHalf == 0 && is_aligned(out.data(), sizeof(Pack<T, kHalf>));
   dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
-    spline_mix_kernel<T>(w.data(), x.ptr(), out.data(), M, K, d, x.sr, x.sc, row_tiles, x_vec_ok,
-                         out_vec_ok);
+    spline_mix_kernel<T, kTransposed>(kTransposed ? w_t.data() : w.data(), x.ptr(), out.data(), M, K, d, x.sr,
+                                      x.sc, row_tiles, x_vec_ok, out_vec_ok);
   });
   double max_err = 0, max_ref = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -101,7 +104,8 @@ void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* n
       max_ref = std::max(max_ref, std::abs(ref));
     }
   char what[128];
-  std::snprintf(what, sizeof what, "spline_mix M=%ld K=%ld d=%ld layout=%d", (long)M, (long)K, (long)d, layout);
+  std::snprintf(what, sizeof what, "spline_mix%s M=%ld K=%ld d=%ld layout=%d", kTransposed ? " W^T" : "", (long)M,
+                (long)K, (long)d, layout);
   report<T>(what, max_err, max_ref, tolerance<T>(), name);
 }
 
@@ -282,8 +286,8 @@ static void mix_files(int64_t M, int64_t K, int64_t d, const std::string& dir) {
   std::vector<float> out(M * d);
   const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
   dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
-    spline_mix_kernel<float>(w.data(), x.data(), out.data(), M, K, d, d, 1, row_tiles, d % 4 == 0,
-                             d % (C::TD / 2) == 0);
+    spline_mix_kernel<float, false>(w.data(), x.data(), out.data(), M, K, d, d, 1, row_tiles, d % 4 == 0,
+                                    d % (C::TD / 2) == 0);
   });
   write_floats(dir + "/out", out);
 }
@@ -309,6 +313,11 @@ int main(int argc, char** argv) {
   check_spline_mix<double>(70, 20, 131, 0, "fp64");
   check_spline_mix<double>(3, 17, 65, 2, "fp64");
   check_spline_mix<double>(66, 18, 130, 0, "fp64");
+  // weights given as the transpose of a contiguous matrix (backward's W^T), read in place
+  check_spline_mix<float, true>(17, 33, 131, 0, "fp32");
+  check_spline_mix<float, true>(130, 20, 260, 2, "fp32");
+  check_spline_mix<__half, true>(9, 5, 131, 1, "fp16");
+  check_spline_mix<double, true>(70, 20, 131, 0, "fp64");
   // reconstruction_loss: every reduction, with and without grads, persistent grid (grid < tiles)
   for (int reduction = 0; reduction < 3; ++reduction) {
     check_reconstruction<float>(17, 5, 131, reduction, true, 0, 2, "fp32");

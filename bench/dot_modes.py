@@ -22,7 +22,8 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def run(K=256, N=256, d=1 << 16):
+def run(K=256, N=256, d=1 << 16, out=None):
+    """The rows; with ``out``, the JSON so far is rewritten after every row (a cut-off run keeps them)."""
     import triton.testing
 
     from dres_fast.ops.dispatch import registered_ops
@@ -49,6 +50,8 @@ def run(K=256, N=256, d=1 << 16):
         }
         rows.append(row)
         print(format_rows([row]).splitlines()[-1], flush=True)  # a timed-out run still shows what it measured
+        if out:
+            _write(out, rows)
 
     for case, noise in (("random", None), ("cancel", 1e-3)):
         y64 = (decoder @ y_coded64 + noise * torch.randn(K, d, device="cuda", dtype=torch.float64, generator=gen)
@@ -88,10 +91,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench.dot_modes needs a CUDA GPU")
     print(format_rows([]))
-    rows = run()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    run(out=args.out)
+
+
+def _write(path, rows):
+    with open(path + ".tmp", "w") as fh:  # renamed into place: a kill never leaves half a file
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@ backend, each time set against its floor measured on the same machine in the sam
 
 Run alone: ``python -m bench.kernels [--device cpu|cuda] [--full|--quick|--sweep] [--out FILE.json]``
 (``--sweep``: d = 10 .. 2^20 at K = N = 256, then a batch of 4096 at d = 10 and 1000, every backend,
-fp32 and bf16: the small-d cliffs).
-(``bench/gpu_check.sh`` calls ``python -m bench.kernels --device cuda --full``).
+fp32 and bf16: the small-d cliffs; ``--compile skip|only``: leave out, or time only, the ``torch_compile`` rows).
+``bench/gpu_check.sh`` runs ``--sweep`` early and ``--full --compile only`` last.
+
+Row order (what a run cut off by a time cap has measured): every ``reconstruction_loss`` row, then every
+``spline_mix`` row, each op shape by shape and dtype by dtype with all its backends side by side, and the
+``torch_compile`` rows (one cold compile each) after all of them, in the same order. The JSON of ``--out``
+is rewritten after every row (to a temporary file, then renamed, so a kill never leaves half a file).
 
 Floor of one call (both ops, forward + backward; x viewed as (K, d), N coded rows, element size s):
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -59,7 +65,9 @@ SHAPES = {
 # On CPU the sweep keeps shapes with K N d <= 2^30 (K = N = 256 up to d = 2^14; a 2^20-wide fp32 batch
 # of 256 is 1 GiB, and K = N = 4096 at d = 1000 is 67 GFLOP per call).
 SWEEP_CPU_MAX_WORK = 2**30
-OPS = ("spline_mix", "reconstruction_loss")
+# Row order: the fused reconstruction first (the figures the GPU check is for), then spline_mix.
+OPS = ("reconstruction_loss", "spline_mix")
+COMPILE_CHOICES = ("include", "skip", "only")
 DTYPE_SETS = {"smoke": ["float32"], "quick": ["float32", "bfloat16"], "full": ["float32", "bfloat16"],
               "sweep": ["float32", "bfloat16"]}
 
@@ -154,11 +162,15 @@ def _make_case(op: str, backend: str, K: int, N: int, d: int, dtype: torch.dtype
     return (lambda: call().backward()), [y, y_coded]
 
 
-def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
+def kernel_cases(device: str, mode: str, compile_rows: str = "include") -> tuple[list[tuple], dict[str, str]]:
     """(op, backend, (K, N, d), dtype name) to time on ``device`` in ``mode``, and notes on what is
-    left out and why."""
+    left out and why. Order: the ops in ``OPS`` order, each shape by shape, dtype by dtype, every backend;
+    then the ``torch_compile`` rows in the same order. ``compile_rows``: "include" (the mode's compile
+    rows), "skip" (none) or "only" (nothing but them)."""
     from dres_fast import ops
 
+    if compile_rows not in COMPILE_CHOICES:
+        raise ValueError(f"compile_rows must be one of {COMPILE_CHOICES}, not {compile_rows!r}")
     cuda = device.startswith("cuda")
     if mode == "sweep":
         shapes = [s for s in SHAPES["sweep"] if cuda or s[0] * s[1] * s[2] <= SWEEP_CPU_MAX_WORK]
@@ -173,42 +185,53 @@ def kernel_cases(device: str, mode: str) -> tuple[list[tuple], dict[str, str]]:
         if "triton" in names:  # listed on CPU only under TRITON_INTERPRET=1: a correctness tool
             notes["triton"] = "Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1); not timed"
         names = [n for n in names if n not in ("triton", "cuda")]
-    cases = [(op, b, shape, dt) for op in OPS for b in names for shape in shapes for dt in dtype_names]
+    cases = [(op, b, shape, dt) for op in OPS for shape in shapes for dt in dtype_names for b in names]
+    compiled = []
     if mode == "sweep":
         notes["torch_compile"] = "not timed in --sweep (one compile per shape); --full times it at 2^16 and 2^20"
     elif cuda or mode == "full":
-        cases += [(op, "torch_compile", shape, dt) for op in OPS for shape in shapes for dt in dtype_names]
+        compiled = [(op, "torch_compile", shape, dt) for op in OPS for shape in shapes for dt in dtype_names]
     elif mode == "quick":
         # Inductor compiles C++ per shape and dtype (~10 s each on 2 cores): one case per op.
-        cases += [(op, "torch_compile", shapes[0], "float32") for op in OPS]
+        compiled = [(op, "torch_compile", shapes[0], "float32") for op in OPS]
         notes["torch_compile"] = ("timed at one shape (float32) per op under --quick on CPU: Inductor's C++ "
                                   "compile takes ~10 s per shape; run without --quick for all shapes")
     else:
         notes["torch_compile"] = "not timed in --smoke (compile time)"
-    order = {op: i for i, op in enumerate(OPS)}
-    cases.sort(key=lambda c: order[c[0]])  # group rows by op
-    return cases, notes
+    if compile_rows == "skip":
+        if compiled:
+            notes["torch_compile"] = "not timed (--compile skip)"
+        compiled = []
+    elif compile_rows == "only":
+        cases = []
+        notes = {k: v for k, v in notes.items() if k == "torch_compile"}
+    # The compile rows last: each is a cold compile (seconds to tens of seconds) that a capped run may not reach.
+    return cases + compiled, notes
 
 
-def run_kernels(device: str = "cpu", mode: str = "quick", progress=None, on_row=None) -> dict:
+def run_kernels(device: str = "cpu", mode: str = "quick", progress=None, on_row=None,
+                compile_rows: str = "include") -> dict:
     """Measure rates and time every (op, backend, shape, dtype). Returns {"rates", "kernels", "skipped"}.
-    ``on_row(partial_result)``, if given, is called after every row with what has been measured so far."""
+    ``on_row(partial_result)``, if given, is called after every row with what has been measured so far.
+    ``compile_rows``: see :func:`kernel_cases`."""
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, as the kernels must use
     torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run_kernels(device, mode, progress, on_row)
+        return _run_kernels(device, mode, progress, on_row, compile_rows)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
 
 
-def _run_kernels(device: str, mode: str, progress, on_row=None) -> dict:
+def _run_kernels(device: str, mode: str, progress, on_row=None, compile_rows: str = "include") -> dict:
     quick = mode in ("quick", "smoke")
     # Seconds of timing per row on the CPU (on CUDA, do_bench's own 25 ms warm-up and 100 ms of repetitions).
     budget_s = 0.4 if quick else 0.5 if mode == "sweep" else 1.0
-    cases, notes = kernel_cases(device, mode)
+    cases, notes = kernel_cases(device, mode, compile_rows)
     bandwidth = measure_copy_bandwidth(device, quick)
     rates = {name: measure_matmul_rate(device, DTYPES[name], quick) for name in DTYPE_SETS[mode]}
+    if on_row is not None:  # the measured ceilings reach --out before the first row
+        on_row(_result(bandwidth, rates, [], notes))
     rows = []
     for op, backend, (K, N, d), dtype_name in cases:
         dtype = DTYPES[dtype_name]
@@ -243,8 +266,8 @@ def _result(bandwidth, rates, rows, notes) -> dict:
             "kernels": rows, "skipped": notes}
 
 
-def count_cases(device: str, mode: str) -> int:
-    return len(kernel_cases(device, mode)[0])
+def count_cases(device: str, mode: str, compile_rows: str = "include") -> int:
+    return len(kernel_cases(device, mode, compile_rows)[0])
 
 
 def main(argv=None) -> None:
@@ -256,7 +279,10 @@ def main(argv=None) -> None:
     size.add_argument("--sweep", action="store_true",
                       help="d = 10 .. 2^20 at K = N = 256, and K = N = 4096 at d = 10 and 1000; fp32 and bf16 "
                            "(the small-d and wide-d paths)")
-    parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--compile", dest="compile_rows", choices=COMPILE_CHOICES, default="include",
+                        help="the torch_compile rows (one cold compile each, timed after every other row): "
+                             "include (default), skip, or only them")
+    parser.add_argument("--out", default=None, help="also write the rows to this JSON file (after every row)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, or 1 when the load average shows other work)")
     args = parser.parse_args(argv)
@@ -271,14 +297,16 @@ def main(argv=None) -> None:
 
     def save(result):  # after every row: a run cut off by the GPU check's cap keeps its rows
         latest["result"] = result
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump({"device": name, "torch": torch.__version__, "threads_note": threads_note, **result},
-                          fh, indent=1)
+        if args.out:  # a temporary file renamed over the last one: a kill mid-write leaves the previous rows
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"device": name, "torch": torch.__version__, "threads_note": threads_note, "mode": mode,
+                           "compile_rows": args.compile_rows, **result}, fh, indent=1)
+            os.replace(tmp, args.out)
 
     try:
-        with tqdm(total=count_cases(args.device, mode), desc="kernels", leave=False) as bar:
-            save(run_kernels(args.device, mode, progress=bar, on_row=save))
+        with tqdm(total=count_cases(args.device, mode, args.compile_rows), desc="kernels", leave=False) as bar:
+            save(run_kernels(args.device, mode, progress=bar, on_row=save, compile_rows=args.compile_rows))
     except KeyboardInterrupt:  # the GPU check's timeout sends SIGINT: print the rows measured so far
         if "result" not in latest:
             raise

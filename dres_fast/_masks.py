@@ -23,8 +23,10 @@ name contains               dtype                       meaning
 ``attention_mask``          bool, integer               True / 1 = attend (Hugging Face, sdpa)
 ==========================  ==========================  ========================================
 
-Shapes ``(K, T)``, ``(K, 1, 1, T)`` and ``(K, 1, T, T)`` (a key mask broadcast over queries, as
-``transformers`` passes it to a layer: a key is valid where any query may attend to it). Any other
+Shapes ``(K, 1, 1, T)`` and ``(K, 1, T, T)`` (a key mask broadcast over queries, as ``transformers``
+passes it to a layer: a key is valid where any query may attend to it), and ``(K, T)`` for names with
+``padding_mask`` or ``attention_mask`` (a 2-D ``mask`` / ``src_mask`` / ``attn_mask`` is usually a shared
+``(T, T)`` mask, left to ``extra_args``). Any other
 per-sample mask (a bool ``attn_mask``, whose convention differs between PyTorch modules; per-head or
 causal-only masks) gets an error whose fix is to hook a mask-free submodule.
 """
@@ -64,10 +66,15 @@ class MaskArgument:
             return ~values
         if self.kind == "additive":
             masked = values <= MASKED_BELOW
-            if not bool(((values == 0) | masked).all()):
-                raise ValueError(f"{self.label}: an additive mask must hold 0 (attend) or -inf / values <= "
-                                 f"{MASKED_BELOW:g} (masked); other values (biases, NaN) have no meaning for coded "
-                                 "samples. Hook a submodule that takes no mask")
+            ok = ((values == 0) | masked).all()
+            message = (f"{self.label}: an additive mask must hold 0 (attend) or -inf / values <= {MASKED_BELOW:g} "
+                       "(masked); other values (biases, NaN) have no meaning for coded samples. Hook a submodule "
+                       "that takes no mask")
+            if values.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not bool(ok):
+                    raise ValueError(message)
+            else:  # no host sync per call on a GPU, and traceable: the check fails on the device instead
+                torch._assert_async(ok, message)
             return ~masked
         return values.bool()  # attention_mask: True / 1 = attend
 
@@ -89,6 +96,8 @@ def _kind(name: str, tensor: torch.Tensor) -> Optional[str]:
     name = name.lower()
     if "mask" not in name:
         return None
+    if tensor.dim() == 2 and "padding_mask" not in name and "attention_mask" not in name:
+        return None  # a 2-D `mask` / `src_mask` / `attn_mask` is usually shared (T, T), not per sample
     if tensor.is_floating_point():
         return "additive"
     if "key_padding_mask" in name and tensor.dtype == torch.bool:

@@ -115,9 +115,9 @@ class SubmoduleDReS:
       call: the fastest on a GPU.
     * ``"separate"``: the submodule runs on the real batch as usual, then a second time on the coded
       batch. BatchNorm normalizes each batch with its own statistics, and in training mode updates its
-      running statistics from the real batch only (``running_stats="real"``, the default here), or also
-      from the coded batch (``"all"``: twice per step, once with samples of smaller variance when the
-      encoder smooths). The real branch is exactly what the model computes without DReS.
+      running statistics from the real batch only (``running_stats="real"``), or also from the coded
+      batch (``"all"``, the default: twice per step, once with samples of smaller variance when the
+      encoder smooths; README "BatchNorm" has the measurement behind the default). The real branch is exactly what the model computes without DReS.
 
     ``loss`` sums over the submodule's calls: inside a ``with`` block, all calls in the block; after
     :meth:`attach`, the calls in the model's latest forward. A call with gradients disabled or with
@@ -284,7 +284,9 @@ class SubmoduleDReS:
     def __getstate__(self) -> dict:
         # A copy (deepcopy or pickle of a model that holds this object, as SWA/EMA callbacks make) gets the
         # options without the record (non-leaf tensors cannot be copied) and without hooks.
-        return dict(self.__dict__, _losses=[], _pending=[], _handles=[], _inside=False)
+        state = dict(self.__dict__, _losses=[], _pending=[], _handles=[], _inside=False)
+        state.pop("_count_step", None)  # a compiler-disabled bound method: set again by attach()
+        return state
 
     def reset(self) -> None:
         """Forget the recorded losses."""

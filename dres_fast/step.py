@@ -238,12 +238,13 @@ class DReSStep:
         first non-batch axis of the first two) are zero in what is mixed, and the loss skips them."""
         spec = self.spec_for(x.shape[axis])
         num_samples, num_coded = spec.sizes(x.shape[axis])
+        valid = positions_valid(masks) if masks else None
+        if valid is not None:  # before the sort too: what padded positions hold must not move anything
+            x = _zero_padded(x, axis, valid)
         sort = principal_order(_moved(x, axis, 0)) if self.config.order == "principal" else None
         encoder, decoder = coding_weights(spec, num_samples, x.device, x.dtype)
         coding = Coding(self, num_samples, num_coded, spec, sort, encoder, decoder)
-        if masks:
-            coding.masks, coding.valid = list(masks), positions_valid(masks)
-            x = _zero_padded(x, axis, coding.valid)
+        coding.masks, coding.valid = list(masks), valid
         coding.inputs = coding.mix(x, axis)
         return coding
 
@@ -332,9 +333,9 @@ def _new_step(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta, reduct
 
 def step_for(*options) -> DReSStep:
     """The step of ``dres_loss``'s options (positional, in its signature's order), built and validated
-    once per distinct set of options (explicit point tensors are not hashable: built per call)."""
-    if torch.compiler.is_compiling():
-        return _new_step(*options)
+    once per distinct set of options (with explicit point tensors: built per call)."""
+    if torch.compiler.is_compiling() or any(isinstance(option, torch.Tensor) for option in options):
+        return _new_step(*options)  # a tensor hashes by identity: an in-place edit would hit a stale step
     try:
         return _cached_step(*options)
     except TypeError as err:

@@ -479,3 +479,14 @@ def test_a_skipped_lazy_step_returns_a_zero_that_backward_accepts():
     skipped.backward()
     with torch.no_grad():
         assert not lazy(model, x).requires_grad
+
+
+def test_explicit_points_edited_in_place_are_read_again():
+    """dres_loss caches a step per distinct options; a point tensor hashes by identity, so it must not be
+    cached: editing it in place changes the loss like passing a new tensor does."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    alpha = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    dres_fast.dres_loss(torch.tanh, x, alpha=alpha)
+    alpha.copy_(torch.tensor([-1.0, -0.9, -0.8, 0.5, 1.0], dtype=torch.float64))
+    edited = dres_fast.dres_loss(torch.tanh, x, alpha=alpha)
+    torch.testing.assert_close(edited, dres_fast.dres_loss(torch.tanh, x, alpha=alpha.clone()))

@@ -93,24 +93,24 @@ def test_a_mask_whose_axis_is_ambiguous_or_meaning_unknown_is_refused():
 
     class Block(nn.Module):
         def forward(self, x, attn_mask):
-            return x * attn_mask[..., None]
+            return x * attn_mask[:, 0, 0, :, None]
 
     model = nn.Sequential(Block())
     reg = dres_fast.SubmoduleDReS(model, "0")
     with pytest.raises(ValueError, match="convention"):
         with reg:
-            model[0](torch.randn(K, T, C), attn_mask=torch.ones(K, T, dtype=torch.bool))
+            model[0](torch.randn(K, T, C), attn_mask=torch.ones(K, 1, 1, T, dtype=torch.bool))
 
 
 def test_additive_mask_values_other_than_attend_or_masked_are_refused():
     class Block(nn.Module):
         def forward(self, x, mask):
-            return x + mask[..., None]
+            return x + mask[:, 0, 0, :, None]
 
     model = nn.Sequential(Block())
     reg = dres_fast.SubmoduleDReS(model, "0")
-    bias = torch.zeros(K, T)
-    bias[0, 1] = 0.5
+    bias = torch.zeros(K, 1, 1, T)
+    bias[0, 0, 0, 1] = 0.5
     with pytest.raises(ValueError, match="0 \\(attend\\) or -inf"):
         with reg:
             model[0](torch.randn(K, T, C), mask=bias)
@@ -147,3 +147,59 @@ def test_bert_layer_attention_mask(attn):
 
     expected = _hand_loss(lambda t, v: layer(t, as_mask(v)), hidden.detach(), valid)
     torch.testing.assert_close(reg.loss, expected, rtol=1e-7, atol=1e-12)
+
+
+def test_principal_order_does_not_read_padded_positions():
+    """order="principal" sorts the batch; the sort must come from the masked batch, or garbage in padded
+    positions would move the order and the loss."""
+    stem, encoder = _encoder()
+    x, valid = torch.randn(K, T, C, dtype=torch.float64), _valid()
+    garbage = torch.where(valid[..., None], x, 100 * torch.randn_like(x))
+    losses = []
+    for batch in (x, garbage):
+        reg = dres_fast.SubmoduleDReS(encoder, "", batch_dim=0, order="principal")
+        with reg:
+            encoder(batch, src_key_padding_mask=~valid)
+        losses.append(reg.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_shared_square_mask_is_not_taken_for_a_padding_mask():
+    """A causal (T, T) src_mask with T == K is shared by all samples: it reaches the coded call unchanged."""
+    layer = nn.TransformerEncoderLayer(C, 2, 16, dropout=0.0, batch_first=True)
+    causal = nn.Transformer.generate_square_subsequent_mask(K)
+    seen = []
+    layer.self_attn.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attn_mask")),
+                                              with_kwargs=True)
+    reg = dres_fast.SubmoduleDReS(layer, "", batch_dim=0, extra_args="pass")
+    with reg:
+        layer(torch.randn(K, K, C), src_mask=causal)
+    assert len(seen) == 2 and all(torch.equal(mask, causal) for mask in seen)
+
+
+@pytest.mark.slow
+def test_an_additive_mask_compiles_without_a_host_sync():
+    """The additive-mask check runs on the device outside eager CPU: torch.compile(fullgraph=True) traces
+    it, and the loss equals eager."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(C, C)
+
+        def forward(self, x, attention_mask=None):
+            weights = torch.softmax(x @ x.transpose(1, 2) + attention_mask[:, None, :], -1)
+            return torch.tanh(self.lin(weights @ x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block())
+    mask = torch.zeros(K, T).masked_fill(~_valid(), float("-inf"))
+    x = torch.randn(K, T, C)
+    reg = dres_fast.SubmoduleDReS(model, "0")
+    with reg:
+        model[0](x, attention_mask=mask)
+    eager = reg.loss.detach().clone()
+    compiled = torch.compile(lambda x, m: model[0](x, attention_mask=m), fullgraph=True)
+    with reg:
+        compiled(x, mask)
+    torch.testing.assert_close(reg.loss.detach(), eager, rtol=1e-5, atol=1e-7)
+    torch._dynamo.reset()

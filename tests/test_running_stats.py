@@ -111,3 +111,15 @@ def test_a_model_holding_a_used_regularizer_can_be_copied():
     reg.attach()
     assert reg.attached
     reg.detach()
+
+
+def test_a_model_holding_an_attached_lazy_regularizer_can_be_saved():
+    """every > 1 with attach() keeps a compiler-disabled counter; torch.save of the whole model must work."""
+    import io
+
+    model = _model()
+    reg = dres_fast.SubmoduleDReS(model, "0", every=2).attach()
+    model(torch.randn(16, 4))
+    object.__setattr__(model, "dres", reg)
+    torch.save(model, io.BytesIO())
+    reg.detach()

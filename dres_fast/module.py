@@ -117,7 +117,8 @@ class SubmoduleDReS:
       batch. BatchNorm normalizes each batch with its own statistics, and in training mode updates its
       running statistics from the real batch only (``running_stats="real"``), or also from the coded
       batch (``"all"``, the default: twice per step, once with samples of smaller variance when the
-      encoder smooths; README "BatchNorm" has the measurement behind the default). The real branch is exactly what the model computes without DReS.
+      encoder smooths; docs/EVIDENCE.md has the measurement behind the default). The real branch is
+      exactly what the model computes without DReS.
 
     ``loss`` sums over the submodule's calls: inside a ``with`` block, all calls in the block; after
     :meth:`attach`, the calls in the model's latest forward. A call with gradients disabled or with

@@ -130,9 +130,8 @@ class SubmoduleDReS:
     Copies of the model made while the hooks are attached (``copy.deepcopy``, ``AveragedModel``, an
     EMA copy, ``torch.save`` of the whole module) carry inert hooks: no coded branch, no record.
 
-    ``torch.compile``: the model may be compiled before or after the hooks go on. While they are on, each
-    hooked module has its own forward set on the instance (:class:`dres_fast._hooks.ForwardMark`), which
-    Dynamo guards on: one more compile for the hooked model, none per ``with`` block or attach/detach.
+    ``torch.compile``: compile the model before or after the hooks go on. While hooked, each hooked module has its
+    forward set on the instance (``_hooks.ForwardMark``), which Dynamo guards on: one more compile, no more.
 
     Options beyond the paper (README "Options beyond the paper"):
 

@@ -5,7 +5,7 @@ in float64 on the CPU (:func:`dres_fast.splines.float64_weights`), cast once to 
 (float64 for float64 data, float32 otherwise), moved once to the device, and kept in a bounded,
 thread-safe LRU cache keyed by (spec, K, device, compute dtype).
 
-:func:`weights_for` is what the rest of the package calls. Under ``torch.compile`` it becomes the
+:func:`coding_weights` is what the rest of the package calls. While traced it becomes the
 opaque op ``dres_fast::coding_weights`` (defined below; also under fake tensors and ``make_fx``) whose
 fake implementation only knows the shapes, so the batch size may be symbolic (``dynamic=True``) and no numpy/scipy code is traced.
 """
@@ -18,10 +18,10 @@ from typing import Tuple
 
 import torch
 
-from .contract import compute_dtype
+from .contract import compute_dtype, traced
 from .smoothing import SmoothingSpec, from_key
 
-__all__ = ["WeightCache", "default_cache", "weights_for", "coding_weights", "coding_weights_op"]
+__all__ = ["WeightCache", "default_cache", "coding_weights", "coding_weights_op"]
 
 
 class WeightCache:
@@ -121,8 +121,9 @@ def weights_for(spec: SmoothingSpec, num_samples, device: torch.device, dtype: t
 
 
 def coding_weights(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype):
-    """``(encoder (N, K), decoder (K, N))`` of ``spec``: :func:`weights_for` both, with one cache lookup."""
-    if _traced():
+    """``(encoder (N, K), decoder (K, N))`` of ``spec`` for a batch of ``num_samples``, in the compute dtype
+    for ``dtype``, on ``device``: from :data:`default_cache`, or from the op while traced."""
+    if traced():
         return (coding_weights_op(spec.key, num_samples, "encoder", device, dtype),
                 coding_weights_op(spec.key, num_samples, "decoder", device, dtype))
     return default_cache.weights(spec, num_samples, device, dtype)

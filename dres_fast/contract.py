@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "MIN_SAMPLES", "compute_dtype", "loss_dtype", "gradient_scale"]
+__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "MIN_SAMPLES", "compute_dtype", "loss_dtype", "gradient_scale", "traced"]
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -44,3 +44,10 @@ def gradient_scale(reduction: str, numel: int) -> float:
     """``c`` in ``grad_y = c r`` for a unit incoming gradient: ``2 / numel`` for "mean"
     (``numel = K d``), 2 for "sum" and "none"."""
     return 2.0 / numel if reduction == "mean" else 2.0
+
+
+def traced() -> bool:
+    """Whether something traces this call rather than runs it: ``torch.compile`` (also compiled autograd),
+    ``torch.export``, or any ``TorchDispatchMode`` (fake tensors, ``make_fx``). Such calls take the
+    registered ops and the weight-lookup op, whose fake kernels know the shapes."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0

@@ -20,7 +20,25 @@ __all__ = ["DReSLoss", "SubmoduleDReS"]
 DEFAULT_RUNNING_STATS = "all"
 
 
-class DReSLoss(nn.Module):
+class _HoldsStep:
+    """``spec`` and ``step_count`` of the :class:`DReSStep` held as ``self.step``."""
+
+    @property
+    def spec(self) -> SmoothingSpec:
+        return self.step.config.spec
+
+    @property
+    def step_count(self) -> int:
+        """Steps counted so far when ``every > 1`` (a call of ``DReSLoss``, a step of ``SubmoduleDReS``); a
+        step runs the coded branch when ``step_count % every == 0``."""
+        return self.step.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.step.step_count = value
+
+
+class DReSLoss(_HoldsStep, nn.Module):
     """Module form of :func:`dres_fast.dres_loss`: the options are constructor arguments.
 
     ``loss = DReSLoss(num_coded=64)(model.encoder, x, y=features)``
@@ -54,19 +72,6 @@ class DReSLoss(nn.Module):
             raise ValueError("every > 1 cannot be combined with return_decoded=True: skipped steps have no reconstruction")
         self.return_decoded = return_decoded
 
-    @property
-    def spec(self) -> SmoothingSpec:
-        return self.step.config.spec
-
-    @property
-    def step_count(self) -> int:
-        """Calls counted so far when ``every > 1``; a call runs the coded branch when ``step_count % every == 0``."""
-        return self.step.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.step.step_count = value
-
     def forward(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         if not self.step.begin():
             axis = self.step.batch_axis_of(x)
@@ -81,7 +86,7 @@ class DReSLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in options.items() if not isinstance(v, torch.Tensor))
 
 
-class SubmoduleDReS:
+class SubmoduleDReS(_HoldsStep):
     r"""Record the DReS discrepancy of one named submodule during a model's ordinary forward.
 
     .. code-block:: python
@@ -208,21 +213,8 @@ class SubmoduleDReS:
         self._coded_step = True  # whether the current step runs the coded branch
 
     @property
-    def spec(self) -> SmoothingSpec:
-        return self.step.config.spec
-
-    @property
     def batch_dim(self) -> int:
         return self.step.config.batch_dim
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far when ``every > 1``; a step runs the coded branch when ``step_count % every == 0``."""
-        return self.step.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.step.step_count = value
 
     # -- context / attach --------------------------------------------------------------------------
     def attach(self) -> "SubmoduleDReS":
@@ -333,9 +325,9 @@ class SubmoduleDReS:
             return pick(value, coding.mix(value, axis), axis)
 
         args, kwargs = list(args), dict(kwargs)
+        union = coding.valid.any(dim=0) if coding.masks else None  # valid in some sample: valid when coded
+        counts = [coding.num_coded] + [coding.num_samples] * (len(coding.inputs) - 1)  # E x, then D E x
         for mask in coding.masks:
-            union = coding.valid.any(dim=0)
-            counts = [coding.num_coded] + [coding.num_samples] * (len(coding.inputs) - 1)
             coded = pick(mask.tensor, [mask.coded(union, count) for count in counts], mask.axis)
             if isinstance(mask.place, int):
                 args[mask.place] = coded

@@ -41,19 +41,12 @@ import torch
 from torch import Tensor
 
 from ..backends import reference
-from ..contract import loss_dtype
+from ..contract import loss_dtype, traced
 
 __all__ = ["differentiable", "traced"]
 
 _LOCK = threading.Lock()
 _DEFINED: dict = {}
-
-
-def traced() -> bool:
-    """Whether a call must use the registered ops: under ``torch.compile`` (also compiled autograd) and
-    ``torch.export``, and under any ``TorchDispatchMode`` (fake tensors, ``make_fx``), which need the
-    ops' fake kernels."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _transforms_active() -> bool:

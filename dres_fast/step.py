@@ -334,7 +334,8 @@ def _new_step(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta, reduct
 def step_for(*options) -> DReSStep:
     """The step of ``dres_loss``'s options (positional, in its signature's order), built and validated
     once per distinct set of options (with explicit point tensors: built per call)."""
-    if torch.compiler.is_compiling() or any(isinstance(option, torch.Tensor) for option in options):
+    alpha, beta = options[5:7]  # the only options that may be tensors (order of _new_step's parameters)
+    if torch.compiler.is_compiling() or isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
         return _new_step(*options)  # a tensor hashes by identity: an in-place edit would hit a stale step
     try:
         return _cached_step(*options)

@@ -166,12 +166,11 @@ def _evaluation_coefficients(t: np.ndarray, s: np.ndarray):
     return idx, p0, p1, c0, c1
 
 
-def _curvature_rows(system, lam: float, idx, p0, p1, c0, c1):
-    """V (len(s), n-2) as CSR, with g(s) = p0 y_idx + p1 y_idx+1 + V gamma: the curvature terms
-    plus -lam (p0 Q[idx] + p1 Q[idx+1]) from g = y - lam Q gamma. Row r has interior columns
-    idx-2 .. idx+1 (gamma_j is g'' at knot j+1)."""
-    import scipy.sparse
-
+def _curvature_entries(system, lam: float, idx, p0, p1, c0, c1):
+    """The rows of V: ``(data, cols)``, each ``(len(s), 4)``, with g(s) = p0 y_idx + p1 y_idx+1 +
+    sum_k data[:, k] gamma[cols[:, k]]: the curvature terms plus -lam (p0 Q[idx] + p1 Q[idx+1]) from
+    g = y - lam Q gamma. Row r has interior columns idx-2 .. idx+1 (gamma_j is g'' at knot j+1);
+    columns outside 0..n-3 (the end knots, where g'' = 0) carry zero and are clipped into range."""
     m = system.n - 2
 
     def padded(diag):  # diag[j] at position j + 2, zero outside 0 <= j < m
@@ -193,9 +192,16 @@ def _curvature_rows(system, lam: float, idx, p0, p1, c0, c1):
     cols = idx[:, None] + np.arange(-2, 2)
     outside = (cols < 0) | (cols >= m)
     data[outside] = 0.0  # curvature at the end knots is zero; Q has no such columns
-    cols = np.clip(cols, 0, m - 1)
+    return data, np.clip(cols, 0, m - 1)
+
+
+def _curvature_rows(system, lam: float, idx, p0, p1, c0, c1):
+    """V (len(s), n-2) as CSR (:func:`_curvature_entries`)."""
+    import scipy.sparse
+
+    data, cols = _curvature_entries(system, lam, idx, p0, p1, c0, c1)
     indptr = np.arange(0, 4 * len(idx) + 1, 4)
-    return scipy.sparse.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(len(idx), m))
+    return scipy.sparse.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(len(idx), system.n - 2))
 
 
 def _line_weights(t: np.ndarray, idx, p0, p1) -> np.ndarray:

@@ -59,7 +59,9 @@ setup(
         # dres_fast.integrations (hf: transformers.Trainer, which needs accelerate; lightning). Name torch in
         # the same pip command, or pip may replace a CPU torch with the CUDA build.
         "integrations": ["transformers>=4.50", "accelerate>=1.1", "pytorch-lightning>=2.0"],
-        "bench": ["matplotlib", "tqdm", "scikit-learn", "mlxtend"],
+        # sktime: the UCR time series bundled in its wheel (bench/generalization/timeseries.py); pinned, and
+        # installed in the same pip call as torch
+        "bench": ["matplotlib", "tqdm", "scikit-learn", "mlxtend", "sktime==1.2.0"],
         "dev": [
             "pytest",
             "pytest-benchmark",
@@ -71,6 +73,7 @@ setup(
             "tqdm",
             "scikit-learn",
             "mlxtend",
+            "sktime==1.2.0",
         ],
     },
     ext_modules=ext_modules,

@@ -36,7 +36,7 @@ def main(argv=None):
         resummarize(out)
         return
     if args.digits_only:
-        cfg.mnist = None
+        cfg.mnist = cfg.v3 = None
     run_study(cfg, out, mode, workers=args.workers)
 
 

@@ -58,6 +58,7 @@ class StudyConfig:
     moons_steps: int
     timing_repeats: int = 5
     mnist: MnistConfig = None        # the MNIST-5k and 2-D mixture studies (None: not run)
+    v3: object = None                # evidence v3 (bench/generalization/v3.py: V3Config; None: not run)
     sweep_base: dict = field(default_factory=lambda: dict(strength=1.0, coded_ratio=1.0, dof_frac=0.75,
                                                           submodule="model"))
 
@@ -82,7 +83,8 @@ def tiny_mnist_config() -> MnistConfig:
 
 
 def quick_config() -> StudyConfig:
-    return StudyConfig(
+    from bench.generalization.v3 import quick_v3_config  # evidence v3 at small size
+    return StudyConfig(v3=quick_v3_config(),
         seeds=[0, 1, 2], train_sizes=[100, 500], label_noise=[0.0, 0.3], steps=400, batch=50,
         grids={"erm": [0.0], "dres": [0.3, 1.0, 3.0], "dres_decoded": [0.25, 0.5],
                "grad_penalty": [0.01, 0.1, 1.0], "mixup": [0.2, 1.0],

@@ -254,6 +254,9 @@ def run_study(cfg: StudyConfig, out_dir: Path, mode: str, workers: int = 1) -> d
     # longest first, so that two workers finish together: gan, supervised MNIST, digits, ssl, vae
     tasks = mnist_tasks(cfg.mnist) if cfg.mnist else []
     tasks[2:2] = [("digits", run_digits, (cfg, out_dir))]
+    if cfg.v3:  # evidence v3 at small size (the full v3 run is python -m bench.generalization.v3)
+        from bench.generalization.v3 import run_v3
+        tasks.insert(len(tasks) - 1 if cfg.mnist else len(tasks), ("v3", run_v3, (cfg.v3,)))
     parts = run_tasks(tasks, workers)
     digits, digits_cpu = parts.pop("digits")
     summary = summarize_supervised(digits["runs"], cfg)

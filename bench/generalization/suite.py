@@ -59,7 +59,7 @@ def add_studies(result: dict, parts: dict, out_dir, methods) -> None:
     plots and append the new sections to report.md."""
     entries = digits_entries(result["runs"], {m: g for m, g in result["config"]["grids"].items() if m in methods},
                              methods)
-    for name in ("supervised_mnist5k", "ssl_mnist5k", "gan_mixture", "vae_mnist5k"):
+    for name in ("supervised_mnist5k", "ssl_mnist5k", "gan_mixture", "vae_mnist5k", "v3"):
         if name in parts:
             part, cpu = parts[name]
             samples = part.pop("samples", None)
@@ -78,5 +78,11 @@ def add_studies(result: dict, parts: dict, out_dir, methods) -> None:
             f"CPU seconds per study: {cpu}", "",
             "![paired differences](paired_differences.png)", "", "![GAN samples](gan_samples.png)", "",
             markdown(entries)]
+    if "v3" in parts:  # evidence v3's tables (bench/generalization/v3_tables.py)
+        from bench.generalization.v3_tables import derived, report_tables
+        v3 = {"studies": [e for e in entries if e["name"].startswith("v3_")]}
+        result["v3"]["derived"] = v3["derived"] = derived(v3["studies"])
+        text += ["", "## Evidence v3 (small size; the full run is `python -m bench.generalization.v3`)", "",
+                 report_tables(v3)]
     with open(out_dir / "report.md", "a") as f:
         f.write("\n".join(text) + "\n")

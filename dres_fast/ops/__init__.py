@@ -3,6 +3,9 @@
 * :func:`spline_mix` — ``weights @ x`` along the batch axis (encoding, and decoding for ``y_hat``).
 * :func:`reconstruction_loss` — ``reduce(|| y - decoder @ y_coded ||^2)`` in one fused pass.
 
+Either takes its map as a dense matrix or as a :class:`dres_fast.banded.BandedSpline` (the banded path:
+:mod:`dres_fast.ops.banded`).
+
 Both validate their inputs (errors name the argument: this is the edge; nothing below re-validates),
 flatten trailing dimensions to ``(batch, d)``, cast the weights to the compute dtype
 (:mod:`dres_fast.contract`: float64 for float64 inputs, else float32) and call the differentiable
@@ -14,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..contract import FLOAT_DTYPES, REDUCTIONS, compute_dtype
+from ..banded import BandedSpline
+from . import banded
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends, functions, resolve_backend
 
 __all__ = [
@@ -63,20 +68,32 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
-def spline_mix(weights: torch.Tensor, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def _check_banded(spline: BandedSpline, name: str, device: torch.device) -> BandedSpline:
+    if spline.device != device:
+        raise ValueError(f"{name} is on {spline.device} but the data is on {device}: build it on the data's device")
+    return spline
+
+
+def spline_mix(weights, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     r"""``out[m] = sum_k weights[m, k] * x[k]`` over the batch axis, for ``x`` of shape ``(K, *rest)``.
 
     Returns shape ``(M, *rest)`` in ``x.dtype``. Differentiable in ``x`` (``grad_x = weights^T grad``);
-    ``weights`` (``(M, K)``) are treated as constants.
+    ``weights`` (``(M, K)``: a tensor, or a :class:`~dres_fast.banded.BandedSpline`) are constants.
     """
     x = _check_tensor(x, "x")
-    weights = _check_weights(weights, "weights", x.device, x.dtype)
+    if isinstance(weights, BandedSpline):
+        weights = _check_banded(weights, "weights", x.device)
+    else:
+        weights = _check_weights(weights, "weights", x.device, x.dtype)
     if weights.shape[1] != x.shape[0]:
         raise ValueError(
             f"weights has {weights.shape[1]} columns but x has {x.shape[0]} samples (x.shape[0]); "
             f"weights must be (M, {x.shape[0]})"
         )
-    out = functions(backend, x.device, x.dtype).spline_mix(weights, _as_rows(x))
+    if isinstance(weights, BandedSpline):
+        out = banded.spline_mix(weights, _as_rows(x), backend)
+    else:
+        out = functions(backend, x.device, x.dtype).spline_mix(weights, _as_rows(x))
     return out if x.dim() == 2 else out.reshape((weights.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -86,7 +103,7 @@ def reconstruction_loss(
     r"""``reduce_k( sum_j (y - decoder @ y_coded)[k, j]^2 )`` in one fused pass.
 
     ``y``: ``(K, *rest)``; ``y_coded``: ``(N, *rest)`` with the same dtype and device; ``decoder``:
-    ``(K, N)``. ``reduction``: ``"mean"`` (over all ``K * prod(rest)`` elements, like
+    ``(K, N)`` (or a :class:`~dres_fast.banded.BandedSpline`). ``reduction``: ``"mean"`` (over all ``K * prod(rest)`` elements, like
     ``F.mse_loss``), ``"sum"``, or ``"none"`` (per sample, shape ``(K,)``). The loss is float32 for
     half-precision inputs, else the inputs' dtype. Differentiable in ``y`` and ``y_coded``.
     """
@@ -102,10 +119,15 @@ def reconstruction_loss(
         raise ValueError(
             f"y_coded's sample shape {tuple(y_coded.shape[1:])} differs from y's {tuple(y.shape[1:])}"
         )
-    decoder = _check_weights(decoder, "decoder", y.device, y.dtype)
+    if isinstance(decoder, BandedSpline):
+        decoder = _check_banded(decoder, "decoder", y.device)
+    else:
+        decoder = _check_weights(decoder, "decoder", y.device, y.dtype)
     if tuple(decoder.shape) != (y.shape[0], y_coded.shape[0]):
         raise ValueError(
             f"decoder must have shape (len(y), len(y_coded)) = {(y.shape[0], y_coded.shape[0])}, "
             f"got {tuple(decoder.shape)}"
         )
+    if isinstance(decoder, BandedSpline):
+        return banded.reconstruction_loss(_as_rows(y), _as_rows(y_coded), decoder, reduction, backend)
     return functions(backend, y.device, y.dtype).reconstruction_loss(_as_rows(y), _as_rows(y_coded), decoder, reduction)

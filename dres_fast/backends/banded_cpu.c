@@ -1,0 +1,114 @@
+/* The banded spline maps on the CPU: out = W x and out = W^T g (dres_fast/banded.py has the math).
+ *
+ * W (p x n) = P + V M^{-1} s Q^T with M = U^T U pentadiagonal. Columns are independent, so each
+ * OpenMP task owns a chunk of CHUNK columns and runs the recurrences down the rows for all of them at
+ * once (the inner loops run along the row: contiguous, vectorised). The chunk's float64 scratch
+ * (m x CHUNK, for z and gamma) stays in cache, so the data is read about twice and written once.
+ * Everything is float64 arithmetic whatever the data type (float32 recurrences miss the accuracy
+ * contract at thousands of knots). Plain C, no torch headers: loaded with ctypes.
+ *
+ * Arrays (float64 unless said): factor[3][m] = 1/U_ii, U_{i-1,i}, U_{i-2,i}; stencil[3][m]: rhs_j =
+ * st0_j x_j + st1_j x_{j+1} + st2_j x_{j+2}; index[p] (int64), chord[p][2], curvature[p][4],
+ * gather[p][4] (int64). Data rows are `ld` elements apart; out is contiguous (rows x d).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 32
+
+/* M^{-1} in place on z (m x w, row stride CHUNK, with two zero rows above and below): U^T z' = z,
+ * then U z'' = z'. factor's unused corners (U_{-1,0}, U_{-2,0}, U_{-1,1}) are zero. */
+static void solve_chunk(const double *factor, int64_t m, double *z, int64_t w) {
+    const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;
+    for (int64_t i = 0; i < m; ++i) {
+        double *row = z + i * CHUNK;
+        const double *r1 = row - CHUNK, *r2 = row - 2 * CHUNK;
+        const double a = sup1[i], b = sup2[i], f = inv[i];
+        for (int64_t c = 0; c < w; ++c) row[c] = (row[c] - a * r1[c] - b * r2[c]) * f;
+    }
+    for (int64_t i = m - 1; i >= 0; --i) {
+        double *row = z + i * CHUNK;
+        const double *r1 = row + CHUNK, *r2 = row + 2 * CHUNK;
+        const double a = i + 1 < m ? sup1[i + 1] : 0.0, b = i + 2 < m ? sup2[i + 2] : 0.0, f = inv[i];
+        for (int64_t c = 0; c < w; ++c) row[c] = (row[c] - a * r1[c] - b * r2[c]) * f;
+    }
+}
+
+#define DEFINE_BANDED(T, NAME)                                                                              \
+int NAME(const double *factor, const double *stencil, const int64_t *index, const double *chord,             \
+         const double *curvature, const int64_t *gather, int64_t n, int64_t p, int64_t d, const T *x,        \
+         int64_t ld, T *out, int transpose, int threads) {                                                    \
+    const int64_t m = n - 2, chunks = (d + CHUNK - 1) / CHUNK;                                               \
+    const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
+    int failed = 0;                                                                                          \
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                         \
+    {                                                                                                        \
+        /* z: two zero rows, m rows, two zero rows, then (transpose) n rows of out */                      \
+        double *buffer = (double *)calloc((size_t)(m + 4 + (transpose ? n : 0)) * CHUNK, sizeof(double));   \
+        double *z = buffer ? buffer + 2 * CHUNK : NULL;                                                      \
+        if (!buffer) failed = 1;                                                                             \
+        _Pragma("omp for schedule(static)")                                                                  \
+        for (int64_t k = 0; k < chunks; ++k) {                                                               \
+            if (!z) continue;                                                                                \
+            const int64_t c0 = k * CHUNK, w = d - c0 < CHUNK ? d - c0 : CHUNK;                               \
+            if (!transpose) {                                                                                \
+                for (int64_t j = 0; j < m; ++j) {                                                            \
+                    const T *x0 = x + j * ld + c0, *x1 = x0 + ld, *x2 = x1 + ld;                             \
+                    double *row = z + j * CHUNK;                                                             \
+                    for (int64_t c = 0; c < w; ++c)                                                          \
+                        row[c] = st0[j] * (double)x0[c] + st1[j] * (double)x1[c] + st2[j] * (double)x2[c];  \
+                }                                                                                            \
+                solve_chunk(factor, m, z, w);                                                                \
+                for (int64_t r = 0; r < p; ++r) {                                                            \
+                    const T *xa = x + index[r] * ld + c0, *xb = xa + ld;                                     \
+                    const double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;       \
+                    const double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;   \
+                    const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                   \
+                    const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                           \
+                    const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
+                    T *o = out + r * d + c0;                                                                 \
+                    for (int64_t c = 0; c < w; ++c)                                                          \
+                        o[c] = (T)(p0 * (double)xa[c] + p1 * (double)xb[c] + v0 * g0[c] + v1 * g1[c]         \
+                                   + v2 * g2[c] + v3 * g3[c]);                                               \
+                }                                                                                            \
+            } else {                                                                                         \
+                double *acc = z + (m + 2) * CHUNK; /* out rows, n x CHUNK */                                 \
+                memset(z, 0, sizeof(double) * (size_t)m * CHUNK);                                            \
+                memset(acc, 0, sizeof(double) * (size_t)n * CHUNK);                                          \
+                for (int64_t r = 0; r < p; ++r) {                                                            \
+                    const T *gr = x + r * ld + c0;                                                           \
+                    double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;             \
+                    double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;         \
+                    double *oa = acc + index[r] * CHUNK, *ob = oa + CHUNK;                                   \
+                    const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                   \
+                    const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                           \
+                    const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
+                    for (int64_t c = 0; c < w; ++c) {                                                        \
+                        const double g = (double)gr[c];                                                      \
+                        g0[c] += v0 * g; g1[c] += v1 * g; g2[c] += v2 * g; g3[c] += v3 * g;                  \
+                        oa[c] += p0 * g; ob[c] += p1 * g;                                                    \
+                    }                                                                                        \
+                }                                                                                            \
+                solve_chunk(factor, m, z, w);                                                                \
+                for (int64_t j = 0; j < m; ++j) {                                                            \
+                    const double *u = z + j * CHUNK;                                                         \
+                    double *o0 = acc + j * CHUNK, *o1 = o0 + CHUNK, *o2 = o1 + CHUNK;                        \
+                    for (int64_t c = 0; c < w; ++c) {                                                        \
+                        o0[c] += st0[j] * u[c]; o1[c] += st1[j] * u[c]; o2[c] += st2[j] * u[c];              \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int64_t i = 0; i < n; ++i) {                                                            \
+                    const double *a = acc + i * CHUNK;                                                       \
+                    T *o = out + i * d + c0;                                                                 \
+                    for (int64_t c = 0; c < w; ++c) o[c] = (T)a[c];                                          \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        free(buffer);                                                                                        \
+    }                                                                                                        \
+    return failed;                                                                                           \
+}
+
+DEFINE_BANDED(double, dres_banded_apply_f64)
+DEFINE_BANDED(float, dres_banded_apply_f32)

@@ -1,0 +1,103 @@
+"""The banded spline maps on CPU tensors, compiled: ``banded_cpu.c`` (plain C with OpenMP, loaded with
+ctypes), built on first use with the system C compiler into the cache directory (about a second).
+
+:func:`banded_apply` is ``W x`` (or ``W^T x``) for a :class:`dres_fast.banded.BandedSpline`'s arrays;
+:func:`available` says whether the library could be built and loaded. Without a C compiler the callers
+use the spline's own torch implementation (several times slower: it makes many passes over the data).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+__all__ = ["available", "banded_apply", "library_path"]
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "banded_cpu.c")
+_LOCK = threading.Lock()
+_LIBRARY = None  # the loaded library, or the reason it is not there (a string)
+_FUNCTIONS = {torch.float64: "dres_banded_apply_f64", torch.float32: "dres_banded_apply_f32"}
+
+
+def _compiler():
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def library_path() -> str:
+    """Where the built library lives: one per source text and compiler."""
+    with open(_SOURCE, "rb") as fh:
+        digest = hashlib.sha256(fh.read() + (_compiler() or "").encode()).hexdigest()[:16]
+    root = os.environ.get("DRES_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dres_fast")
+    return os.path.join(root, "banded_cpu", f"banded_cpu-{digest}.so")
+
+
+def _build(path: str) -> None:
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler found (set CC)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(handle)
+    try:  # built beside its final name and renamed: concurrent builders never see half a file
+        subprocess.run([compiler, "-O3", "-fopenmp", "-fPIC", "-shared", _SOURCE, "-o", partial],
+                       check=True, capture_output=True, text=True)
+        os.replace(partial, path)
+    except subprocess.CalledProcessError as err:
+        raise OSError(f"{compiler} failed: {err.stderr.strip()[-500:]}") from err
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _load():
+    global _LIBRARY
+    with _LOCK:
+        if _LIBRARY is None:
+            try:
+                path = library_path()
+                if not os.path.exists(path):
+                    _build(path)
+                library = ctypes.CDLL(path)
+                pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+                for name in _FUNCTIONS.values():
+                    fn = getattr(library, name)
+                    fn.argtypes = [pointer] * 6 + [i64] * 3 + [pointer, i64, pointer, ctypes.c_int, ctypes.c_int]
+                    fn.restype = ctypes.c_int
+                _LIBRARY = library
+            except OSError as err:
+                _LIBRARY = f"the compiled CPU kernel is not available: {err}"
+        return _LIBRARY
+
+
+def available() -> bool:
+    """Whether the compiled kernel loads (building it on first call)."""
+    return not isinstance(_load(), str)
+
+
+def banded_apply(arrays, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``W x`` (``transpose``: ``W^T x``) for ``arrays = (factor, stencil, index, chord, curvature,
+    gather)`` of a spline with ``p`` points and ``n`` knots, and ``x`` ``(n, d)`` (``(p, d)``), float32 or
+    float64 on the CPU, rows of unit stride; returned contiguous in ``x.dtype``."""
+    library = _load()
+    if isinstance(library, str):
+        raise RuntimeError(library)
+    factor, stencil, index, chord, curvature, gather = arrays
+    n, p = factor.shape[1] + 2, index.shape[0]
+    rows, d = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((n if transpose else p, d), dtype=x.dtype)
+    failed = getattr(library, _FUNCTIONS[x.dtype])(
+        factor.data_ptr(), stencil.data_ptr(), index.data_ptr(), chord.data_ptr(), curvature.data_ptr(),
+        gather.data_ptr(), n, p, d, x.data_ptr(), x.stride(0), out.data_ptr(), int(transpose),
+        torch.get_num_threads())
+    if failed:
+        raise MemoryError("banded_apply: could not allocate the per-thread scratch")
+    return out

@@ -1,0 +1,128 @@
+r"""The two ops on the banded path: the spline maps applied from O(K + N) coefficients
+(:class:`dres_fast.banded.BandedSpline`) instead of dense matrices.
+
+Dense path: ``spline_mix`` is a ``(N x K) @ (K x d)`` GEMM, ``2 N K d`` flops. Banded path: a stencil, two
+triangular sweeps along the batch and a 6-point evaluation per output row, about ``30 (K + N) d`` flops
+in float64, and no ``(N, K)`` matrix to build (O(K + N) set-up). Which backend kernel applies the map:
+
+* ``"torch"``: on the CPU the compiled C kernel (:mod:`dres_fast.backends.banded_cpu`, built on first use),
+  else the spline's own blocked torch ops (any device);
+* ``"triton"`` / ``"cuda"``: their ``banded_apply`` kernels.
+
+Each runs the recurrences in float64. :class:`_BandedMap` makes any of them differentiable: its backward
+is the transposed map, itself a ``_BandedMap``, so derivatives of every order are exact.
+
+:func:`choose` is ``"auto"``'s choice between the paths (``DRES_SPLINE_PATH`` overrides it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ..banded import BandedSpline
+from ..contract import compute_dtype, gradient_scale, loss_dtype
+from .dispatch import load_backend, resolve_backend
+
+__all__ = ["PATHS", "ENV_VAR", "choose", "spline_mix", "reconstruction_loss", "kernel_for", "functions"]
+
+PATHS = ("auto", "dense", "banded")
+ENV_VAR = "DRES_SPLINE_PATH"
+#: ``"auto"`` takes the banded path on the CPU (compiled kernel) when the dense product has at least this
+#: many multiply-adds per output element, ``K`` (the banded path costs about 30 float64 flops per element
+#: whatever ``K``), and the data is at least this wide: from ``python -m bench.banded`` on the 2-core CPU VM
+#: (docs/benchmarks.md, "Banded spline path"), where the banded path is faster from K = 32, d = 64 up.
+AUTO_MIN_SAMPLES_CPU = 32
+AUTO_MIN_WIDTH_CPU = 64
+
+
+def path_setting() -> str:
+    value = os.environ.get(ENV_VAR, "auto") or "auto"
+    if value not in PATHS:
+        raise ValueError(f"the environment variable {ENV_VAR} must be one of {PATHS}, got {value!r}")
+    return value
+
+
+def choose(backend: str, device: torch.device, num_samples: int, num_coded: int, width: int) -> str:
+    """``"dense"`` or ``"banded"`` for a DReS step's coding (``DRES_SPLINE_PATH`` forces either). On CUDA
+    ``"auto"`` stays dense until GPU measurements say otherwise (bench/RESULTS.md)."""
+    setting = os.environ.get(ENV_VAR)
+    if setting:
+        return path_setting()
+    if width < AUTO_MIN_WIDTH_CPU or device.type != "cpu" or resolve_backend(backend, device) != "torch" or not _cpu_kernel_available():
+        return "dense"
+    return "banded" if min(num_samples, num_coded) >= AUTO_MIN_SAMPLES_CPU else "dense"
+
+
+def _cpu_kernel_available() -> bool:
+    from ..backends import banded_cpu
+
+    return banded_cpu.available()
+
+
+def kernel_for(backend: str, device: torch.device, dtype: torch.dtype):
+    """``fn(arrays, x, transpose)`` of the backend chosen for data of ``dtype`` on ``device``, or ``None``
+    where the spline's own torch ops apply the map."""
+    name = resolve_backend(backend, device, dtype)
+    if name == "torch":
+        if device.type == "cpu" and _cpu_kernel_available():
+            from ..backends import banded_cpu
+
+            return banded_cpu.banded_apply
+        return None
+    return getattr(load_backend(name), "banded_apply", None)
+
+
+def _apply(spline: BandedSpline, transpose: bool, kernel, x: torch.Tensor) -> torch.Tensor:
+    """``W x`` or ``W^T x`` in ``x.dtype``, by ``kernel`` where it applies."""
+    if kernel is None or spline.line is not None or (spline.refine and x.dtype == torch.float64):
+        exact = spline.transpose64 if transpose else spline.forward64  # line, refinement: the torch ops
+        return exact(x.to(torch.float64)).to(x.dtype)
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        return kernel(spline.arrays, x.float(), transpose).to(x.dtype)  # the C kernel reads fp32/fp64
+    return kernel(spline.arrays, x, transpose)
+
+
+class _BandedMap(torch.autograd.Function):
+    """``W x`` (``transpose``: ``W^T x``); the backward is the other one, so every order is exact."""
+
+    @staticmethod
+    def forward(ctx, spline, transpose, kernel, x):
+        ctx.spline, ctx.transpose, ctx.kernel = spline, transpose, kernel
+        return _apply(spline, transpose, kernel, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
+        return None, None, None, _BandedMap.apply(ctx.spline, not ctx.transpose, ctx.kernel, grad)
+
+
+def spline_mix(spline: BandedSpline, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``spline @ x`` for 2-D ``x`` (validated by the caller), differentiable, in ``x.dtype``."""
+    return _BandedMap.apply(spline, False, kernel_for(backend, x.device, x.dtype), x)
+
+
+def reconstruction_loss(y, y_coded, decoder: BandedSpline, reduction: str, backend: str = "auto"):
+    """``reduce(|| y - decoder @ y_coded ||^2)`` for 2-D ``y`` and ``y_coded`` (validated by the caller),
+    accumulated in the compute dtype; differentiable (any order) in both."""
+    compute = compute_dtype(y.dtype)
+    residual = y.to(compute) - spline_mix(decoder, y_coded, backend).to(compute)
+    squares = residual.square()
+    if reduction == "none":
+        value = squares.sum(dim=1)
+    else:
+        value = squares.sum() * (gradient_scale(reduction, residual.numel()) / 2.0)
+    return value.to(loss_dtype(y.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def functions(backend: str) -> SimpleNamespace:
+    """The banded path with :func:`dres_fast.ops.dispatch.functions`' signatures: ``spline_mix(spline, x)``
+    and ``reconstruction_loss(y, y_coded, spline, reduction)``."""
+    return SimpleNamespace(
+        spline_mix=lambda spline, x: spline_mix(spline, x, backend),
+        reconstruction_loss=lambda y, y_coded, spline, reduction: reconstruction_loss(y, y_coded, spline, reduction, backend))

@@ -1,0 +1,226 @@
+"""The banded path (``dres_fast/banded.py``, ``dres_fast/ops/banded.py``, the compiled CPU kernel).
+
+What each case means:
+* the banded map IS the dense map: ``BandedSpline.forward64`` / ``transpose64`` against the library's float64
+  dense weights (themselves tested against scipy in test_splines.py), for every point kind, ragged
+  ``K != N``, ``lam`` from 0 to 1e6 and ``inf``, ``dof`` from just above 2 to ``K``;
+* the transpose is exact: ``<W x, g> == <x, W^T g>`` to rounding (the backward of every order relies on it);
+* the compiled CPU kernel computes what the torch ops compute, for float32 and float64 data, widths below
+  one chunk, several chunks, a prime width, strided rows;
+* through the public ops and ``dres_loss``: the banded path gives the dense path's loss and gradients (a
+  non-unit incoming gradient, every reduction), gradcheck and gradgradcheck in float64;
+* ``auto`` and ``DRES_SPLINE_PATH`` choose as documented; set-up stays O(K + N) (K = N = 65536 under 2 s).
+"""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dres_fast
+from dres_fast import ops, splines
+from dres_fast.backends import banded_cpu
+from dres_fast.banded import BandedSpline, banded_coding
+from dres_fast.cache import default_cache
+from dres_fast.ops import banded as banded_path
+from dres_fast.smoothing import SmoothingSpec
+
+#: float64 agreement with the dense weights. Both apply the same factor with one refinement step; at
+#: large lam on 1024 clustered knots each is off the exact map by ~4e-12 (a 3-step refined solve), so
+#: they differ by that much there.
+F64_TOL = {"plain": 1e-12, "ill": 5e-11}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _knots(n, kind):
+    return splines._points_np(n, kind)
+
+
+CASES = [(3, 3), (5, 4), (7, 11), (17, 64), (64, 64), (200, 17), (97, 300)]
+LAMS = [0.0, 1e-6, 1e-3, 1.0, 1e6, math.inf]
+
+
+@pytest.mark.parametrize("kind", ["chebyshev", "uniform", "lobatto"])
+@pytest.mark.parametrize("n,p", CASES)
+@pytest.mark.parametrize("lam", LAMS)
+def test_forward_and_transpose_match_dense(kind, n, p, lam):
+    t, s = _knots(n, kind), _knots(p, "lobatto" if kind != "lobatto" else "chebyshev")
+    dense = splines.spline_weights(t, s, lam)
+    spline = BandedSpline(t, s, lam)
+    x = torch.randn(n, 5, dtype=torch.float64)
+    g = torch.randn(p, 5, dtype=torch.float64)
+    tol = F64_TOL["ill" if lam >= 1.0 else "plain"]
+    assert _rel(spline.forward64(x), dense @ x) < tol
+    assert _rel(spline.transpose64(g), dense.t() @ g) < tol
+    # the transpose is exact, not merely close: <W x, g> = <x, W^T g>
+    lhs, rhs = (spline.forward64(x) * g).sum(), (x * spline.transpose64(g)).sum()
+    assert abs(lhs - rhs) <= 1e-13 * spline.forward64(x).norm() * g.norm()
+
+
+@pytest.mark.parametrize("kind", ["chebyshev", "uniform"])
+@pytest.mark.parametrize("fraction", [None, 0.02, 0.1, 0.75, 1.0])
+def test_every_dof_at_1024(kind, fraction):
+    """dof from just above 2 (a near-line: the hardest smoothing for the factor) to K (interpolation)."""
+    n = 1024
+    t, s = _knots(n, kind), _knots(700, "lobatto")
+    dof = 2.0 + 1e-3 if fraction is None else max(2.5, fraction * n)
+    lam = splines.lam_for_dof(t, dof)
+    dense = splines.spline_weights(t, s, lam)
+    spline = BandedSpline(t, s, lam)
+    x = torch.randn(n, 3, dtype=torch.float64)
+    assert _rel(spline.forward64(x), dense @ x) < F64_TOL["ill"]
+    assert _rel(spline.forward64(x.float()), dense @ x) < 2e-6  # float32 data: the float64 sweeps keep it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["chebyshev", "uniform"])
+@pytest.mark.parametrize("dof_fraction", [0.002, 0.1, 0.75])
+def test_accuracy_at_8192(kind, dof_fraction):
+    """K = 8192 against the dense path's own math applied column by column (LAPACK's banded solve and one
+    refinement step, :mod:`dres_fast._banded`): no blocking, no kernel, shared only the factor's formulas."""
+    from scipy.linalg import cho_solve_banded
+
+    from dres_fast._banded import PenalizedSystem
+
+    n = 8192
+    t, s = _knots(n, kind), _knots(n, "lobatto")
+    lam = splines.lam_for_dof(t, max(2.5, dof_fraction * n))
+    y = np.random.default_rng(0).standard_normal((n, 3))
+    system = PenalizedSystem(t, lam)
+    gamma = cho_solve_banded((system.factor, False), system.apply_qt(y) / (1.0 + lam))
+    gamma = system._refinement_step(y, gamma)
+    idx, p0, p1, c0, c1 = splines._evaluation_coefficients(t, s)
+    expected = splines._curvature_rows(system, lam, idx, p0, p1, c0, c1) @ gamma + p0[:, None] * y[idx] + p1[:, None] * y[idx + 1]
+    spline = BandedSpline(t, s, lam)
+    expected = torch.from_numpy(expected)
+    assert _rel(spline.forward64(torch.from_numpy(y)), expected) < 1e-9
+    assert _rel(ops.spline_mix(spline, torch.from_numpy(y).float(), backend="torch"), expected) < 2e-6
+
+
+needs_cpu_kernel = pytest.mark.skipif(not banded_cpu.available(), reason="no C compiler for the CPU kernel")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 7, 31, 32, 131])
+@pytest.mark.parametrize("n,p", [(3, 3), (17, 64), (200, 17), (97, 300)])
+def test_cpu_kernel_matches_torch_ops(dtype, d, n, p):
+    spline = BandedSpline(_knots(n, "chebyshev"), _knots(p, "lobatto"), 1e-4)
+    spline.refine = False  # the kernel's map is the unrefined one; the ops refine float64 data on the torch path
+    x = torch.randn(n, 2 * d, dtype=torch.float64)[:, ::2]  # strided rows
+    g = torch.randn(p, d, dtype=torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert _rel(banded_cpu.banded_apply(spline.arrays, x.to(dtype), False), spline.forward64(x)) < tol
+    assert _rel(banded_cpu.banded_apply(spline.arrays, g.to(dtype), True), spline.transpose64(g)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ops_match_dense_path(dtype, reduction):
+    """Both ops, forward and backward with a non-unit incoming gradient, banded against dense."""
+    spec = SmoothingSpec(num_coded=37)
+    dense_enc, dense_dec = default_cache.weights(spec, 41, "cpu", dtype)
+    enc, dec = default_cache.banded(spec, 41, "cpu")
+    x = torch.randn(41, 3, 67, dtype=dtype)
+    y, y_coded = torch.randn(41, 3, 67, dtype=dtype), torch.randn(37, 3, 67, dtype=dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    grad_mixed = (torch.randn(37, 3, 67, dtype=torch.float64) * 0.37).to(dtype)
+    results = []
+    for e, dmap in ((dense_enc, dense_dec), (enc, dec)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, y_coded)]
+        mixed = ops.spline_mix(e, leaves[0])
+        loss = ops.reconstruction_loss(leaves[1], leaves[2], dmap, reduction)
+        weight = torch.linspace(0.3, 1.7, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        torch.autograd.backward([mixed, loss], [grad_mixed, weight])
+        results.append([mixed, loss] + [leaf.grad for leaf in leaves])
+    for name, dense_value, banded_value in zip(["mix", "loss", "grad x", "grad y", "grad y_coded"], *results):
+        assert banded_value.dtype == dense_value.dtype, name
+        assert _rel(banded_value, dense_value) < tol, name
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_gradcheck_and_gradgradcheck(backend):
+    enc, dec = banded_coding(SmoothingSpec(num_coded=6, dof_enc=4.5), 7)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    y_coded = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    mix = lambda a: ops.spline_mix(enc, a, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(mix, (x,)) and torch.autograd.gradgradcheck(mix, (x,))
+    for reduction in ("mean", "sum", "none"):
+        loss = lambda a, b: ops.reconstruction_loss(a, b, dec, reduction, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(loss, (y, y_coded)) and torch.autograd.gradgradcheck(loss, (y, y_coded))
+
+
+def test_dres_loss_same_on_both_paths(monkeypatch):
+    """A whole step, and a second derivative through it (an input-gradient penalty on the DReS loss)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(80, 96), torch.nn.Tanh(), torch.nn.Linear(96, 70))
+    x = torch.randn(40, 80, requires_grad=True)
+    out = {}
+    for path in ("dense", "banded"):
+        monkeypatch.setenv(banded_path.ENV_VAR, path)
+        net.zero_grad()
+        loss = dres_fast.dres_loss(net, x, num_coded=37, reduction="sum")
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + grad_x.square().sum()).backward()
+        out[path] = [loss.detach()] + [p.grad.clone() for p in net.parameters()]
+    # float32: entries agree to a few ulps of the largest (the bias gradients are ~0 up to rounding)
+    scale = max(value.abs().max().item() for value in out["dense"])
+    for dense_value, banded_value in zip(out["dense"], out["banded"]):
+        assert (dense_value - banded_value).abs().max().item() < 1e-5 * scale
+
+
+def test_auto_choice(monkeypatch):
+    monkeypatch.delenv(banded_path.ENV_VAR, raising=False)
+    cpu = torch.device("cpu")
+    expect = "banded" if banded_cpu.available() else "dense"
+    assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
+    assert banded_path.choose("auto", cpu, 256, 256, banded_path.AUTO_MIN_WIDTH_CPU - 1) == "dense"
+    assert banded_path.choose("auto", cpu, banded_path.AUTO_MIN_SAMPLES_CPU - 1, 64, 4096) == "dense"
+    monkeypatch.setenv(banded_path.ENV_VAR, "banded")
+    assert banded_path.choose("auto", cpu, 8, 8, 2) == "banded"
+    monkeypatch.setenv(banded_path.ENV_VAR, "dense")
+    assert banded_path.choose("auto", cpu, 4096, 4096, 4096) == "dense"
+    monkeypatch.setenv(banded_path.ENV_VAR, "sparse")
+    with pytest.raises(ValueError, match="DRES_SPLINE_PATH"):
+        banded_path.choose("auto", cpu, 64, 64, 64)
+
+
+def test_step_uses_the_banded_maps(monkeypatch):
+    """With the banded path forced, the step's ops receive BandedSpline maps (and dense ones otherwise)."""
+    seen = []
+    real = banded_path.spline_mix
+
+    def spy(spline, x, backend="auto"):
+        seen.append(type(spline).__name__)
+        return real(spline, x, backend)
+
+    monkeypatch.setattr(banded_path, "spline_mix", spy)
+    monkeypatch.setenv(banded_path.ENV_VAR, "banded")
+    dres_fast.dres_loss(torch.nn.Linear(8, 8), torch.randn(12, 8))
+    assert seen == ["BandedSpline", "BandedSpline"]  # encoder, then the decoder inside the loss
+    seen.clear()
+    monkeypatch.setenv(banded_path.ENV_VAR, "dense")
+    dres_fast.dres_loss(torch.nn.Linear(8, 8), torch.randn(12, 8))
+    assert seen == []
+
+
+def test_setup_is_linear_in_k():
+    """K = N = 65536 with a dof target (the lam search included): no (N, K) matrix, well under 2 s here."""
+    start = time.perf_counter()
+    enc, dec = banded_coding(SmoothingSpec(dof_enc=1000.5, dof_dec=3000.5), 65536)
+    assert time.perf_counter() - start < 2.0
+    assert sum(t.numel() for t in enc.arrays) < 20 * 65536
+
+
+def test_bad_device_is_named():
+    spline = BandedSpline(_knots(5, "chebyshev"), _knots(4, "lobatto"), 0.1)
+    with pytest.raises(ValueError, match="weights"):
+        ops.spline_mix(spline, torch.randn(5, 2, device="meta"))
+    with pytest.raises(ValueError, match="columns"):
+        ops.spline_mix(spline, torch.randn(6, 2))

@@ -129,7 +129,7 @@ def test_edge_report_flags_edges():
 def test_v3_smoke_end_to_end(tmp_path):
     pytest.importorskip("sktime")
     from bench.generalization.v3 import run, smoke_v3_config
-    from bench.generalization.v3_tables import readme_table, update_blocks
+    from bench.generalization.v3_tables import README_TABLE, readme_table, update_blocks
     torch.set_num_threads(1)
     run(smoke_v3_config(), tmp_path, "smoke")
     result = json.loads((tmp_path / "generalization.json").read_text())
@@ -149,7 +149,35 @@ def test_v3_smoke_end_to_end(tmp_path):
     assert cnn["equal_time_steps"]["erm_at_dres"] == max(1, round(cnn["steps"] * ms["dres"] / ms["erm"]))
     assert {w["setting"] for w in result["derived"]["when"]} == {e["setting"] for e in sup}
     table = readme_table(result)
-    assert table.count("\n| ") == 2 and "Source:" in table  # one row per model
+    assert table.count("\n| ") == 2 and "Source:" in table  # one row per data family
+    assert README_TABLE.fullmatch(table)
     assert update_blocks("a\n<!-- v3:when -->\nold\n<!-- /v3:when -->\nb", {"when": "new"}) == \
         "a\n<!-- v3:when -->\nnew\n<!-- /v3:when -->\nb"
     assert (tmp_path / "report.md").read_text().count("Source:") >= 5
+
+
+def test_grid_extension_past_edges(tmp_path):
+    pytest.importorskip("sktime")
+    from bench.generalization.v3 import run, smoke_v3_config
+    from bench.generalization.v3_extend import beyond
+    assert beyond("sam", [0.01, 0.1, 1.0], "high") == pytest.approx(10.0)
+    assert beyond("dres", [0.03, 0.1, 0.3], "low") == pytest.approx(0.009)
+    assert beyond("label_smoothing", [0.6, 0.8], "high") == pytest.approx(0.9)
+    assert beyond("ema", [0.99, 0.999], "high") == pytest.approx(0.9999)
+    torch.set_num_threads(1)
+    vc = smoke_v3_config()
+    first = run(vc, tmp_path, "smoke", resume=True)
+    at_edge = {(e["setting"], m) for e in first["studies"] if e["name"] == "v3_supervised"
+               for m, h in e["edge_hits"].items() if max(h["low"], h["high"]) > h["n"] / 2}
+    assert at_edge  # two seeds and two-value grids: some method sits at an edge
+    second = run(vc, tmp_path, "smoke", extend=True, resume=True)
+    assert [p["kind"] for p in second["passes"]] == ["run", "extend"]
+    for e in second["studies"]:
+        if e["name"] != "v3_supervised":
+            continue
+        for m, h in e["edge_hits"].items():
+            if (e["setting"], m) in at_edge:
+                assert len(h["grid"]) > len(vc.grids[m])  # extended
+                added = [r for r in second["runs"] if r["setting"] == e["setting"] and r["method"] == m
+                         and r.get("extension") and not r.get("selected")]
+                assert len(added) >= len(vc.seeds)

@@ -208,7 +208,9 @@ def entries_of(part: dict, vc: V3Config) -> list:
              "run_ms_per_step": part["run_ms_per_step"], "memory_kib": part["memory_kib"],
              "equal_time_steps": part["equal_time_steps"]}
     setting = setting_name(family, arch, noise)
-    grids = {m: vc.grids[m] for m in methods}
+    grids = {m: part.get("grids", vc.grids).get(m, vc.grids[m]) for m in methods}  # extended grids where present
+    if part.get("extended"):
+        extra["extended"] = part["extended"]
     out = [study_entry("v3_supervised", part["dataset"], "test_acc", True, part["selected"], names, pairs,
                        setting=setting, grids=grids, extra=extra)]
     if part["variants"]:
@@ -272,9 +274,23 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     write_json(result, out_dir / "generalization.json")
 
 
-def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False) -> dict:
+def extend_saved(vc: V3Config, parts_dir: Path) -> None:
+    """Extend the grid edges of every saved setting (bench/generalization/v3_extend.py) and save it back."""
+    from bench.generalization.v3_extend import extend_part
+    for f, a, z in settings_of(vc):
+        path = parts_dir / f"{setting_name(f, a, z)}.json"
+        saved = json.loads(path.read_text())
+        cpu0 = time.process_time()
+        extend_part(saved["part"], vc)
+        saved["cpu_seconds"] += time.process_time() - cpu0
+        path.write_text(json.dumps(saved))
+
+
+def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False, extend: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if extend:
+        extend_saved(vc, out_dir / "parts")
     part = run_v3(vc, workers, parts_dir=out_dir / "parts" if resume else None)
     from bench.generalization.v3_tables import derived
     result = {"mode": mode, "config": asdict(vc), "studies": part["entries"], "runs": part["rows"],
@@ -282,6 +298,12 @@ def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool =
               "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": 1,
                               "workers": workers, "machine": platform.machine(), "device": "cpu"},
               "seconds_total": time.perf_counter() - t0}
+    previous = out_dir / "generalization.json"
+    if resume and previous.exists():  # the passes over this directory, with their wall times
+        prev = json.loads(previous.read_text())
+        result["passes"] = prev.get("passes") or [{"kind": "run", "seconds": prev["seconds_total"]}]
+    result["passes"] = result.get("passes", []) + [{"kind": "extend" if extend else "run",
+                                                    "seconds": result["seconds_total"]}]
     result["derived"] = derived(result["studies"])
     write_outputs(result, out_dir)
     log(f"wrote {out_dir}/generalization.json and report.md in {result['seconds_total']:.0f} s")
@@ -297,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="settings run side by side in this many processes")
     parser.add_argument("--resume", action="store_true",
                         help="save each finished setting in DIR/parts/ and reuse the saved ones (one worker)")
+    parser.add_argument("--extend-edges", action="store_true",
+                        help="with --resume: extend the grid edges most seeds chose (v3_extend.py), then write")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite report.md from DIR/generalization.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -305,7 +329,7 @@ def main(argv=None):
         return
     vc, mode = (smoke_v3_config(), "smoke") if args.smoke else (quick_v3_config(), "quick") if args.quick \
         else (full_v3_config(), "full")
-    run(vc, args.out, mode, workers=args.workers, resume=args.resume)
+    run(vc, args.out, mode, workers=args.workers, resume=args.resume or args.extend_edges, extend=args.extend_edges)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 ``derived`` turns the "studies" entries into the figures the tables show (best method, DReS's rank, its
 paired difference to the best other method, cost ratios, grid-edge hits, the options' verdicts); v3.py
 stores it in generalization.json as "derived", so that every figure of a table is a number of that file.
-``--update`` replaces the text between ``<!-- v3:NAME -->`` and ``<!-- /v3:NAME -->`` markers."""
+``--update`` replaces README's table (from its header to its Source line) and, in docs/EVIDENCE.md, the text
+between the ``<!-- v3:tables -->`` and ``<!-- /v3:tables -->`` markers."""
 from __future__ import annotations
 
 import json
@@ -83,33 +84,42 @@ def ci(d, scale=100.0) -> str:
 
 
 def _model(family, arch) -> str:
-    return {"mnist": "MNIST-5k", "digits": "digits"}.get(family, family) + f" {arch.upper()}"
+    name = {"mnist": "MNIST-5k", "digits": "digits", "gunpoint": "GunPoint", "italy_power": "ItalyPowerDemand",
+            "arrowhead": "ArrowHead"}.get(family, family)
+    return f"{name} {arch.upper()}" if arch else f"{name} "
 
 
 def readme_table(result) -> str:
-    """One row per model: clean and noisy settings side by side (best method, DReS's rank, DReS minus the
-    best other method), then the CPU cost of a step and its memory, relative to ERM."""
+    """One row per data family (README has room for few lines), each cell "CNN / MLP": clean and noisy
+    settings side by side (best method and its accuracy, DReS's rank, DReS minus the best other method),
+    then the CPU time of a step and its memory (ERM's, and DReS's, dres_cheap's and SAM's as x ERM)."""
     der = result["derived"]
-    when = {w["setting"]: w for w in der["when"]}
     cost = {c["setting"]: c for c in der["cost"]}
-    models = list(dict.fromkeys((w["family"], w["arch"]) for w in der["when"]))
-    lines = ["| model | clean: best (acc %) | DReS rank | DReS - best other (pp) | noisy: best (acc %) | DReS rank | "
-             "DReS - best other (pp) | ERM ms/step | x ERM: DReS, N=K/2 every 4, SAM | ERM KiB/step | x ERM: DReS, SAM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for family, arch in models:
-        cells = [_model(family, arch)]
-        rows = [w for w in der["when"] if (w["family"], w["arch"]) == (family, arch)]
+    families = list(dict.fromkeys(w["family"] for w in der["when"]))
+    lines = ["| data (models) | clean: best (acc %) | DReS rank | DReS - best other (pp) | noisy: best (acc %) | "
+             "DReS rank | DReS - best other (pp) | ERM ms/step | x ERM: DReS, N=K/2 every 4, SAM | ERM KiB/step | "
+             "memory x ERM: DReS, SAM |", "|---" * 11 + "|"]
+    for family in families:
+        rows = [w for w in der["when"] if w["family"] == family]
+        archs = list(dict.fromkeys(w["arch"] for w in rows))
+        cells = [f"{_model(family, '')}({', '.join(a.upper() for a in archs)})".replace(" (", " (")]
         for noisy in (False, True):
-            w = next((w for w in rows if (w["label_noise"] > 0) == noisy), None)
-            cells += ["-", "-", "-"] if w is None else [
-                f"{w['best']} ({100 * w['best_acc']:.1f})", f"{w['dres_rank']}/{w['n_methods']}",
-                f"{ci(w['dres_minus_best_other'])} vs {w['best_other']}"]
-        c = cost[rows[0]["setting"]]
-        x, k = c["ms_x_erm"], c["kib_x_erm"]
-        cells += [f"{c['erm_ms']:.2f}", f"{x['dres']:.2f}, {x['dres_cheap']:.2f}, {x['sam']:.2f}", f"{c['erm_kib']:.0f}",
-                  f"{k['dres']:.2f}, {k['sam']:.2f}"]
+            picked = [next((w for w in rows if w["arch"] == a and (w["label_noise"] > 0) == noisy), None) for a in archs]
+            cells += [" / ".join("-" if w is None else f"{w['best']} ({100 * w['best_acc']:.1f})" for w in picked),
+                      " / ".join("-" if w is None else f"{w['dres_rank']} of {w['n_methods']}" for w in picked),
+                      " / ".join("-" if w is None else f"{ci(w['dres_minus_best_other'])} vs {w['best_other']}"
+                                 for w in picked)]
+        costs = [cost[next(w for w in rows if w["arch"] == a)["setting"]] for a in archs]
+        cells += [" / ".join(f"{c['erm_ms']:.2f}" for c in costs),
+                  " / ".join(f"{c['ms_x_erm']['dres']:.2f}, {c['ms_x_erm']['dres_cheap']:.2f}, {c['ms_x_erm']['sam']:.2f}"
+                             for c in costs),
+                  " / ".join(f"{c['erm_kib']:.0f}" for c in costs),
+                  " / ".join(f"{c['kib_x_erm']['dres']:.2f}, {c['kib_x_erm']['sam']:.2f}" for c in costs)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", SOURCE])
+
+
+README_TABLE = re.compile(r"\| data \(models\) \| clean: best.*?\n\nSource: [^\n]*", re.S)
 
 
 def _setting_table(entries, header, cell) -> list:
@@ -229,8 +239,11 @@ def main(argv=None):
         print(report_tables(result))
         return
     root = Path(__file__).resolve().parents[2]
-    readme = root / "README.md"
-    readme.write_text(update_blocks(readme.read_text(), {"when": readme_table(result)}))
+    readme = root / "README.md"  # no markers there (README's line budget): the table and its Source line
+    text, n = README_TABLE.subn(lambda m: readme_table(result), readme.read_text())
+    if n != 1:
+        raise ValueError(f"README.md: {n} evidence v3 tables found, expected 1")
+    readme.write_text(text)
     evidence = root / "docs" / "EVIDENCE.md"
     evidence.write_text(update_blocks(evidence.read_text(), {"tables": report_tables(result)}))
 

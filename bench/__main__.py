@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--device cpu|cuda]``: the whole benchmark.
 
 Kernels against their measured floors, the weight set-up time for K = N from 64 up
-(bench/weights_setup.py), the host cost of a small-d DReS step (bench/call_overhead.py), then training steps of DReS against the baselines; writes
+(bench/weights_setup.py), the dense and banded spline paths side by side (bench/banded.py), the host cost of a small-d DReS step (bench/call_overhead.py), then training steps of DReS against the baselines; writes
 ``results.json``, ``summary.md`` and PNG plots to ``--out`` (default ``bench/out/``) and prints a
 compact table last. ``--quick`` keeps CPU sizes small (a few minutes on 2 cores); ``--smoke`` is a
 seconds-long run for the test suite.
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "threads_note": threads_note, "mode": run_mode,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "rates": {}, "kernels": [], "kernels_skipped": {}, "steps": [], "weights": [], "host": [],
+        "rates": {}, "kernels": [], "kernels_skipped": {}, "steps": [], "weights": [], "host": [], "banded": {},
     }
     progress = functools.partial(tqdm, leave=False, dynamic_ncols=True)
     if not args.skip_kernels:
@@ -86,6 +86,9 @@ def main(argv=None) -> dict:
         results.update(rates=kern["rates"], kernels=kern["kernels"], kernels_skipped=kern["skipped"])
         results["kernel_floor_problems"] = report.floor_problems(kern["kernels"])
     results["weights"] = run_weights_section(run_mode)
+    from bench.banded import run_banded
+
+    results["banded"] = run_banded(args.device, run_mode)
     from bench import call_overhead
 
     results["host"] = (call_overhead.measure_steps(args.device, calls=3, rounds=1) if run_mode == "smoke"

@@ -134,6 +134,11 @@ def console_table(results: dict) -> str:
         parts += ["measurement problems (kernel times under their floor):"] + [f"  {p}" for p in problems]
     if results.get("weights"):
         parts += ["", "weight set-up (encoder and decoder, first call):", weights_table(results["weights"])]
+    if results.get("banded"):
+        from bench.banded import table as banded_table
+
+        parts += ["", "dense vs banded spline path, fp32 forward + backward of both ops (bench/banded.py):",
+                  banded_table(results["banded"])]
     if results.get("host"):
         parts += ["", "host cost of a small-d DReS step, forward + backward (bench/call_overhead.py):",
                   host_table(results["host"])]
@@ -173,6 +178,14 @@ def write_summary(results: dict, out_dir: str, plots: list[str]) -> str:
     if results.get("weights"):
         lines += ["", "## Weight set-up (encoder and decoder, first call)", "",
                   weights_table(results["weights"], markdown=True)]
+    if results.get("banded"):
+        from bench.banded import table as banded_table
+
+        lines += ["", "## Dense vs banded spline path (forward + backward of both ops, float32)", "",
+                  "dense floor = max(bytes / copy bandwidth, 8 K N d / fp32 matmul rate); banded floor = bytes "
+                  "(each tensor read or written once); auto = the path `choose` takes (dres_fast/ops/banded.py). "
+                  "Interleaved rounds, medians.", "", banded_table(results["banded"], markdown=True)]
+        lines += [f"- left out: {row}: {why}" for row, why in results["banded"]["skipped"].items()]
     if results.get("host"):
         lines += ["", "## Host cost of a small-d DReS step (forward + backward)", "",
                   "An MLP 16 -> 64 -> d on K samples, backend torch; `x base` = time relative to the same step "

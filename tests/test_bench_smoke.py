@@ -203,3 +203,20 @@ def test_call_overhead_steps_count_project_calls_and_aten_ops():
         assert cases[(K, "SubmoduleDReS concat")]["baseline"] == "dres_loss on the block"
     assert all(math.isfinite(r["x_baseline"]) and r["us"] > 0 for r in rows)
     assert "SubmoduleDReS separate" in call_overhead.format_step_rows(rows)
+
+
+def test_banded_bench_smoke_row():
+    """bench/banded.py at smoke size: both paths timed, floors positive, the table names every row; and the
+    CPU grid trims by memory and flops (never silently: each left-out row has its reason)."""
+    from bench import banded
+
+    result = banded.run_banded("cpu", "smoke")
+    (row,) = result["rows"]
+    assert row["dense_ms"] > 0 and row["banded_ms"] > 0 and row["banded_floor_ms"] > 0
+    assert row["dense_floor_ms"] >= row["banded_floor_ms"]
+    assert row["auto"] in ("dense", "banded") and "| 64 | 256 |" in banded.table(result)
+    rows, skipped = banded.cases("cpu", "quick")
+    assert (1024, 4096, True) in rows and any("(dense)" in key for key in skipped)
+    assert all((k * d <= banded.CPU_LIMITS["quick"][0]) for k, d, _ in rows)
+    gpu_rows, _ = banded.cases("cuda", "full")
+    assert {(k, d) for k, d, _ in gpu_rows} >= set(banded.GRID)

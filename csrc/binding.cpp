@@ -1,6 +1,7 @@
-// Torch binding of the dres_fast CUDA kernels: the ops dres_fast_C::spline_mix and
-// dres_fast_C::reconstruction_loss (CUDA and Meta implementations), registered with TORCH_LIBRARY so
-// that they are torch ops (visible to torch.compile as ops, not opaque Python calls).
+// Torch binding of the dres_fast CUDA kernels: the ops dres_fast_C::spline_mix,
+// dres_fast_C::reconstruction_loss and dres_fast_C::banded_apply (CUDA and Meta implementations),
+// registered with TORCH_LIBRARY so that they are torch ops (visible to torch.compile as ops, not opaque
+// Python calls).
 //
 // This is the only file that includes torch. It validates the inputs with messages that name the
 // argument, allocates outputs and scratch buffers, and calls the raw-pointer launchers declared in
@@ -205,6 +206,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_meta(
   return {out.loss, out.grad_y, out.grad_y_coded};
 }
 
+// banded_apply: out = W x (transpose false; x (n, d)) or W^T x (true; x (p, d)) for a BandedSpline's
+// coefficients (dres_fast/banded.py; m = n - 2): factor, stencil (3, m), chord (p, 2), curvature (p, 4)
+// float64; index (p,), gather (p, 4) int64. Output contiguous in x's dtype.
+void check_banded(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
+                  const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
+                  const at::Tensor& x, bool transpose, bool need_cuda) {
+  check_2d(x, "x", need_cuda);
+  to_dres_dtype(x, "x");
+  const struct { const at::Tensor& t; const char* name; at::ScalarType type; int64_t dim; } arrays[] = {
+      {factor, "factor", at::kDouble, 2}, {stencil, "stencil", at::kDouble, 2}, {index, "index", at::kLong, 1},
+      {chord, "chord", at::kDouble, 2}, {curvature, "curvature", at::kDouble, 2}, {gather, "gather", at::kLong, 2}};
+  for (const auto& a : arrays) {
+    TORCH_CHECK(!need_cuda || a.t.is_cuda(), kWho, a.name, " must be a CUDA tensor, got device ", a.t.device());
+    check_same_device(a.t, a.name, x, "x");
+    TORCH_CHECK(a.t.scalar_type() == a.type, kWho, a.name, " must be ", a.type, ", got ", a.t.scalar_type());
+    TORCH_CHECK(a.t.dim() == a.dim, kWho, a.name, " must be ", a.dim, "-D, got shape ", a.t.sym_sizes());
+  }
+  const c10::SymInt m = factor.sym_size(1), p = index.sym_size(0);
+  TORCH_CHECK(factor.sym_size(0) == 3 && stencil.sym_size(0) == 3 && stencil.sym_size(1) == m && m >= 1, kWho,
+              "factor and stencil must be (3, m) with m >= 1, got ", factor.sym_sizes(), " and ",
+              stencil.sym_sizes());
+  TORCH_CHECK(chord.sym_size(0) == p && chord.sym_size(1) == 2 && curvature.sym_size(0) == p &&
+                  curvature.sym_size(1) == 4 && gather.sym_size(0) == p && gather.sym_size(1) == 4,
+              kWho, "index (p,), chord (p, 2), curvature (p, 4), gather (p, 4) disagree: ", index.sym_sizes(),
+              ", ", chord.sym_sizes(), ", ", curvature.sym_sizes(), ", ", gather.sym_sizes());
+  const c10::SymInt rows = transpose ? p : m + 2;
+  TORCH_CHECK(x.sym_size(0) == rows, kWho, "x must have ", transpose ? "p = " : "n = ", rows,
+              " rows, got shape ", x.sym_sizes());
+}
+
+at::Tensor banded_apply_cuda(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
+                             const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
+                             const at::Tensor& x_arg, bool transpose) {
+  check_banded(factor, stencil, index, chord, curvature, gather, x_arg, transpose, /*need_cuda=*/true);
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const at::Tensor x = x_arg.contiguous();
+  const at::Tensor f = factor.contiguous(), st = stencil.contiguous(), idx = index.contiguous(),
+                   ch = chord.contiguous(), cu = curvature.contiguous(), ga = gather.contiguous();
+  const int64_t n = f.size(1) + 2, p = idx.size(0), d = x.size(1);
+  at::Tensor out = at::empty({transpose ? n : p, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  int64_t scratch_elems = 0;
+  check_cuda(dres_banded_workspace(n, p, d, transpose ? 1 : 0, &scratch_elems), "banded_apply workspace query");
+  const at::Tensor scratch = at::empty({scratch_elems}, x.options().dtype(at::kDouble));
+  check_cuda(dres_banded_apply(f.data_ptr<double>(), st.data_ptr<double>(), idx.data_ptr<int64_t>(),
+                               ch.data_ptr<double>(), cu.data_ptr<double>(), ga.data_ptr<int64_t>(), n, p,
+                               x.data_ptr(), out.data_ptr(), d, transpose ? 1 : 0, scratch.data_ptr(),
+                               to_dres_dtype(x, "x"), c10::cuda::getCurrentCUDAStream().stream()),
+             "banded_apply kernel launch");
+  return out;
+}
+
+at::Tensor banded_apply_meta(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
+                             const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
+                             const at::Tensor& x, bool transpose) {
+  check_banded(factor, stencil, index, chord, curvature, gather, x, transpose, /*need_cuda=*/false);
+  return at::empty_symint({transpose ? factor.sym_size(1) + 2 : index.sym_size(0), x.sym_size(1)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dres_fast_C, m) {
@@ -212,16 +272,21 @@ TORCH_LIBRARY(dres_fast_C, m) {
   m.def(
       "reconstruction_loss(Tensor y, Tensor y_coded, Tensor decoder, str reduction, "
       "bool compute_grads) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "banded_apply(Tensor factor, Tensor stencil, Tensor index, Tensor chord, Tensor curvature, "
+      "Tensor gather, Tensor x, bool transpose) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dres_fast_C, CUDA, m) {
   m.impl("spline_mix", &spline_mix_cuda);
   m.impl("reconstruction_loss", &reconstruction_loss_cuda);
+  m.impl("banded_apply", &banded_apply_cuda);
 }
 
 TORCH_LIBRARY_IMPL(dres_fast_C, Meta, m) {
   m.impl("spline_mix", &spline_mix_meta);
   m.impl("reconstruction_loss", &reconstruction_loss_meta);
+  m.impl("banded_apply", &banded_apply_meta);
 }
 
 // `import dres_fast._C` (the install-time build) needs a Python module init; the ops are registered

@@ -7,6 +7,7 @@
 // Semantics follow docs/ARCHITECTURE.md ("The backend contract"):
 //   spline_mix:          out (M, d) = W (M, K) @ x (K, d)
 //   reconstruction_loss: r = y - D @ y_coded, per_sample[k] = sum_j r[k, j]^2, loss, grads.
+//   banded_apply:        out = W x or W^T g, W a smoothing spline map as float64 coefficients.
 // Accumulation is in the compute type ("Acc"): float64 for float64 inputs, float32 otherwise,
 // with IEEE fp32 fused multiply-adds (no TF32). Every reduction is deterministic: per-block partial
 // sums written to a buffer and summed in a fixed order by a second kernel, no floating-point atomics.
@@ -68,6 +69,19 @@ cudaError_t dres_reconstruction_loss(const void* y, int64_t y_stride_k, int64_t 
                                      void* grad_y, void* grad_y_coded, void* partials,
                                      int64_t partial_elems, void* grad_scratch,
                                      cudaStream_t stream);
+
+// Scratch banded_apply needs (float64 elements): (n - 2) * d forward, (2 n - 2) * d transpose.
+cudaError_t dres_banded_workspace(int64_t n, int64_t p, int64_t d, int transpose, int64_t* scratch_elems);
+
+// out = W x (transpose = 0; x (n, d), out (p, d)) or out = W^T x (transpose = 1; x (p, d), out (n, d)) for
+// the (p, n) natural cubic smoothing spline map of dres_fast/banded.py (BandedSpline, finite lam), m = n - 2:
+//   factor (3, m), stencil (3, m), chord (p, 2), curvature (p, 4): float64; index (p,), gather (p, 4): int64;
+//   all contiguous. x, out: contiguous, the dtype's element type. All arithmetic in float64 (csrc/banded.cu).
+//   scratch: dres_banded_workspace's float64 elements.
+cudaError_t dres_banded_apply(const double* factor, const double* stencil, const int64_t* index,
+                              const double* chord, const double* curvature, const int64_t* gather, int64_t n,
+                              int64_t p, const void* x, void* out, int64_t d, int transpose, void* scratch,
+                              DresDType dtype, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,8 @@ order, and returns this module (:mod:`dres_fast.ops` registers the ops' autograd
 
 ``is_available()`` and ``is_built()`` never compile anything. ``spline_mix(weights, x)`` and
 ``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)`` call the C++ ops directly
-(no autograd needed), as docs/ARCHITECTURE.md specifies.
+(no autograd needed), as docs/ARCHITECTURE.md specifies; ``banded_apply(arrays, x, transpose)`` (not in ``OPS``)
+applies a BandedSpline's coefficients (``torch.ops.dres_fast_C.banded_apply``).
 """
 
 from __future__ import annotations
@@ -348,3 +349,30 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         y, y_coded, decoder, reduction, bool(compute_grads)
     )
     return loss, grad_y, grad_y_coded
+
+
+
+def banded_apply(arrays, x, transpose=False):
+    """W @ x (``transpose``: W^T @ x) for a BandedSpline (dres_fast/banded.py, finite lam) given as ``arrays``,
+    its (factor, stencil, index, chord, curvature, gather) on x's device; x (n, d) ((p, d) transposed) of
+    float32/float64/float16/bfloat16, any strides; returns a contiguous tensor in x's dtype. float64 throughout,
+    no refinement step (csrc/banded.cu). A plain function, not in ``OPS``: the op has no autograd here."""
+    import torch
+
+    _check_2d_cuda(x, "x")
+    _check_data_dtype(x, "x")
+    factor, index = arrays[0], arrays[2]
+    m = factor.shape[-1] if isinstance(factor, torch.Tensor) and factor.dim() == 2 else 0
+    p = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else -1
+    f64, i64 = torch.float64, torch.int64
+    expected = (("factor", f64, (3, m)), ("stencil", f64, (3, m)), ("index", i64, (p,)), ("chord", f64, (p, 2)),
+                ("curvature", f64, (p, 4)), ("gather", i64, (p, 4)))
+    for tensor, (name, dtype, shape) in zip(arrays, expected, strict=True):
+        if not (isinstance(tensor, torch.Tensor) and tensor.device == x.device and tensor.dtype == dtype
+                and tuple(tensor.shape) == shape and m >= 1):
+            raise RuntimeError(f"{_WHO}{name} must be a {dtype} tensor of shape {shape} on {x.device} (m = n - 2 "
+                               f"from factor, p from index), got {getattr(tensor, 'shape', type(tensor).__name__)}")
+    if x.shape[0] != (p if transpose else m + 2):
+        raise RuntimeError(f"{_WHO}x {list(x.shape)} does not fit the map (n = {m + 2}, p = {p}, "
+                           f"transpose = {transpose})")
+    return _ops().banded_apply(*arrays, x, bool(transpose))

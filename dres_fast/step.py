@@ -130,7 +130,7 @@ def _masked_loss(mix, anchor, y_coded, decoder, valid, reduction: str) -> torch.
     if anchor.dim() < 2 or anchor.shape[1] != valid.shape[1]:
         raise ValueError(f"the submodule's output {tuple(anchor.shape)} (samples first) has no position axis of "
                          f"the mask's {valid.shape[1]} positions after the samples' axis")
-    dtype = decoder.dtype
+    dtype = compute_dtype(y_coded.dtype)  # the dense decoder's dtype; a banded one computes in float64
     decoded = _unrows(mix(decoder, _rows(y_coded.to(dtype))), y_coded)
     weight = valid.to(dtype).view(valid.shape + (1,) * (anchor.dim() - 2))
     per_sample = ((anchor.to(dtype) - decoded) * weight).square().flatten(1).sum(1)

@@ -224,3 +224,22 @@ def test_bad_device_is_named():
         ops.spline_mix(spline, torch.randn(5, 2, device="meta"))
     with pytest.raises(ValueError, match="columns"):
         ops.spline_mix(spline, torch.randn(6, 2))
+
+
+def test_masked_submodule_same_on_both_paths(monkeypatch):
+    """Padding masks take the masked loss (a spline_mix and plain torch): the same on both paths."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
+                                                                  batch_first=True))
+    layer = model[0]
+    x = torch.randn(9, 6, 16)
+    pad = torch.zeros(9, 6, dtype=torch.bool)
+    pad[::2, 4:] = True
+    losses = {}
+    for path in ("dense", "banded"):
+        monkeypatch.setenv(banded_path.ENV_VAR, path)
+        reg = dres_fast.SubmoduleDReS(model, "0", num_coded=8)
+        with reg:
+            layer(x, src_key_padding_mask=pad)
+        losses[path] = reg.loss.detach()
+    assert losses["dense"] > 0 and torch.allclose(losses["dense"], losses["banded"], rtol=1e-5, atol=1e-7)

@@ -12,6 +12,11 @@ gradient penalty and mixup? One module per concern:
 - ``report``: plots, report.md and generalization.json; ``evidence``: tables for the README
 - ``options``: the study options_supervised (``python -m bench.generalization.options``): the DReS options
   every/order/anchor on the supervised protocol
+- ``v3`` (``python -m bench.generalization.v3``): evidence v3, DReS against SAM, EMA, manifold mixup and the
+  baselines at equal steps and equal wall-clock time on MNIST-5k, digits and UCR time series (``timeseries``:
+  the sets bundled in sktime, the 1-D CNN and MLP), and the DReS options on CNNs; ``v3_methods`` (SAM, EMA,
+  manifold mixup, the training loop, step memory), ``v3_extend`` (grids past the edges hit), ``v3_tables``
+  (README's and docs/EVIDENCE.md's tables from its JSON); ``--quick`` runs it at small size
 - ``__main__``: the command line
 """
 from bench.generalization.config import StudyConfig, full_config, quick_config, smoke_config

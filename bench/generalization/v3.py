@@ -239,11 +239,14 @@ def _checkpointed(path: Path, fn, args):
     return part, time.process_time() - cpu0
 
 
-def run_v3(vc: V3Config, workers: int = 1, parts_dir: Path | None = None) -> dict:
+def run_v3(vc: V3Config, workers: int = 1, parts_dir: Path | None = None, saved_only: bool = False) -> dict:
     """Every setting; returns {"rows": all runs and the selected ones, "entries", "cpu_seconds"}. With
-    ``parts_dir`` (one worker), each finished setting is saved there and reused by a later call."""
+    ``parts_dir`` (one worker), each finished setting is saved there and reused by a later call;
+    ``saved_only``: only the settings saved there (a run stopped before its end)."""
     from bench.generalization.suite import run_tasks
     tasks = [(setting_name(f, a, z), run_setting, (f, a, z, vc)) for f, a, z in settings_of(vc)]
+    if saved_only:
+        tasks = [t for t in tasks if (parts_dir / f"{t[0]}.json").exists()]
     if parts_dir is not None and workers <= 1:
         parts_dir.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(1)
@@ -279,6 +282,8 @@ def extend_saved(vc: V3Config, parts_dir: Path) -> None:
     from bench.generalization.v3_extend import extend_part
     for f, a, z in settings_of(vc):
         path = parts_dir / f"{setting_name(f, a, z)}.json"
+        if not path.exists():  # --saved-only: a setting the stopped run did not reach
+            continue
         saved = json.loads(path.read_text())
         cpu0 = time.process_time()
         extend_part(saved["part"], vc)
@@ -286,12 +291,15 @@ def extend_saved(vc: V3Config, parts_dir: Path) -> None:
         path.write_text(json.dumps(saved))
 
 
-def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False, extend: bool = False) -> dict:
+def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False, extend: bool = False,
+        saved_only: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if extend:
         extend_saved(vc, out_dir / "parts")
-    part = run_v3(vc, workers, parts_dir=out_dir / "parts" if resume else None)
+    part = run_v3(vc, workers, parts_dir=out_dir / "parts" if resume or saved_only else None, saved_only=saved_only)
+    if saved_only:
+        mode += f" (stopped early: {len(part['cpu_seconds'])} of {len(settings_of(vc))} settings)"
     from bench.generalization.v3_tables import derived
     result = {"mode": mode, "config": asdict(vc), "studies": part["entries"], "runs": part["rows"],
               "cpu_seconds": part["cpu_seconds"],
@@ -299,7 +307,7 @@ def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool =
                               "workers": workers, "machine": platform.machine(), "device": "cpu"},
               "seconds_total": time.perf_counter() - t0}
     previous = out_dir / "generalization.json"
-    if resume and previous.exists():  # the passes over this directory, with their wall times
+    if (resume or extend or saved_only) and previous.exists():  # the passes over this directory, with their wall times
         prev = json.loads(previous.read_text())
         result["passes"] = prev.get("passes") or [{"kind": "run", "seconds": prev["seconds_total"]}]
     result["passes"] = result.get("passes", []) + [{"kind": "extend" if extend else "run",
@@ -321,6 +329,8 @@ def main(argv=None):
                         help="save each finished setting in DIR/parts/ and reuse the saved ones (one worker)")
     parser.add_argument("--extend-edges", action="store_true",
                         help="with --resume: extend the grid edges most seeds chose (v3_extend.py), then write")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="write the outputs from the settings saved in DIR/parts/ alone (a run stopped early)")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite report.md from DIR/generalization.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -329,7 +339,8 @@ def main(argv=None):
         return
     vc, mode = (smoke_v3_config(), "smoke") if args.smoke else (quick_v3_config(), "quick") if args.quick \
         else (full_v3_config(), "full")
-    run(vc, args.out, mode, workers=args.workers, resume=args.resume or args.extend_edges, extend=args.extend_edges)
+    run(vc, args.out, mode, workers=args.workers, resume=args.resume or args.extend_edges, extend=args.extend_edges,
+        saved_only=args.saved_only)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ BOUNDED = {"label_smoothing": 1.0, "ema": 1.0}  # strengths that must stay below
 
 
 def beyond(method: str, grid: list, side: str) -> float:
-    """One step past the grid's edge on ``side`` ("low" | "high")."""
-    grid = sorted(grid)
+    """One step past the grid's edge on ``side`` ("low" | "high"), to 6 significant digits."""
+    return float(f"{_beyond(method, sorted(grid), side):.6g}")
+
+
+def _beyond(method: str, grid: list, side: str) -> float:
     if side == "high" and method in BOUNDED:
         top = BOUNDED[method]
         return grid[-1] + (top - grid[-1]) / 2 if method == "label_smoothing" else top - (top - grid[-1]) / 10

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -208,10 +209,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_meta(
 
 // banded_apply: out = W x (transpose false; x (n, d)) or W^T x (true; x (p, d)) for a BandedSpline's
 // coefficients (dres_fast/banded.py; m = n - 2): factor, stencil (3, m), chord (p, 2), curvature (p, 4)
-// float64; index (p,), gather (p, 4) int64. Output contiguous in x's dtype.
+// float64; index (p,), gather (p, 4) int64; with q_bands (3, m), r_bands (2, m) float64 and lam, one step
+// of iterative refinement (the spline's, where it has refine). Output contiguous in x's dtype.
+using OptTensor = std::optional<at::Tensor>;
+
 void check_banded(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
                   const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
-                  const at::Tensor& x, bool transpose, bool need_cuda) {
+                  const at::Tensor& x, bool transpose, const OptTensor& q_bands, const OptTensor& r_bands,
+                  bool need_cuda) {
   check_2d(x, "x", need_cuda);
   to_dres_dtype(x, "x");
   const struct { const at::Tensor& t; const char* name; at::ScalarType type; int64_t dim; } arrays[] = {
@@ -231,6 +236,18 @@ void check_banded(const at::Tensor& factor, const at::Tensor& stencil, const at:
                   curvature.sym_size(1) == 4 && gather.sym_size(0) == p && gather.sym_size(1) == 4,
               kWho, "index (p,), chord (p, 2), curvature (p, 4), gather (p, 4) disagree: ", index.sym_sizes(),
               ", ", chord.sym_sizes(), ", ", curvature.sym_sizes(), ", ", gather.sym_sizes());
+  TORCH_CHECK(q_bands.has_value() == r_bands.has_value(), kWho, "q_bands and r_bands come together");
+  if (q_bands.has_value()) {
+    using Band = std::tuple<const at::Tensor&, const char*, int64_t>;
+    for (const auto& [band, name, width] : {Band{*q_bands, "q_bands", 3}, Band{*r_bands, "r_bands", 2}}) {
+      TORCH_CHECK(!need_cuda || band.is_cuda(), kWho, name, " must be a CUDA tensor, got device ", band.device());
+      check_same_device(band, name, x, "x");
+      TORCH_CHECK(band.scalar_type() == at::kDouble && band.dim() == 2 && band.sym_size(0) == width &&
+                      band.sym_size(1) == m,
+                  kWho, name, " must be float64 (", width, ", m = ", m, "), got ", band.scalar_type(), " ",
+                  band.sym_sizes());
+    }
+  }
   const c10::SymInt rows = transpose ? p : m + 2;
   TORCH_CHECK(x.sym_size(0) == rows, kWho, "x must have ", transpose ? "p = " : "n = ", rows,
               " rows, got shape ", x.sym_sizes());
@@ -238,20 +255,28 @@ void check_banded(const at::Tensor& factor, const at::Tensor& stencil, const at:
 
 at::Tensor banded_apply_cuda(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
                              const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
-                             const at::Tensor& x_arg, bool transpose) {
-  check_banded(factor, stencil, index, chord, curvature, gather, x_arg, transpose, /*need_cuda=*/true);
+                             const at::Tensor& x_arg, bool transpose, const OptTensor& q_bands,
+                             const OptTensor& r_bands, double lam) {
+  check_banded(factor, stencil, index, chord, curvature, gather, x_arg, transpose, q_bands, r_bands,
+               /*need_cuda=*/true);
   const c10::cuda::CUDAGuard guard(x_arg.device());
   const at::Tensor x = x_arg.contiguous();
   const at::Tensor f = factor.contiguous(), st = stencil.contiguous(), idx = index.contiguous(),
                    ch = chord.contiguous(), cu = curvature.contiguous(), ga = gather.contiguous();
+  const bool refine = q_bands.has_value();
+  const at::Tensor qb = refine ? q_bands->contiguous() : at::Tensor();
+  const at::Tensor rb = refine ? r_bands->contiguous() : at::Tensor();
   const int64_t n = f.size(1) + 2, p = idx.size(0), d = x.size(1);
   at::Tensor out = at::empty({transpose ? n : p, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   int64_t scratch_elems = 0;
-  check_cuda(dres_banded_workspace(n, p, d, transpose ? 1 : 0, &scratch_elems), "banded_apply workspace query");
+  check_cuda(dres_banded_workspace(n, p, d, transpose ? 1 : 0, refine ? 1 : 0, &scratch_elems),
+             "banded_apply workspace query");
   const at::Tensor scratch = at::empty({scratch_elems}, x.options().dtype(at::kDouble));
   check_cuda(dres_banded_apply(f.data_ptr<double>(), st.data_ptr<double>(), idx.data_ptr<int64_t>(),
-                               ch.data_ptr<double>(), cu.data_ptr<double>(), ga.data_ptr<int64_t>(), n, p,
+                               ch.data_ptr<double>(), cu.data_ptr<double>(), ga.data_ptr<int64_t>(),
+                               refine ? qb.data_ptr<double>() : nullptr, refine ? rb.data_ptr<double>() : nullptr,
+                               lam, n, p,
                                x.data_ptr(), out.data_ptr(), d, transpose ? 1 : 0, scratch.data_ptr(),
                                to_dres_dtype(x, "x"), c10::cuda::getCurrentCUDAStream().stream()),
              "banded_apply kernel launch");
@@ -260,8 +285,10 @@ at::Tensor banded_apply_cuda(const at::Tensor& factor, const at::Tensor& stencil
 
 at::Tensor banded_apply_meta(const at::Tensor& factor, const at::Tensor& stencil, const at::Tensor& index,
                              const at::Tensor& chord, const at::Tensor& curvature, const at::Tensor& gather,
-                             const at::Tensor& x, bool transpose) {
-  check_banded(factor, stencil, index, chord, curvature, gather, x, transpose, /*need_cuda=*/false);
+                             const at::Tensor& x, bool transpose, const OptTensor& q_bands,
+                             const OptTensor& r_bands, double lam) {
+  check_banded(factor, stencil, index, chord, curvature, gather, x, transpose, q_bands, r_bands,
+               /*need_cuda=*/false);
   return at::empty_symint({transpose ? factor.sym_size(1) + 2 : index.sym_size(0), x.sym_size(1)}, x.options());
 }
 
@@ -274,7 +301,8 @@ TORCH_LIBRARY(dres_fast_C, m) {
       "bool compute_grads) -> (Tensor, Tensor, Tensor)");
   m.def(
       "banded_apply(Tensor factor, Tensor stencil, Tensor index, Tensor chord, Tensor curvature, "
-      "Tensor gather, Tensor x, bool transpose) -> Tensor");
+      "Tensor gather, Tensor x, bool transpose, Tensor? q_bands=None, Tensor? r_bands=None, float lam=0.0) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dres_fast_C, CUDA, m) {

@@ -70,17 +70,21 @@ cudaError_t dres_reconstruction_loss(const void* y, int64_t y_stride_k, int64_t 
                                      int64_t partial_elems, void* grad_scratch,
                                      cudaStream_t stream);
 
-// Scratch banded_apply needs (float64 elements): (n - 2) * d forward, (2 n - 2) * d transpose.
-cudaError_t dres_banded_workspace(int64_t n, int64_t p, int64_t d, int transpose, int64_t* scratch_elems);
+// Scratch banded_apply needs (float64 elements): (n - 2) * d forward, (2 n - 2) * d transpose, plus
+// (n - 2) * d with refinement.
+cudaError_t dres_banded_workspace(int64_t n, int64_t p, int64_t d, int transpose, int refine,
+                                  int64_t* scratch_elems);
 
 // out = W x (transpose = 0; x (n, d), out (p, d)) or out = W^T x (transpose = 1; x (p, d), out (n, d)) for
 // the (p, n) natural cubic smoothing spline map of dres_fast/banded.py (BandedSpline, finite lam), m = n - 2:
 //   factor (3, m), stencil (3, m), chord (p, 2), curvature (p, 4): float64; index (p,), gather (p, 4): int64;
-//   all contiguous. x, out: contiguous, the dtype's element type. All arithmetic in float64 (csrc/banded.cu).
-//   scratch: dres_banded_workspace's float64 elements.
+//   q_bands (3, m), r_bands (2, m): float64, the spline's bands for its step of iterative refinement, with
+//   its lam; q_bands null: no refinement. All contiguous. x, out: contiguous, the dtype's element type.
+//   All arithmetic in float64 (csrc/banded.cu). scratch: dres_banded_workspace's float64 elements.
 cudaError_t dres_banded_apply(const double* factor, const double* stencil, const int64_t* index,
-                              const double* chord, const double* curvature, const int64_t* gather, int64_t n,
-                              int64_t p, const void* x, void* out, int64_t d, int transpose, void* scratch,
+                              const double* chord, const double* curvature, const int64_t* gather,
+                              const double* q_bands, const double* r_bands, double lam, int64_t n, int64_t p,
+                              const void* x, void* out, int64_t d, int transpose, void* scratch,
                               DresDType dtype, cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -4,10 +4,11 @@ std::threads) on coefficients and data written by these tests, which judge the o
 BandedSpline.forward64 / transpose64 (dres_fast/banded.py).
 
 Each output element must be the float64 reference rounded once to the data's dtype: |got - ref| <= u |ref|
-(u the dtype's unit roundoff) plus the float64 allowance ``F64_TOL * max |ref|``. The kernel has no refinement
-step: configurations whose spline has ``refine`` are compared where the unrefined float64 solve is within
-``F64_TOL_UNREFINED`` (n <= 200) and, at 4096 clustered knots, against the unrefined torch solve
-(test_unrefined_solve_at_4096_clustered_knots: there the refined map differs by up to ~1e-4).
+(u the dtype's unit roundoff) plus a float64 allowance, ``F64_TOL * max |ref|``, or ``F64_TOL_REFINED`` for
+splines with ``refine``, which the kernel applies like forward64 (the spline's q_bands, r_bands, lam): two
+one-step-refined solves that round differently (4e-10 apart at 4096 Chebyshev knots and lam = 1e6, each 5e-9
+from a three-step refinement there). Without that step the kernel is 6e-5 off at those knots
+(test_refinement_step_is_needed_at_4096_clustered_knots).
 """
 
 import copy
@@ -29,7 +30,7 @@ DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf1
 UNIT_ROUNDOFF = {"f64": 0.0, "f32": 2.0**-24, "f16": 2.0**-11, "bf16": 2.0**-8}
 SUBNORMAL = {"f64": 0.0, "f32": 0.0, "f16": 2.0**-25, "bf16": 0.0}  # half the smallest fp16 subnormal step
 F64_TOL = 1e-12
-F64_TOL_UNREFINED = 1e-8
+F64_TOL_REFINED = 1e-9
 
 pytestmark = pytest.mark.slow  # builds a C++ harness
 
@@ -56,13 +57,16 @@ def harness(tmp_path_factory):
     return binary
 
 
-def run_kernel(harness, directory, spline, x, dtype, transpose, threads=64, scratch="f64"):
-    """The kernel's output (float64) for float64 ``x`` (values representable in ``dtype``)."""
-    for name in ARRAYS:
+def run_kernel(harness, directory, spline, x, dtype, transpose, threads=64, scratch="f64", refine=None):
+    """The kernel's output (float64) for float64 ``x`` (values representable in ``dtype``); with the spline's
+    refinement step where it has one (``refine`` None), as the caller passes it."""
+    refine = spline.refine if refine is None else refine
+    for name in ARRAYS + (("q_bands", "r_bands") if refine else ()):
         getattr(spline, name).contiguous().numpy().tofile(directory / name)
+    np.array([spline.lam]).tofile(directory / "lam")
     x.contiguous().numpy().tofile(directory / "x")
     p, n = spline.shape
-    args = [directory, n, p, x.shape[1], dtype, int(transpose), threads, scratch]
+    args = [directory, n, p, x.shape[1], dtype, int(transpose), threads, scratch, int(refine)]
     result = subprocess.run([str(harness), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return torch.from_numpy(np.fromfile(directory / "out", dtype=np.float64)).reshape(n if transpose else p, -1)
@@ -100,6 +104,8 @@ CONFIGS = [
     (200, 17, "chebyshev", "uniform", 1e6, 131, 32),
     (4096, 4096, "uniform", "chebyshev", 1e-8, 7, 64),
     (4096, 1000, "chebyshev", "uniform", 0.0, 131, 128),
+    (4096, 4096, "chebyshev", None, 1e6, 7, 64),
+    (1024, 700, "uniform", "chebyshev", 1e-2, 131, 128),
 ]
 
 
@@ -108,17 +114,16 @@ CONFIGS = [
 def test_matches_forward64_and_transpose64(harness, tmp_path, config, transpose):
     n, p, kind, s_kind, lam, d, threads = config
     spline = spline_of(n, p, kind, lam, s_kind)
-    f64_tol = F64_TOL_UNREFINED if spline.refine else F64_TOL
+    f64_tol = F64_TOL_REFINED if spline.refine else F64_TOL
     for dtype in DTYPES:
-        if dtype == "f64" and spline.refine:
-            continue  # float64 data with refinement: the caller's torch path
         x = data(p if transpose else n, d, dtype)
         ref = spline.transpose64(x) if transpose else spline.forward64(x)
         got = run_kernel(harness, tmp_path, spline, x, dtype, transpose, threads)
         assert_rounded_once(got, ref, dtype, f64_tol, f"{config} {dtype}")
 
 
-@pytest.mark.parametrize("config", [(17, 64, "chebyshev", 1.0), (200, 17, "uniform", 1e-3), (64, 64, "chebyshev", 1e6)])
+@pytest.mark.parametrize("config", [(17, 64, "chebyshev", 1.0), (200, 17, "uniform", 1e-3), (64, 64, "chebyshev", 1e6),
+                                    (1024, 700, "chebyshev", 1e6)])
 def test_adjoint(harness, tmp_path, config):
     """<W x, g> = <x, W^T g> with both sides from the kernel (float64 data), per column."""
     n, p, kind, lam = config
@@ -140,28 +145,30 @@ def test_block_size_does_not_change_a_bit(harness, tmp_path):
         assert all(torch.equal(outs[0], other) for other in outs[1:])
 
 
-def test_unrefined_solve_at_4096_clustered_knots(harness, tmp_path):
-    """4096 Chebyshev knots at lam = 1e6 (the spline refines): the kernel is the unrefined float64 solve, equal
-    to torch's unrefined one to ~4e-9 (the two sweep orders round differently); the refined map is ~6e-5 away,
-    so such splines (refine True) take the torch path for every dtype until the kernel refines."""
+def test_refinement_step_is_needed_at_4096_clustered_knots(harness, tmp_path):
+    """4096 Chebyshev knots at lam = 1e6 (the spline refines): without the refinement step the kernel is the
+    unrefined float64 solve (equal to torch's to ~4e-9: the sweep orders round differently), 6e-5 from the
+    refined map, beyond float32 data's rounding; with it (test_matches_forward64_and_transpose64), one rounding."""
     spline = spline_of(4096, 4096, "chebyshev", 1e6)
     assert spline.refine
     unrefined = copy.copy(spline)
     unrefined.refine = False
     for transpose in (False, True):
-        x = data(4096, 7, "f64")
-        got = run_kernel(harness, tmp_path, spline, x, "f64", transpose, 32)
-        ref = unrefined.transpose64(x) if transpose else unrefined.forward64(x)
-        assert max_rel(got, ref) < 1e-7
+        x = data(4096, 7, "f32")
+        got = run_kernel(harness, tmp_path, spline, x, "f32", transpose, 32, refine=False)
+        ref, plain = (spline.transpose64(x), unrefined.transpose64(x)) if transpose else (spline.forward64(x),
+                                                                                           unrefined.forward64(x))
+        assert max_rel(got, plain) < 1e-6 and max_rel(got, ref) > 1e-5
 
 
 def test_float32_scratch_would_lose_accuracy(harness, tmp_path):
     """Why z / gamma are kept in float64 in the scratch: rounding them to float32 between the sweeps (the
-    harness's scratch=f32) costs orders of magnitude more than the float64 scratch, beyond float32 data's
-    own rounding, at 200 Chebyshev knots and lam = 1e6."""
+    harness's scratch=f32) costs ~1e-4 relative error on float32 data at 200 Chebyshev knots and lam = 1e6
+    (1e-2 .. 1e-1 at 4096), against float32's one rounding (~6e-8) with the float64 scratch."""
     spline = spline_of(200, 17, "chebyshev", 1e6)
-    x = data(200, 131, "f64")
-    ref = spline.forward64(x)
-    f64 = max_rel(run_kernel(harness, tmp_path, spline, x, "f64", False, scratch="f64"), ref)
-    f32 = max_rel(run_kernel(harness, tmp_path, spline, x, "f64", False, scratch="f32"), ref)
-    assert f64 < 1e-8 and f32 > 1e-6, (f64, f32)
+    for transpose in (False, True):
+        x = data(17 if transpose else 200, 131, "f32")
+        ref = spline.transpose64(x) if transpose else spline.forward64(x)
+        f64 = max_rel(run_kernel(harness, tmp_path, spline, x, "f32", transpose, scratch="f64"), ref)
+        f32 = max_rel(run_kernel(harness, tmp_path, spline, x, "f32", transpose, scratch="f32"), ref)
+        assert f64 < 1e-7 and f32 > 1e-5, (f64, f32)

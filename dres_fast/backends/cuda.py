@@ -352,11 +352,12 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
 
 
-def banded_apply(arrays, x, transpose=False):
+def banded_apply(arrays, x, transpose=False, refinement=None):
     """W @ x (``transpose``: W^T @ x) for a BandedSpline (dres_fast/banded.py, finite lam) given as ``arrays``,
     its (factor, stencil, index, chord, curvature, gather) on x's device; x (n, d) ((p, d) transposed) of
-    float32/float64/float16/bfloat16, any strides; returns a contiguous tensor in x's dtype. float64 throughout,
-    no refinement step (csrc/banded.cu). A plain function, not in ``OPS``: the op has no autograd here."""
+    float32/float64/float16/bfloat16, any strides; returns a contiguous tensor in x's dtype. float64 throughout
+    (csrc/banded.cu); ``refinement`` = the spline's (q_bands, r_bands, lam) where it has ``refine``: its step of
+    iterative refinement. A plain function, not in ``OPS``: the op has no autograd here."""
     import torch
 
     _check_2d_cuda(x, "x")
@@ -366,8 +367,9 @@ def banded_apply(arrays, x, transpose=False):
     p = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else -1
     f64, i64 = torch.float64, torch.int64
     expected = (("factor", f64, (3, m)), ("stencil", f64, (3, m)), ("index", i64, (p,)), ("chord", f64, (p, 2)),
-                ("curvature", f64, (p, 4)), ("gather", i64, (p, 4)))
-    for tensor, (name, dtype, shape) in zip(arrays, expected, strict=True):
+                ("curvature", f64, (p, 4)), ("gather", i64, (p, 4)), ("q_bands", f64, (3, m)), ("r_bands", f64, (2, m)))
+    bands = () if refinement is None else tuple(refinement[:2])
+    for tensor, (name, dtype, shape) in zip(tuple(arrays) + bands, expected[:6 + len(bands)], strict=True):
         if not (isinstance(tensor, torch.Tensor) and tensor.device == x.device and tensor.dtype == dtype
                 and tuple(tensor.shape) == shape and m >= 1):
             raise RuntimeError(f"{_WHO}{name} must be a {dtype} tensor of shape {shape} on {x.device} (m = n - 2 "
@@ -375,4 +377,6 @@ def banded_apply(arrays, x, transpose=False):
     if x.shape[0] != (p if transpose else m + 2):
         raise RuntimeError(f"{_WHO}x {list(x.shape)} does not fit the map (n = {m + 2}, p = {p}, "
                            f"transpose = {transpose})")
-    return _ops().banded_apply(*arrays, x, bool(transpose))
+    if refinement is None:
+        return _ops().banded_apply(*arrays, x, bool(transpose))
+    return _ops().banded_apply(*arrays, x, bool(transpose), *bands, float(refinement[2]))

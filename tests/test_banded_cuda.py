@@ -172,3 +172,56 @@ def test_float32_scratch_would_lose_accuracy(harness, tmp_path):
         f64 = max_rel(run_kernel(harness, tmp_path, spline, x, "f32", transpose, scratch="f64"), ref)
         f32 = max_rel(run_kernel(harness, tmp_path, spline, x, "f32", transpose, scratch="f32"), ref)
         assert f64 < 1e-7 and f32 > 1e-5, (f64, f32)
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: the op itself (dres_fast.backends.cuda.banded_apply), its argument checks and Meta kernel
+# --------------------------------------------------------------------------------------------------
+HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from reference import backend_module
+
+    return backend_module("cuda")  # a build failure on a GPU machine fails, not skips
+
+
+def _gpu_args(spline):
+    arrays = tuple(getattr(spline, name) for name in ARRAYS)
+    return arrays, ((spline.q_bands, spline.r_bands, spline.lam) if spline.refine else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+class TestGPU:
+    @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[7], CONFIGS[10]], ids=lambda c: f"n{c[0]}-p{c[1]}")
+    @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "transpose"])
+    def test_matches_forward64(self, backend, config, transpose):
+        n, p, kind, s_kind, lam, d, _ = config
+        spline = BandedSpline(as_knots(kind, n, "t"), as_knots(s_kind or kind, p, "s"), lam, device="cuda")
+        arrays, refinement = _gpu_args(spline)
+        for dtype in DTYPES:
+            x = data(d, p if transpose else n, dtype).t().cuda()  # non-contiguous: the binding copies
+            ref = spline.transpose64(x) if transpose else spline.forward64(x)
+            got = backend.banded_apply(arrays, x.to(DTYPES[dtype]), transpose, refinement)
+            assert got.dtype == DTYPES[dtype] and got.is_contiguous()
+            assert_rounded_once(got.double().cpu(), ref.cpu(), dtype, F64_TOL_REFINED if spline.refine else F64_TOL,
+                                f"{config} {dtype}")
+
+    def test_errors_name_the_argument(self, backend):
+        spline = BandedSpline(as_knots("chebyshev", 17, "t"), as_knots("chebyshev", 9, "s"), 1.0, device="cuda")
+        arrays, _ = _gpu_args(spline)
+        with pytest.raises(RuntimeError, match="does not fit the map"):
+            backend.banded_apply(arrays, torch.ones(9, 3, device="cuda"), False)
+        with pytest.raises(RuntimeError, match="chord must be"):
+            backend.banded_apply(arrays[:3] + (arrays[3].float(),) + arrays[4:], torch.ones(17, 3, device="cuda"))
+
+    @pytest.mark.parametrize("transpose", [False, True])
+    def test_meta_registration(self, backend, transpose):
+        spline = BandedSpline(as_knots("chebyshev", 200, "t"), as_knots("uniform", 17, "s"), 1e6, device="cuda")
+        arrays, refinement = _gpu_args(spline)
+        x = torch.randn(17 if transpose else 200, 131, device="cuda")
+        torch.library.opcheck(torch.ops.dres_fast_C.banded_apply.default, (*arrays, x, transpose))
+        if refinement is not None:
+            torch.library.opcheck(torch.ops.dres_fast_C.banded_apply.default, (*arrays, x, transpose, *refinement))

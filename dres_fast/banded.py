@@ -227,6 +227,12 @@ class BandedSpline:
         return (self.factor, self.stencil, self.index, self.chord, self.curvature, self.gather)
 
     @property
+    def refinement(self):
+        """``(q_bands, r_bands, lam)`` for the kernels' refinement step, or ``None`` when the plain solve is
+        accurate enough (the configuration's probe: :data:`dres_fast._banded.REFINE_THRESHOLD`)."""
+        return (self.q_bands, self.r_bands, self.lam) if self.refine else None
+
+    @property
     def T(self) -> "_Transposed":
         """``W^T`` as a map with the same interface."""
         if self._transposed is None:

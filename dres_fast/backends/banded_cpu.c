@@ -35,17 +35,54 @@ static void solve_chunk(const double *factor, int64_t m, double *z, int64_t w) {
     }
 }
 
+/* One step of iterative refinement of gamma (m x w), the solution of M gamma = b, with the residual in
+ * factored form (dres_fast/_banded.py): gamma += M^{-1} (base + s (Q^T fit - R gamma)), fit = F - lam Q gamma.
+ * Forward: b = s Q^T x, so F = x (passed through `fit` already holding x's rows as float64) and base = 0;
+ * transpose: b = v, F = 0 and base = v. q_bands (3 x m) are Q's unscaled columns, r_bands (2 x m) R's
+ * diagonal and off-diagonal (last entry 0). `fit` has n rows; `res` m rows with two zero rows either side. */
+static void refine_chunk(const double *factor, const double *q_bands, const double *r_bands, double lam,
+                         int64_t m, double *gamma, double *fit, const double *base, double *res, int64_t w) {
+    const double *qa = q_bands, *qb = q_bands + m, *qc = q_bands + 2 * m;
+    const double *rd = r_bands, *ro = r_bands + m, s = 1.0 / (1.0 + lam);
+    for (int64_t j = 0; j < m; ++j) {  /* fit -= lam Q gamma: gamma_j goes to rows j, j+1, j+2 */
+        const double *g = gamma + j * CHUNK;
+        double *f0 = fit + j * CHUNK, *f1 = f0 + CHUNK, *f2 = f1 + CHUNK;
+        const double a = lam * qa[j], b = lam * qb[j], c = lam * qc[j];
+        for (int64_t k = 0; k < w; ++k) { f0[k] -= a * g[k]; f1[k] -= b * g[k]; f2[k] -= c * g[k]; }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+        const double *f0 = fit + j * CHUNK, *f1 = f0 + CHUNK, *f2 = f1 + CHUNK;
+        const double *g = gamma + j * CHUNK, *gu = g - CHUNK, *gd = g + CHUNK; /* zero rows pad gamma */
+        const double *bj = base ? base + j * CHUNK : NULL;
+        const double a = qa[j], b = qb[j], c = qc[j], r0 = rd[j], r1 = ro[j], rm = j >= 1 ? ro[j - 1] : 0.0;
+        double *out = res + j * CHUNK;
+        for (int64_t k = 0; k < w; ++k) {
+            const double value = s * (a * f0[k] + b * f1[k] + c * f2[k] - r0 * g[k] - r1 * gd[k] - rm * gu[k]);
+            out[k] = bj ? bj[k] + value : value;
+        }
+    }
+    solve_chunk(factor, m, res, w);
+    for (int64_t j = 0; j < m; ++j) {
+        double *g = gamma + j * CHUNK;
+        const double *r = res + j * CHUNK;
+        for (int64_t k = 0; k < w; ++k) g[k] += r[k];
+    }
+}
+
 #define DEFINE_BANDED(T, NAME)                                                                              \
 int NAME(const double *factor, const double *stencil, const int64_t *index, const double *chord,             \
-         const double *curvature, const int64_t *gather, int64_t n, int64_t p, int64_t d, const T *x,        \
-         int64_t ld, T *out, int transpose, int threads) {                                                    \
+         const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands,       \
+         double lam, int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out,             \
+         int transpose, int threads) {                                                                        \
     const int64_t m = n - 2, chunks = (d + CHUNK - 1) / CHUNK;                                               \
     const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
     int failed = 0;                                                                                          \
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                         \
     {                                                                                                        \
-        /* z: two zero rows, m rows, two zero rows, then (transpose) n rows of out */                      \
-        double *buffer = (double *)calloc((size_t)(m + 4 + (transpose ? n : 0)) * CHUNK, sizeof(double));   \
+        /* z: two zero rows, m rows, two zero rows, then (transpose) n rows of out; with refinement also   \
+         * res (the same padding), fit (n rows) and (transpose) a copy of v (m rows) */                      \
+        const size_t rows = (size_t)(m + 4 + (transpose ? n : 0) + (refine ? m + 4 + n + (transpose ? m : 0) : 0)); \
+        double *buffer = (double *)calloc(rows * CHUNK, sizeof(double));                                    \
         double *z = buffer ? buffer + 2 * CHUNK : NULL;                                                      \
         if (!buffer) failed = 1;                                                                             \
         _Pragma("omp for schedule(static)")                                                                  \
@@ -60,6 +97,12 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                         row[c] = st0[j] * (double)x0[c] + st1[j] * (double)x1[c] + st2[j] * (double)x2[c];  \
                 }                                                                                            \
                 solve_chunk(factor, m, z, w);                                                                \
+                if (refine) {                                                                                \
+                    double *res = z + (m + 4) * CHUNK, *fit = res + (m + 2) * CHUNK;                         \
+                    for (int64_t i = 0; i < n; ++i)                                                          \
+                        for (int64_t c = 0; c < w; ++c) fit[i * CHUNK + c] = (double)x[i * ld + c0 + c];     \
+                    refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, NULL, res, w);                    \
+                }                                                                                            \
                 for (int64_t r = 0; r < p; ++r) {                                                            \
                     const T *xa = x + index[r] * ld + c0, *xb = xa + ld;                                     \
                     const double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;       \
@@ -74,6 +117,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 }                                                                                            \
             } else {                                                                                         \
                 double *acc = z + (m + 2) * CHUNK; /* out rows, n x CHUNK */                                 \
+                double *res = acc + n * CHUNK + 2 * CHUNK, *fit = res + (m + 2) * CHUNK, *v = fit + n * CHUNK;  \
                 memset(z, 0, sizeof(double) * (size_t)m * CHUNK);                                            \
                 memset(acc, 0, sizeof(double) * (size_t)n * CHUNK);                                          \
                 for (int64_t r = 0; r < p; ++r) {                                                            \
@@ -90,7 +134,12 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                         oa[c] += p0 * g; ob[c] += p1 * g;                                                    \
                     }                                                                                        \
                 }                                                                                            \
+                if (refine) memcpy(v, z, sizeof(double) * (size_t)m * CHUNK);                                \
                 solve_chunk(factor, m, z, w);                                                                \
+                if (refine) {                                                                                \
+                    memset(fit, 0, sizeof(double) * (size_t)n * CHUNK);                                      \
+                    refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, v, res, w);                       \
+                }                                                                                            \
                 for (int64_t j = 0; j < m; ++j) {                                                            \
                     const double *u = z + j * CHUNK;                                                         \
                     double *o0 = acc + j * CHUNK, *o1 = o0 + CHUNK, *o2 = o1 + CHUNK;                        \

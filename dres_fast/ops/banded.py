@@ -18,6 +18,7 @@ is the transposed map, itself a ``_BandedMap``, so derivatives of every order ar
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -77,13 +78,23 @@ def kernel_for(backend: str, device: torch.device, dtype: torch.dtype):
 
 
 def _apply(spline: BandedSpline, transpose: bool, kernel, x: torch.Tensor) -> torch.Tensor:
-    """``W x`` or ``W^T x`` in ``x.dtype``, by ``kernel`` where it applies."""
-    if kernel is None or spline.line is not None or (spline.refine and x.dtype == torch.float64):
-        exact = spline.transpose64 if transpose else spline.forward64  # line, refinement: the torch ops
+    """``W x`` or ``W^T x`` in ``x.dtype``, by ``kernel`` where it applies: every kernel runs the plain
+    solve; one without ``refinement=`` leaves the configurations that need a refinement step (most at a
+    few thousand knots: without it, 6e-5 off at 4096 Chebyshev knots and lam = 1e6) to the torch ops."""
+    refinement = spline.refinement
+    if kernel is None or spline.line is not None or (refinement is not None and not _refines(kernel)):
+        exact = spline.transpose64 if transpose else spline.forward64
         return exact(x.to(torch.float64)).to(x.dtype)
+    extra = {} if refinement is None else {"refinement": refinement}
     if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        return kernel(spline.arrays, x.float(), transpose).to(x.dtype)  # the C kernel reads fp32/fp64
-    return kernel(spline.arrays, x, transpose)
+        return kernel(spline.arrays, x.float(), transpose, **extra).to(x.dtype)  # the C kernel reads fp32/fp64
+    return kernel(spline.arrays, x, transpose, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _refines(kernel) -> bool:
+    """Whether ``kernel`` takes ``refinement=``."""
+    return "refinement" in inspect.signature(kernel).parameters
 
 
 class _BandedMap(torch.autograd.Function):

@@ -39,6 +39,10 @@ REFINE_THRESHOLD = 1e-13
 #: whose Python loop costs the same for one column as for thousands.
 _ROW_SWEEP_MIN_COLUMNS = 32
 
+#: From this many knots the trace's scalar loop runs compiled (``dres_fast.backends.banded_cpu``) when that
+#: library loads: a Python step costs about 0.5 us, and the lam search evaluates the trace 10-25 times.
+_COMPILED_TRACE_MIN_KNOTS = 2048
+
 
 def reinsch_bands(t: np.ndarray):
     """Columns of Q as three diagonals (a, b, c) and the two diagonals of R."""
@@ -237,6 +241,13 @@ class PenalizedSystem:
         bottom up: for :math:`j \ge i`,
         :math:`\Sigma_{ij} = (\delta_{ij}/U_{ii} - U_{i,i+1}\Sigma_{i+1,j} - U_{i,i+2}\Sigma_{i+2,j})/U_{ii}`
         (Hutchinson & de Hoog). O(n) scalar steps."""
+        if self.n >= _COMPILED_TRACE_MIN_KNOTS:
+            from .backends.banded_cpu import trace_sigma_r
+
+            total = trace_sigma_r(self.factor[2], np.append(self.factor[1, 1:], 0.0), np.append(self.factor[0, 2:], [0.0, 0.0]),
+                                  self.r_diag, np.append(self.r_off, 0.0))
+            if total is not None:
+                return 2.0 + total / (1.0 + self.lam)
         diag = self.factor[2].tolist()
         sup1 = self.factor[1, 1:].tolist() + [0.0]  # U[i, i+1], zero past the end
         sup2 = self.factor[0, 2:].tolist() + [0.0, 0.0]  # U[i, i+2]

@@ -248,3 +248,15 @@ def test_masked_submodule_same_on_both_paths(monkeypatch):
             layer(x, src_key_padding_mask=pad)
         losses[path] = reg.loss.detach()
     assert losses["dense"] > 0 and torch.allclose(losses["dense"], losses["banded"], rtol=1e-5, atol=1e-7)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("lam", [1e-12, 1e-6, 1.0, 1e6])
+def test_compiled_trace_is_the_python_loop(lam, monkeypatch):
+    """The lam search's trace runs compiled from 2048 knots: the same recurrence in the same order."""
+    from dres_fast import _banded
+
+    system = _banded.PenalizedSystem(_knots(3000, "chebyshev"), lam)
+    compiled = system.smoother_trace()
+    monkeypatch.setattr(_banded, "_COMPILED_TRACE_MIN_KNOTS", 10**9)
+    assert system.smoother_trace() == compiled

@@ -161,3 +161,20 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
 
 DEFINE_BANDED(double, dres_banded_apply_f64)
 DEFINE_BANDED(float, dres_banded_apply_f32)
+
+/* tr(Sigma R) for Sigma = (U^T U)^{-1} from the band of Sigma, bottom up (Hutchinson & de Hoog): the loop
+ * of dres_fast/_banded.py PenalizedSystem.smoother_trace, same order of operations. diag, sup1, sup2: U_ii,
+ * U_{i,i+1}, U_{i,i+2} (zero past the end); r_diag, r_off: R's diagonal and U-aligned off-diagonal. */
+double dres_trace_sigma_r(const double *diag, const double *sup1, const double *sup2, const double *r_diag,
+                          const double *r_off, int64_t m) {
+    double s11 = 0.0, s12 = 0.0, s22 = 0.0, total = 0.0;
+    for (int64_t i = m - 1; i >= 0; --i) {
+        const double d = diag[i], p = sup1[i], q = sup2[i];
+        const double s02 = -(p * s12 + q * s22) / d;
+        const double s01 = -(p * s11 + q * s12) / d;
+        const double s00 = (1.0 / d - p * s01 - q * s02) / d;
+        total += r_diag[i] * s00 + 2.0 * r_off[i] * s01;
+        s22 = s11; s12 = s01; s11 = s00;
+    }
+    return total;
+}

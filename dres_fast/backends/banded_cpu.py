@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "banded_apply", "library_path"]
+__all__ = ["available", "banded_apply", "library_path", "trace_sigma_r"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "banded_cpu.c")
 _LOCK = threading.Lock()
@@ -71,6 +71,8 @@ def _load():
                     fn.argtypes = ([pointer] * 8 + [ctypes.c_double, ctypes.c_int] + [i64] * 3
                                    + [pointer, i64, pointer, ctypes.c_int, ctypes.c_int])
                     fn.restype = ctypes.c_int
+                library.dres_trace_sigma_r.argtypes = [pointer] * 5 + [i64]
+                library.dres_trace_sigma_r.restype = ctypes.c_double
                 _LIBRARY = library
             except OSError as err:
                 _LIBRARY = f"the compiled CPU kernel is not available: {err}"
@@ -105,3 +107,15 @@ def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None) -> t
     if failed:
         raise MemoryError("banded_apply: could not allocate the per-thread scratch")
     return out
+
+
+def trace_sigma_r(diag, sup1, sup2, r_diag, r_off):
+    """``tr(Sigma R)`` of :meth:`dres_fast._banded.PenalizedSystem.smoother_trace` (same recurrence, same
+    order of operations) for float64 numpy arrays of equal length, or ``None`` without the library."""
+    library = _load()
+    if isinstance(library, str):
+        return None
+    import numpy as np
+
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (diag, sup1, sup2, r_diag, r_off)]
+    return float(library.dres_trace_sigma_r(*(a.ctypes.data for a in arrays), arrays[0].shape[0]))

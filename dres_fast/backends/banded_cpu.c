@@ -16,6 +16,10 @@
 #include <string.h>
 
 #define CHUNK 32
+/* Rows ahead to prefetch: a chunk's rows are d elements apart, each in its own page, where the hardware
+ * prefetcher does not follow; without it the stencil pass waits on memory latency row by row. */
+#define AHEAD 16
+#define PREFETCH_ROW(p) do { __builtin_prefetch(p); __builtin_prefetch((const char *)(p) + 64); } while (0)
 
 /* M^{-1} in place on z (m x w, row stride CHUNK, with two zero rows above and below): U^T z' = z,
  * then U z'' = z'. factor's unused corners (U_{-1,0}, U_{-2,0}, U_{-1,1}) are zero. */
@@ -92,6 +96,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
             if (!transpose) {                                                                                \
                 for (int64_t j = 0; j < m; ++j) {                                                            \
                     const T *x0 = x + j * ld + c0, *x1 = x0 + ld, *x2 = x1 + ld;                             \
+                    if (j + 2 + AHEAD < n) PREFETCH_ROW(x2 + AHEAD * ld);                                    \
                     double *row = z + j * CHUNK;                                                             \
                     for (int64_t c = 0; c < w; ++c)                                                          \
                         row[c] = st0[j] * (double)x0[c] + st1[j] * (double)x1[c] + st2[j] * (double)x2[c];  \
@@ -99,12 +104,18 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 solve_chunk(factor, m, z, w);                                                                \
                 if (refine) {                                                                                \
                     double *res = z + (m + 4) * CHUNK, *fit = res + (m + 2) * CHUNK;                         \
-                    for (int64_t i = 0; i < n; ++i)                                                          \
+                    for (int64_t i = 0; i < n; ++i) {                                                        \
+                        if (i + AHEAD < n) PREFETCH_ROW(x + (i + AHEAD) * ld + c0);                          \
                         for (int64_t c = 0; c < w; ++c) fit[i * CHUNK + c] = (double)x[i * ld + c0 + c];     \
+                    }                                                                                        \
                     refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, NULL, res, w);                    \
                 }                                                                                            \
                 for (int64_t r = 0; r < p; ++r) {                                                            \
                     const T *xa = x + index[r] * ld + c0, *xb = xa + ld;                                     \
+                    if (r + AHEAD < p) {                                                                     \
+                        PREFETCH_ROW(x + (index[r + AHEAD] + 1) * ld + c0);                                  \
+                        __builtin_prefetch(out + (r + AHEAD) * d + c0, 1);                                   \
+                    }                                                                                        \
                     const double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;       \
                     const double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;   \
                     const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                   \
@@ -122,6 +133,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 memset(acc, 0, sizeof(double) * (size_t)n * CHUNK);                                          \
                 for (int64_t r = 0; r < p; ++r) {                                                            \
                     const T *gr = x + r * ld + c0;                                                           \
+                    if (r + AHEAD < p) PREFETCH_ROW(gr + AHEAD * ld);                                        \
                     double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;             \
                     double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;         \
                     double *oa = acc + index[r] * CHUNK, *ob = oa + CHUNK;                                   \
@@ -149,6 +161,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 }                                                                                            \
                 for (int64_t i = 0; i < n; ++i) {                                                            \
                     const double *a = acc + i * CHUNK;                                                       \
+                    if (i + AHEAD < n) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);                   \
                     T *o = out + i * d + c0;                                                                 \
                     for (int64_t c = 0; c < w; ++c) o[c] = (T)a[c];                                          \
                 }                                                                                            \

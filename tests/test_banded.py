@@ -183,6 +183,8 @@ def test_dres_loss_same_on_both_paths(monkeypatch):
 def test_auto_choice(monkeypatch):
     monkeypatch.delenv(banded_path.ENV_VAR, raising=False)
     cpu = torch.device("cpu")
+    # the ops tests above run the fused loss where the CPU kernel builds (else the composed one)
+    assert banded_path._fuses(banded_path.kernel_for("auto", cpu, torch.float32)) == banded_cpu.available()
     expect = "banded" if banded_cpu.available() else "dense"
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     assert banded_path.choose("auto", cpu, 256, 256, banded_path.AUTO_MIN_WIDTH_CPU - 1) == "dense"
@@ -199,16 +201,13 @@ def test_auto_choice(monkeypatch):
 def test_step_uses_the_banded_maps(monkeypatch):
     """With the banded path forced, the step's ops receive BandedSpline maps (and dense ones otherwise)."""
     seen = []
-    real = banded_path.spline_mix
-
-    def spy(spline, x, backend="auto"):
-        seen.append(type(spline).__name__)
-        return real(spline, x, backend)
-
-    monkeypatch.setattr(banded_path, "spline_mix", spy)
+    for name in ("spline_mix", "reconstruction_loss"):
+        real = getattr(banded_path, name)
+        monkeypatch.setattr(banded_path, name, lambda spline, *args, _real=real, _name=name, **kwargs: (
+            seen.append((_name, type(spline).__name__)), _real(spline, *args, **kwargs))[1])
     monkeypatch.setenv(banded_path.ENV_VAR, "banded")
     dres_fast.dres_loss(torch.nn.Linear(8, 8), torch.randn(12, 8))
-    assert seen == ["BandedSpline", "BandedSpline"]  # encoder, then the decoder inside the loss
+    assert seen == [("spline_mix", "BandedSpline"), ("reconstruction_loss", "Tensor")]  # y first, the map third
     seen.clear()
     monkeypatch.setenv(banded_path.ENV_VAR, "dense")
     dres_fast.dres_loss(torch.nn.Linear(8, 8), torch.randn(12, 8))

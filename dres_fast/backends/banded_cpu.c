@@ -1,4 +1,5 @@
-/* The banded spline maps on the CPU: out = W x and out = W^T g (dres_fast/banded.py has the math).
+/* The banded spline maps on the CPU: out = base + scale W x and out = base + scale W^T g (base may be
+ * NULL; dres_fast/banded.py has the math). base = y, scale = -1 gives the loss's residual y - D y_coded.
  *
  * W (p x n) = P + V M^{-1} s Q^T with M = U^T U pentadiagonal. Columns are independent, so each
  * OpenMP task owns a chunk of CHUNK columns and runs the recurrences down the rows for all of them at
@@ -77,7 +78,7 @@ static void refine_chunk(const double *factor, const double *q_bands, const doub
 int NAME(const double *factor, const double *stencil, const int64_t *index, const double *chord,             \
          const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands,       \
          double lam, int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out,             \
-         int transpose, int threads) {                                                                        \
+         const T *base, double scale, int transpose, int threads) {                                           \
     const int64_t m = n - 2, chunks = (d + CHUNK - 1) / CHUNK;                                               \
     const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
     int failed = 0;                                                                                          \
@@ -122,9 +123,12 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                     const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                           \
                     const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
                     T *o = out + r * d + c0;                                                                 \
-                    for (int64_t c = 0; c < w; ++c)                                                          \
-                        o[c] = (T)(p0 * (double)xa[c] + p1 * (double)xb[c] + v0 * g0[c] + v1 * g1[c]         \
-                                   + v2 * g2[c] + v3 * g3[c]);                                               \
+                    const T *b = base ? base + r * d + c0 : NULL;                                            \
+                    for (int64_t c = 0; c < w; ++c) {                                                        \
+                        const double value = scale * (p0 * (double)xa[c] + p1 * (double)xb[c] + v0 * g0[c]  \
+                                                      + v1 * g1[c] + v2 * g2[c] + v3 * g3[c]);              \
+                        o[c] = (T)(b ? (double)b[c] + value : value);                                        \
+                    }                                                                                        \
                 }                                                                                            \
             } else {                                                                                         \
                 double *acc = z + (m + 2) * CHUNK; /* out rows, n x CHUNK */                                 \
@@ -163,7 +167,8 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                     const double *a = acc + i * CHUNK;                                                       \
                     if (i + AHEAD < n) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);                   \
                     T *o = out + i * d + c0;                                                                 \
-                    for (int64_t c = 0; c < w; ++c) o[c] = (T)a[c];                                          \
+                    const T *b = base ? base + i * d + c0 : NULL;                                            \
+                    for (int64_t c = 0; c < w; ++c) o[c] = (T)(b ? (double)b[c] + scale * a[c] : scale * a[c]); \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \

@@ -69,7 +69,7 @@ def _load():
                 for name in _FUNCTIONS.values():
                     fn = getattr(library, name)
                     fn.argtypes = ([pointer] * 8 + [ctypes.c_double, ctypes.c_int] + [i64] * 3
-                                   + [pointer, i64, pointer, ctypes.c_int, ctypes.c_int])
+                                   + [pointer, i64, pointer, pointer, ctypes.c_double, ctypes.c_int, ctypes.c_int])
                     fn.restype = ctypes.c_int
                 library.dres_trace_sigma_r.argtypes = [pointer] * 5 + [i64]
                 library.dres_trace_sigma_r.restype = ctypes.c_double
@@ -84,11 +84,12 @@ def available() -> bool:
     return not isinstance(_load(), str)
 
 
-def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None) -> torch.Tensor:
+def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None, base=None, scale: float = 1.0) -> torch.Tensor:
     """``W x`` (``transpose``: ``W^T x``) for ``arrays = (factor, stencil, index, chord, curvature,
     gather)`` of a spline with ``p`` points and ``n`` knots, and ``x`` ``(n, d)`` (``(p, d)``), float32 or
     float64 on the CPU; returned contiguous in ``x.dtype``. ``refinement = (q_bands, r_bands, lam)``: one
-    step of iterative refinement of the solve (``BandedSpline.refinement``)."""
+    step of iterative refinement of the solve (``BandedSpline.refinement``). With ``base`` (the output's
+    shape and dtype) and ``scale`` it returns ``base + scale W x``, rounded once: ``y - D y_coded`` in one pass."""
     library = _load()
     if isinstance(library, str):
         raise RuntimeError(library)
@@ -98,12 +99,16 @@ def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None) -> t
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((n if transpose else p, d), dtype=x.dtype)
+    if base is not None:
+        base = base.to(x.dtype).contiguous()
+        assert base.shape == out.shape
     q_bands, r_bands, lam = refinement if refinement is not None else (None, None, 0.0)
     failed = getattr(library, _FUNCTIONS[x.dtype])(
         factor.data_ptr(), stencil.data_ptr(), index.data_ptr(), chord.data_ptr(), curvature.data_ptr(),
         gather.data_ptr(), q_bands.data_ptr() if q_bands is not None else None,
         r_bands.data_ptr() if r_bands is not None else None, float(lam), int(refinement is not None),
-        n, p, d, x.data_ptr(), x.stride(0), out.data_ptr(), int(transpose), torch.get_num_threads())
+        n, p, d, x.data_ptr(), x.stride(0), out.data_ptr(), base.data_ptr() if base is not None else None,
+        float(scale), int(transpose), torch.get_num_threads())
     if failed:
         raise MemoryError("banded_apply: could not allocate the per-thread scratch")
     return out

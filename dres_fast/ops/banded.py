@@ -119,15 +119,72 @@ def spline_mix(spline: BandedSpline, x: torch.Tensor, backend: str = "auto") -> 
 
 def reconstruction_loss(y, y_coded, decoder: BandedSpline, reduction: str, backend: str = "auto"):
     """``reduce(|| y - decoder @ y_coded ||^2)`` for 2-D ``y`` and ``y_coded`` (validated by the caller),
-    accumulated in the compute dtype; differentiable (any order) in both."""
+    accumulated in the compute dtype; differentiable (any order) in both. With a kernel that writes
+    ``y - D y_coded`` itself (``base=``, ``scale=``: the CPU kernel), one fused pass each way
+    (:class:`_FusedLoss`); otherwise ``_BandedMap`` and torch ops (:func:`_composed_loss`)."""
+    kernel = kernel_for(backend, y.device, y.dtype)
+    if _fuses(kernel) and (decoder.refinement is None or _refines(kernel)) and decoder.line is None:
+        return _FusedLoss.apply(decoder, kernel, reduction, y, y_coded)
+    return _composed_loss(y, y_coded, decoder, reduction, kernel)
+
+
+def _composed_loss(y, y_coded, decoder, reduction, kernel):
     compute = compute_dtype(y.dtype)
-    residual = y.to(compute) - spline_mix(decoder, y_coded, backend).to(compute)
+    residual = y.to(compute) - _BandedMap.apply(decoder, False, kernel, y_coded).to(compute)
+    return _reduce(residual, reduction).to(loss_dtype(y.dtype))
+
+
+def _reduce(residual: torch.Tensor, reduction: str) -> torch.Tensor:
     squares = residual.square()
     if reduction == "none":
-        value = squares.sum(dim=1)
-    else:
-        value = squares.sum() * (gradient_scale(reduction, residual.numel()) / 2.0)
-    return value.to(loss_dtype(y.dtype))
+        return squares.sum(dim=1)
+    return squares.sum() * (gradient_scale(reduction, residual.numel()) / 2.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _fuses(kernel) -> bool:
+    """Whether ``kernel`` takes ``base=`` and ``scale=`` (returns ``base + scale W x``)."""
+    if kernel is None:
+        return False
+    parameters = inspect.signature(kernel).parameters
+    return "base" in parameters and "scale" in parameters
+
+
+class _FusedLoss(torch.autograd.Function):
+    """The loss with the residual ``r = y - D y_coded`` written by the kernel in one pass (no ``D y_coded``
+    tensor), the reduction by ``vector_norm`` (no ``r^2`` tensor), and a backward that writes ``grad_y = c g r``
+    and ``grad_y_coded = -D^T grad_y`` directly. Under ``create_graph`` the backward recomputes with
+    :func:`_composed_loss`'s differentiable ops, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, decoder, kernel, reduction, y, y_coded):
+        compute = compute_dtype(y.dtype)
+        data = torch.float32 if compute == torch.float32 and y.dtype != torch.float32 else y.dtype
+        extra = {} if decoder.refinement is None else {"refinement": decoder.refinement}
+        residual = kernel(decoder.arrays, y_coded.to(data), False, base=y.to(data), scale=-1.0, **extra)
+        if reduction == "none":
+            value = torch.linalg.vector_norm(residual, dim=1, dtype=compute).square()
+        else:
+            value = torch.linalg.vector_norm(residual, dtype=compute).square()
+            value = value * (gradient_scale(reduction, residual.numel()) / 2.0)
+        ctx.decoder, ctx.kernel, ctx.reduction, ctx.extra = decoder, kernel, reduction, extra
+        ctx.save_for_backward(residual, y, y_coded)
+        return value.to(loss_dtype(y.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        residual, y, y_coded = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the same gradients with differentiable ops
+            compute = compute_dtype(y.dtype)
+            residual = y.to(compute) - _BandedMap.apply(ctx.decoder, False, ctx.kernel, y_coded).to(compute)
+            scale = grad.to(compute) * gradient_scale(ctx.reduction, residual.numel())
+            grad_r = residual * (scale[:, None] if ctx.reduction == "none" else scale)
+            grad_y_coded = _BandedMap.apply(ctx.decoder, True, ctx.kernel, grad_r.to(y_coded.dtype)).neg()
+            return None, None, None, grad_r.to(y.dtype), grad_y_coded
+        scale = grad.to(residual.dtype) * gradient_scale(ctx.reduction, residual.numel())
+        grad_y = residual * (scale[:, None] if ctx.reduction == "none" else scale)
+        grad_y_coded = ctx.kernel(ctx.decoder.arrays, grad_y, True, scale=-1.0, **ctx.extra)
+        return None, None, None, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,7 +28,7 @@ from dres_fast.ops import banded as banded_path
 from dres_fast.smoothing import SmoothingSpec
 
 GRID = [(k, d) for k in (256, 1024, 4096) for d in (2**10, 2**14, 2**18)]
-SMALL_D = [(256, d) for d in (16, 64, 256)] + [(64, d) for d in (64, 1024)] + [(32, 4096)]
+SMALL_D = [(256, d) for d in (16, 64, 256)] + [(128, d) for d in (256, 1024)] + [(64, d) for d in (64, 1024)] + [(32, 4096)]
 #: per mode: largest K * d (elements per tensor) and the largest dense flop count run on the CPU
 CPU_LIMITS = {"smoke": (2**14, 1e9), "quick": (2**22, 6e10), "full": (2**24, 3e11)}
 ISSUE_ROWS = [(1024, 4096), (4096, 1024)]  # issue 20's CPU targets: 5x and 20x
@@ -111,9 +111,10 @@ def table(result: dict, markdown: bool = True) -> str:
     """Markdown table of :func:`run_banded`'s rows (also printed as is on the console)."""
     lines = ["| K = N | d | dense ms (x floor) | banded ms (x floor) | speed-up | auto | auto / dense |",
              "|---|---|---|---|---|---|---|"]
+    ms = lambda value: f"{value:.0f}" if value >= 100 else f"{value:.3g}"  # noqa: E731  (no exponents)
     for r in result["rows"]:
-        dense = f"{r['dense_ms']:.3g} ({r['dense_x_floor']:.1f}x)" if "dense_ms" in r else "not run"
-        banded = f"{r['banded_ms']:.3g} ({r['banded_x_floor']:.1f}x)" if "banded_ms" in r else "failed"
+        dense = f"{ms(r['dense_ms'])} ({r['dense_x_floor']:.1f}x)" if "dense_ms" in r else "not run"
+        banded = f"{ms(r['banded_ms'])} ({r['banded_x_floor']:.1f}x)" if "banded_ms" in r else "failed"
         speed = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
         auto = f"{r['auto_vs_dense']:.2f}" if "auto_vs_dense" in r else "-"
         lines.append(f"| {r['K']} | {r['d']} | {dense} | {banded} | {speed} | {r['auto']} | {auto} |")

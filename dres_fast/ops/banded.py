@@ -32,12 +32,12 @@ __all__ = ["PATHS", "ENV_VAR", "choose", "spline_mix", "reconstruction_loss", "k
 
 PATHS = ("auto", "dense", "banded")
 ENV_VAR = "DRES_SPLINE_PATH"
-#: ``"auto"`` takes the banded path on the CPU (compiled kernel) when the dense product has at least this
-#: many multiply-adds per output element, ``K`` (the banded path costs about 30 float64 flops per element
-#: whatever ``K``), and the data is at least this wide: from ``python -m bench.banded`` on the 2-core CPU VM
-#: (docs/benchmarks.md, "Banded spline path"), where the banded path is faster from K = 32, d = 64 up.
-AUTO_MIN_SAMPLES_CPU = 32
-AUTO_MIN_WIDTH_CPU = 64
+#: ``"auto"`` takes the banded path on the CPU (compiled kernel) when both batches have at least this many
+#: samples and the data is at least this wide. From ``python -m bench.banded`` on the 2-core CPU VM, one
+#: thread (docs/bench_cpu/banded.json): at K = N = 256 the banded path was 0.9x dense at d = 64, 1.2x at
+#: d = 256 and 1.6x at d = 1024; at K = N = 64 it lost (0.6x at d = 64 and 1024), at K = 32, d = 4096 too.
+AUTO_MIN_SAMPLES_CPU = 256
+AUTO_MIN_WIDTH_CPU = 256
 
 
 def path_setting() -> str:

@@ -7,6 +7,9 @@ registers its two backend functions of docs/ARCHITECTURE.md as torch.library ops
 - ``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)``: the DReS discrepancy and both
   gradients in one pass (``kernels/reconstruction_loss.py``)
 
+and ``banded_apply(arrays, x, transpose)``: a smoothing spline map ``W`` or ``W^T`` applied from the O(n + p)
+coefficients of :class:`dres_fast.banded.BandedSpline` (``kernels/banded.py``; not yet registered as an op).
+
 ``OP_FACTORY`` is ``torch.library.triton_op`` where torch has it (torch >= 2.6) and the kernels are
 compiled for a GPU: the launchers use only fake-tensor-safe torch ops plus ``wrap_triton`` launches, so
 ``torch.compile`` traces into the kernels. Under the Triton interpreter (CPU tests) and on older torch it
@@ -16,9 +19,11 @@ is ``torch.library.custom_op``: an opaque op with the registry's fake implementa
 import sys
 
 if __name__ == "dres_fast.kernels":
-    from ._api import CPU_WITHOUT_INTERPRETER, INTERPRET, OP_FACTORY, is_available, reconstruction_loss, spline_mix
+    from ._api import (CPU_WITHOUT_INTERPRETER, INTERPRET, OP_FACTORY, banded_apply, is_available, reconstruction_loss,
+                       spline_mix)
 
-    __all__ = ["spline_mix", "reconstruction_loss", "OP_FACTORY", "is_available", "INTERPRET", "CPU_WITHOUT_INTERPRETER"]
+    __all__ = ["spline_mix", "reconstruction_loss", "banded_apply", "OP_FACTORY", "is_available", "INTERPRET",
+               "CPU_WITHOUT_INTERPRETER"]
 else:  # pragma: no cover - exercised in a subprocess by tests/test_layout.py
     # Found as a bare ``kernels``: the clone's root is on sys.path (scripts and pytest run from there). That
     # name belongs to another package (Hugging Face's ``kernels``, which ``transformers`` imports), so step

@@ -9,6 +9,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = exc
 
 if _IMPORT_ERROR is None:
+    from .banded import banded_apply
     from .reconstruction_loss import reconstruction_loss
     from .spline_mix import CPU_WITHOUT_INTERPRETER, INTERPRET, spline_mix
 else:  # pragma: no cover
@@ -19,7 +20,7 @@ else:  # pragma: no cover
         raise RuntimeError(f"the Triton backend needs the package 'triton' (pip install triton): "
                            f"{_IMPORT_ERROR!r}")
 
-    spline_mix = reconstruction_loss = _missing
+    spline_mix = reconstruction_loss = banded_apply = _missing
 
 
 def _pick_op_factory():
@@ -50,4 +51,4 @@ def is_available(device=None):
     return True, ""
 
 
-__all__ = ["spline_mix", "reconstruction_loss", "OP_FACTORY", "is_available", "INTERPRET"]
+__all__ = ["spline_mix", "reconstruction_loss", "banded_apply", "OP_FACTORY", "is_available", "INTERPRET"]

@@ -27,6 +27,8 @@ from dres_fast.cache import default_cache
 from dres_fast.ops import banded as banded_path
 from dres_fast.smoothing import SmoothingSpec
 
+import reference as ref
+
 #: float64 agreement with the dense weights. Both apply the same factor with one refinement step; at
 #: large lam on 1024 clustered knots each is off the exact map by ~4e-12 (a 3-step refined solve), so
 #: they differ by that much there.
@@ -259,3 +261,38 @@ def test_compiled_trace_is_the_python_loop(lam, monkeypatch):
     compiled = system.smoother_trace()
     monkeypatch.setattr(_banded, "_COMPILED_TRACE_MIN_KNOTS", 10**9)
     assert system.smoother_trace() == compiled
+
+
+INTERPRETER_SLOW = pytest.mark.slow  # about 15 s a case in Triton's interpreter
+
+
+@pytest.mark.parametrize("lam,dtype", [(1e-4, torch.float32), pytest.param(1e-4, torch.float64, marks=INTERPRETER_SLOW),
+                                       pytest.param(1e-4, torch.float16, marks=INTERPRETER_SLOW),
+                                       (1e6, torch.float64), (1e6, torch.float32), (1e6, torch.float16)])
+@pytest.mark.parametrize("backend", ref.backend_params("triton", "cuda"))
+def test_kernel_backends_through_the_ops(backend, lam, dtype):
+    """Both ops on banded maps through each kernel backend, forward and backward (non-unit incoming
+    gradients, every reduction), against the torch backend's banded path; a refined configuration (lam = 1e6
+    at 80 knots) goes to the kernel where it refines (CUDA) and to the torch ops where it does not (Triton)."""
+    device = ref.backend_device(backend)
+    encoder = BandedSpline(_knots(80, "chebyshev"), _knots(29, "lobatto"), lam, device)
+    decoder = BandedSpline(_knots(29, "lobatto"), _knots(80, "chebyshev"), lam, device)
+    assert encoder.refine == (lam > 1)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(80, 37, generator=gen, dtype=torch.float64), torch.randn(80, 37, generator=gen, dtype=torch.float64)
+    y_coded, grad_mix = torch.randn(29, 37, generator=gen, dtype=torch.float64), torch.randn(29, 37, generator=gen, dtype=torch.float64)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3}[dtype]
+    for reduction in ("mean", "sum", "none"):
+        results = []
+        for name in (backend, "torch"):
+            on = "cpu" if name == "torch" else device
+            maps = (encoder, decoder) if on == device else tuple(BandedSpline(*a, lam) for a in (
+                (_knots(80, "chebyshev"), _knots(29, "lobatto")), (_knots(29, "lobatto"), _knots(80, "chebyshev"))))
+            leaves = [t.to(on, dtype).requires_grad_() for t in (x, y, y_coded)]
+            mixed = ops.spline_mix(maps[0], leaves[0], backend=name)
+            loss = ops.reconstruction_loss(leaves[1], leaves[2], maps[1], reduction, backend=name)
+            weight = torch.linspace(0.3, 1.7, loss.numel(), dtype=loss.dtype, device=on).reshape(loss.shape)
+            torch.autograd.backward([mixed, loss], [grad_mix.to(on, dtype), weight])
+            results.append([t.detach().cpu() for t in [mixed, loss] + [leaf.grad for leaf in leaves]])
+        for what, got, want in zip(["mix", "loss", "grad x", "grad y", "grad y_coded"], *results):
+            assert _rel(got, want) < tol, (reduction, what)

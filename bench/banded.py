@@ -39,8 +39,10 @@ def cases(device: str, mode: str):
     if mode == "smoke":
         return [(64, 256, True)], {}
     rows = sorted(set(GRID + SMALL_D + ISSUE_ROWS))
-    if device.startswith("cuda"):
-        return [(k, d, True) for k, d in rows], {}
+    if device.startswith("cuda"):  # quick (bench/gpu_check.sh): rows up to 2^28 elements (1 GiB fp32 tensors)
+        limit = 2**28 if mode == "quick" else 2**31
+        return ([(k, d, True) for k, d in rows if k * d <= limit],
+                {f"K=N={k}, d={d}": "over this mode's GPU limit" for k, d in rows if k * d > limit})
     max_elements, max_flops = CPU_LIMITS[mode]
     run, skipped = [], {}
     for k, d in rows:

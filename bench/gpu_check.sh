@@ -20,6 +20,8 @@
 #            test costs its worker, not the run; without it, one pytest process per file
 #   kernels  python -m bench.kernels --sweep: reconstruction_loss, then spline_mix rows, every backend, fp32
 #            and bf16, d = 10 .. 2^20 at K = N = 256 and K = N = 4096 at d = 10 and 1000 (JSON after every row)
+#   banded*  python -m bench.banded --device cuda --quick: dense vs banded spline paths, K = N in {256, 1024,
+#            4096} x d in {2^10, 2^14, 2^18} (rows over 2^28 elements left out), JSON at the end
 #   dots*    python -m bench.dot_modes: fp32 dot modes (ieee, tf32x3) and the fp16/bf16 split dots, d = 2^16
 #   overhead python -m bench.call_overhead: host cost of one small-d forward + backward per backend and road
 #   cold     python -m bench.cold_start: a fresh process's first DReS step with an empty Triton cache
@@ -41,9 +43,9 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
 
-ORDER=(probe deps install build cpp tests kernels dots overhead cold steps compile)
+ORDER=(probe deps install build cpp tests kernels banded dots overhead cold steps compile)
 DEFAULT_STEPS="deps install build tests kernels overhead cold compile"
-declare -A CAP=([probe]=15 [deps]=15 [install]=20 [build]=90 [cpp]=75 [tests]=100 [kernels]=70 [dots]=45
+declare -A CAP=([probe]=15 [deps]=15 [install]=20 [build]=90 [cpp]=75 [tests]=100 [kernels]=70 [banded]=60 [dots]=45
                 [overhead]=30 [cold]=60 [steps]=100 [compile]=20)
 GRACE=5          # seconds between a step's SIGINT and its SIGKILL, inside its cap
 MIN_STEP=10      # a step with less time than this left is not started
@@ -89,7 +91,7 @@ else
 fi
 mkdir -p "$OUT_DIR" "$LOG_DIR" || exit 1
 LIVE="$OUT_DIR/live.log"
-rm -f "$LIVE" "$OUT_DIR"/{kernels,compile,cold}.json "$OUT_DIR"/*.tmp
+rm -f "$LIVE" "$OUT_DIR"/{kernels,compile,cold,banded}.json "$OUT_DIR"/*.tmp
 unset TRITON_INTERPRET          # compiled kernels, never the interpreter
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -242,7 +244,8 @@ step_cpp() { "$PY" -m bench.cpp_throw_probe; }
 # not hide the others on a scarce device. The CPU-toolchain, multi-process and slow tests ran in CI.
 TEST_FILES="tests/test_reconstruction_loss.py tests/test_spline_mix.py tests/test_triton_backend.py
 tests/test_cuda_backend.py tests/test_cuda_adapter.py tests/test_kernel_paths.py tests/test_eager_path.py
-tests/test_training_loops.py tests/test_compile.py"
+tests/test_training_loops.py tests/test_compile.py tests/test_banded.py tests/test_banded_triton.py
+tests/test_banded_cuda.py"
 export TEST_FILES
 step_tests() {
     local -a files opts=(-q -rfE -p no:cacheprovider -m "not slow" -k "not broken_file")
@@ -263,6 +266,7 @@ step_tests() {
 }
 
 step_kernels() { "$PY" -m bench.kernels --device cuda "--$KERNELS_MODE" --compile skip --out "$OUT_DIR/kernels.json"; }
+step_banded() { "$PY" -m bench.banded --device cuda --quick --out "$OUT_DIR/banded.json"; }
 step_dots() { "$PY" -m bench.dot_modes --out "$LOG_DIR/dots.json"; }
 step_overhead() { "$PY" -m bench.call_overhead --device cuda --out "$LOG_DIR/overhead.json"; }
 step_cold() {  # three cases, each a fresh process: a third of the step's time each

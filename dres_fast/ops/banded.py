@@ -53,7 +53,9 @@ def choose(backend: str, device: torch.device, num_samples: int, num_coded: int,
     setting = os.environ.get(ENV_VAR)
     if setting:
         return path_setting()
-    if width < AUTO_MIN_WIDTH_CPU or device.type != "cpu" or resolve_backend(backend, device) != "torch" or not _cpu_kernel_available():
+    if width < AUTO_MIN_WIDTH_CPU or device.type != "cpu" or resolve_backend(backend, device) != "torch":
+        return "dense"
+    if not _cpu_kernel_available():
         return "dense"
     return "banded" if min(num_samples, num_coded) >= AUTO_MIN_SAMPLES_CPU else "dense"
 

@@ -20,22 +20,29 @@ One program owns ``BLOCK_D`` columns (grid ``cdiv(d, BLOCK_D)``) and runs every 
 reads another's data and no atomics are needed; phases meet through a float64 scratch in global memory (the
 program's own columns, ``(m, d)``; the transpose adds ``(n, d)`` for ``P^T g``) with a CTA barrier between
 phases. The recurrences are sequential along the rows, so they are latency-bound per program: rows are taken
-``CHUNK`` at a time, one 2-D load per chunk (all its loads in flight together, issued a chunk ahead so they
-overlap the previous chunk's recurrence); the recurrence steps through the chunk in registers (``_pick``: a
-thread holds its column's ``CHUNK`` rows, so picking a row is a register choice) and the chunk's results go
-out in one 2-D store. The evaluation ``out_r`` (forward) and the final stencil (transpose) are parallel over
-rows: ``BLOCK_R``-row tiles. Narrow data (d below ~32 x the multiprocessors) leaves most of the GPU idle.
+``CHUNK`` at a time, the chunk's row loads issued together a chunk ahead (a tuple of rows held across the step,
+so they overlap the previous chunk's recurrence); the recurrence steps through the chunk in registers and its
+results are stored after its last row (no store between a chunk's coefficient loads, which the compiler may
+then issue together). The evaluation ``out_r`` (forward) and the final stencil (transpose) are parallel over
+rows: ``BLOCK_R`` rows per step, their loads first. Narrow data (d below ~32 x the multiprocessors) leaves most
+of the GPU idle.
 
-The transpose's scatter steps through the rows of ``g`` in order and keeps the six target rows of the current
-row (4 of ``v``, 2 of ``P^T g``) in registers while the next rows have the same targets (sorted points: every
-point of one knot interval), so memory is read-modified-written once per run of equal targets: once per
-interval for sorted points (p >> n: few), once per row otherwise (p <= n or unsorted points: one dependent
-memory round trip per row). Duplicate targets within a row (clipped ``gather`` entries) are merged first.
+The transpose's scatter steps through the rows of ``g`` in order (``SCATTER_CHUNK`` rows' loads at a time) and
+keeps the sums for the six target rows of the current row (4 of ``v``, 2 of ``P^T g``) in registers while the
+next rows have the same targets (sorted points: every point of one knot interval), so memory is
+read-modified-written (a branch on the scalar targets) once per run of equal targets: once per interval for
+sorted points (p >> n: few), once per row otherwise (p <= n or unsorted points: one dependent memory round
+trip per row). Duplicate targets within a row (clipped ``gather`` entries) are merged first.
 
-``BLOCK_D = 32 num_warps``: one column per thread in every phase (the columns are declared non-contiguous,
-``_columns``, so no tile spreads a column's rows over threads), so a thread only ever reads what it wrote
-itself (in-place sweeps, read-modify-write scatter, the gathers of ``gamma``); the barriers between phases are
-belt and braces. ``BLOCK_D`` changes neither the arithmetic nor its order: results do not depend on it.
+Only 1-D ``(BLOCK_D,)`` rows and scalar coefficients, no 2-D tiles: ``BLOCK_D = 32 num_warps``, one column per
+thread in every phase (the columns are declared non-contiguous, ``_columns``, so loads get no per-thread
+vectors), so a thread only ever reads what it wrote itself (in-place sweeps, read-modify-write scatter, the
+gathers of ``gamma``); the barriers between phases are belt and braces. ``BLOCK_D`` changes neither the
+arithmetic nor its order: results do not depend on it. (2-D ``(rows, BLOCK_D)`` tiles with a register pick per
+row depend on the compiler's choice of layout: Triton 3.6 puts such a tile's rows on threads (its order for
+equal contiguity), so every row pick became a cross-thread reduction and every vector 8 registers per thread;
+the transpose spilled at 255 registers. Now: no spills, at most 128 registers on Triton 3.6 (sm_90), 161 on
+Triton 3.9 (sm_80), .ci/triton_compile.py.)
 
 Precision
 ---------
@@ -54,33 +61,44 @@ import triton.language as tl
 
 from ._common import INTERPRET, check_device, device_guard, launch, multiprocessors
 
-CHUNK = 8  # rows per step of a sweep
-SCATTER_CHUNK = 4  # rows of g per step of the transpose's scatter (12 coefficient tiles: registers)
-BLOCK_R = 8  # rows per tile of the parallel phases
+CHUNK = 8  # rows per step of a sweep (loaded a step ahead)
+SCATTER_CHUNK = 4  # rows of g per step of the transpose's scatter (their coefficients loaded together)
+BLOCK_R = 4  # rows per step of the parallel phases (loads of the step's rows together, then the stores)
 
 
 @triton.jit
 def _columns(BLOCK_D: tl.constexpr):
-    """The program's columns (int64), declared non-contiguous: memory ops then get no per-thread vectors, so a
-    ``(CHUNK, BLOCK_D)`` tile puts a column's rows in one thread (threads along the columns) and ``_pick`` is a
-    register choice. With vectors of 4 fp32 the tile would spread its rows over 4 threads and every pick would
-    be a cross-thread reduction (registers, shared memory, conversions)."""
+    """The program's columns (int64), declared non-contiguous: memory ops then get no per-thread vectors, so
+    every ``(BLOCK_D,)`` row keeps the one-column-per-thread layout of the arithmetic (no conversions)."""
     return tl.max_contiguous(tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D), 1)
 
 
 @triton.jit
-def _pick(tile, rowid, j):
-    """Row ``j`` of a ``(CHUNK, BLOCK_D)`` tile as a ``(BLOCK_D,)`` vector."""
-    return tl.sum(tl.where(rowid[:, None] == j, tile, 0), axis=0)
+def _both(mask, cond):
+    """``mask & cond`` for a ``(BLOCK_D,)`` mask and a scalar condition, as a boolean mask also in the
+    interpreter (there ``&`` with a scalar or a Python bool gives int32, which it refuses as a mask)."""
+    return tl.where(cond, mask, False)
 
 
 @triton.jit
-def _chunk(ptr, c0, stride_r, cols_s, col_ok, m, rowid, shift: tl.constexpr):
-    """Rows ``c0 + shift .. c0 + shift + CHUNK - 1`` of a ``(rows, BLOCK_D)`` operand in its own dtype, rows whose
-    ``c0 + j`` is outside ``0 .. m-1`` as 0."""
-    rows = (c0 + rowid).to(tl.int64)
-    ok = ((rows >= 0) & (rows < m))[:, None] & col_ok[None, :]
-    return tl.load(ptr + (rows + shift)[:, None] * stride_r + cols_s[None, :], mask=ok, other=0.0)
+def _rows(ptr, c0, stride_r, cols_s, col_ok, m, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
+    """Rows ``c0 + SHIFT + j`` (``j < CHUNK``) of a ``(rows, d)`` operand in its own dtype, a tuple of
+    ``(BLOCK_D,)`` rows; rows whose ``c0 + j`` is outside ``0 .. m-1`` as 0."""
+    tile = ()
+    for j in tl.static_range(CHUNK):
+        i = c0 + j
+        ok = _both(_both(col_ok, i >= 0), i < m)
+        tile = tile + (tl.load(ptr + tl.cast(i + SHIFT, tl.int64) * stride_r + cols_s, mask=ok, other=0.0),)
+    return tile
+
+
+@triton.jit
+def _store_rows(ptr, r0, rows, stride_r, cols, col_ok, limit, R: tl.constexpr):
+    """Rows ``r0 .. r0 + R - 1`` (those below ``limit``) of ``ptr`` from the tuple ``rows`` (float64)."""
+    for j in tl.static_range(R):
+        r = r0 + j
+        tl.store(ptr + tl.cast(r, tl.int64) * stride_r + cols, rows[j].to(ptr.dtype.element_ty),
+                 mask=_both(col_ok, r < limit))
 
 
 @triton.jit
@@ -89,21 +107,21 @@ def _lower_sweep(src_ptr, stride_sr, stride_sd, z_ptr, stride_z, factor_ptr, ste
     """``z = U^{-T} rhs`` into ``z_ptr`` (rows 0..m-1). ``FROM_STENCIL``: ``rhs = s Q^T x`` from ``x`` at
     ``src_ptr`` (``n`` rows, data dtype); else ``rhs`` is the scratch at ``src_ptr`` (may be ``z_ptr``: the
     chunk loaded ahead is never one being written). Each step loads the next chunk before working through its
-    own, so the load's latency overlaps the recurrence. ``SHIFT``: 2 with ``FROM_STENCIL`` (the chunk's rows of
-    ``x`` are ``x_{i+2}``), else 0."""
-    rowid = tl.arange(0, CHUNK)
+    own, so the load's latency overlaps the recurrence; its results are stored after its last row, so no store
+    sits between its coefficient loads. ``SHIFT``: 2 with ``FROM_STENCIL`` (the chunk's rows of ``x`` are
+    ``x_{i+2}``), else 0."""
     cols_s = cols * stride_sd
     z1 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # z_{i-1}
-    z2 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # z_{i-2}
+    z2 = z1  # z_{i-2}
     xa = z1  # x_i, x_{i+1} (FROM_STENCIL)
     xb = z1
     if FROM_STENCIL:
         xa = tl.load(src_ptr + cols_s, mask=col_ok, other=0.0).to(tl.float64)
         xb = tl.load(src_ptr + stride_sr + cols_s, mask=col_ok, other=0.0).to(tl.float64)
-    tile = _chunk(src_ptr, 0, stride_sr, cols_s, col_ok, m, rowid, SHIFT)
+    tile = _rows(src_ptr, 0, stride_sr, cols_s, col_ok, m, SHIFT, CHUNK)
     for c0 in range(0, m, CHUNK):
-        ahead = _chunk(src_ptr, c0 + CHUNK, stride_sr, cols_s, col_ok, m, rowid, SHIFT)
-        z_tile = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float64)
+        ahead = _rows(src_ptr, c0 + CHUNK, stride_sr, cols_s, col_ok, m, SHIFT, CHUNK)
+        zs = ()
         for j in tl.static_range(CHUNK):
             i = c0 + j
             inside = i < m
@@ -114,47 +132,41 @@ def _lower_sweep(src_ptr, stride_sr, stride_sd, z_ptr, stride_z, factor_ptr, ste
                 s0 = tl.load(stencil_ptr + i, mask=inside, other=0.0)
                 s1 = tl.load(stencil_ptr + m + i, mask=inside, other=0.0)
                 s2 = tl.load(stencil_ptr + 2 * m + i, mask=inside, other=0.0)
-                xc = _pick(tile, rowid, j).to(tl.float64)
+                xc = tile[j].to(tl.float64)
                 rhs = s0 * xa + s1 * xb + s2 * xc
                 xa = xb
                 xb = xc
             else:
-                rhs = _pick(tile, rowid, j).to(tl.float64)
+                rhs = tile[j].to(tl.float64)
             z = (rhs - f1 * z1 - f2 * z2) * f0
-            z_tile = tl.where(rowid[:, None] == j, z[None, :], z_tile)
+            zs = zs + (z,)
             z2 = z1
             z1 = z
-        rows = (c0 + rowid).to(tl.int64)
-        ok = (rows < m)[:, None] & col_ok[None, :]
-        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], z_tile.to(z_ptr.dtype.element_ty), mask=ok)
+        _store_rows(z_ptr, c0, zs, stride_z, cols, col_ok, m, CHUNK)
         tile = ahead
 
 
 @triton.jit
 def _upper_sweep(z_ptr, stride_z, factor_ptr, m, cols, col_ok, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     """``gamma = U^{-1} z`` in place (rows m-1 .. 0), chunks from the last, the next one loaded ahead."""
-    rowid = tl.arange(0, CHUNK)
     g1 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # gamma_{i+1}
-    g2 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # gamma_{i+2}
+    g2 = g1  # gamma_{i+2}
     num_chunks = tl.cdiv(m, CHUNK)
-    tile = _chunk(z_ptr, (num_chunks - 1) * CHUNK, stride_z, cols, col_ok, m, rowid, 0)
+    tile = _rows(z_ptr, (num_chunks - 1) * CHUNK, stride_z, cols, col_ok, m, 0, CHUNK)
     for c in range(0, num_chunks):
         c0 = (num_chunks - 1 - c) * CHUNK
-        ahead = _chunk(z_ptr, c0 - CHUNK, stride_z, cols, col_ok, m, rowid, 0)
-        g_tile = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float64)
-        for jj in tl.static_range(CHUNK):
-            j = CHUNK - 1 - jj
+        ahead = _rows(z_ptr, c0 - CHUNK, stride_z, cols, col_ok, m, 0, CHUNK)
+        gs = ()
+        for j in tl.static_range(CHUNK - 1, -1, -1):
             i = c0 + j
             f0 = tl.load(factor_ptr + i, mask=i < m, other=0.0)  # 0 past the end: gamma = 0 there
             f1 = tl.load(factor_ptr + m + i + 1, mask=i + 1 < m, other=0.0)
             f2 = tl.load(factor_ptr + 2 * m + i + 2, mask=i + 2 < m, other=0.0)
-            g = (_pick(tile, rowid, j).to(tl.float64) - f1 * g1 - f2 * g2) * f0
-            g_tile = tl.where(rowid[:, None] == j, g[None, :], g_tile)
+            g = (tile[j].to(tl.float64) - f1 * g1 - f2 * g2) * f0
+            gs = (g,) + gs  # gs[j]: row c0 + j
             g2 = g1
             g1 = g
-        rows = (c0 + rowid).to(tl.int64)
-        ok = (rows < m)[:, None] & col_ok[None, :]
-        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :], g_tile.to(z_ptr.dtype.element_ty), mask=ok)
+        _store_rows(z_ptr, c0, gs, stride_z, cols, col_ok, m, CHUNK)
         tile = ahead
 
 
@@ -176,21 +188,22 @@ def _banded_forward_kernel(
     tl.debug_barrier()
     cols_x = cols * stride_xd
     for r0 in range(0, p, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < p
-        ok = row_ok[:, None] & col_ok[None, :]
-        idx = tl.load(index_ptr + rows, mask=row_ok, other=0)
-        x_at = x_ptr + idx[:, None] * stride_xr + cols_x[None, :]
-        acc = tl.load(chord_ptr + 2 * rows, mask=row_ok, other=0.0)[:, None] * \
-            tl.load(x_at, mask=ok, other=0.0).to(tl.float64)
-        acc += tl.load(chord_ptr + 2 * rows + 1, mask=row_ok, other=0.0)[:, None] * \
-            tl.load(x_at + stride_xr, mask=ok, other=0.0).to(tl.float64)
-        for k in tl.static_range(4):
-            col = tl.load(gather_ptr + 4 * rows + k, mask=row_ok, other=0)
-            weight = tl.load(curv_ptr + 4 * rows + k, mask=row_ok, other=0.0)
-            gamma = tl.load(z_ptr + col[:, None] * stride_z + cols[None, :], mask=ok, other=0.0)
-            acc += weight[:, None] * gamma.to(tl.float64)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        accs = ()
+        for rr in tl.static_range(BLOCK_R):
+            r = r0 + rr
+            row_ok = r < p
+            ok = _both(col_ok, row_ok)
+            x_at = x_ptr + tl.load(index_ptr + r, mask=row_ok, other=0) * stride_xr + cols_x
+            acc = tl.load(chord_ptr + 2 * r, mask=row_ok, other=0.0) * \
+                tl.load(x_at, mask=ok, other=0.0).to(tl.float64)
+            acc += tl.load(chord_ptr + 2 * r + 1, mask=row_ok, other=0.0) * \
+                tl.load(x_at + stride_xr, mask=ok, other=0.0).to(tl.float64)
+            for k in tl.static_range(4):
+                col = tl.load(gather_ptr + 4 * r + k, mask=row_ok, other=0)
+                weight = tl.load(curv_ptr + 4 * r + k, mask=row_ok, other=0.0)
+                acc += weight * tl.load(z_ptr + col * stride_z + cols, mask=ok, other=0.0).to(tl.float64)
+            accs = accs + (acc,)
+        _store_rows(out_ptr, r0, accs, d, cols, col_ok, p, BLOCK_R)
 
 
 @triton.jit
@@ -221,6 +234,21 @@ def _flush(v_ptr, pg_ptr, stride, cols, mask, idx, k0, k1, k2, k3, a0, a1, a2, a
 
 
 @triton.jit
+def _scatter_row(g_ptr, r, p, stride_gr, cols_g, col_ok, index_ptr, chord_ptr, curv_ptr, gather_ptr):
+    """Row ``r`` of ``g`` (float64) and its coefficients (scalars): ``(g_r, index, gather[4], chord[2],
+    curvature[4])``; past ``p``: targets -1 and weights 0."""
+    ok = r < p
+    g_r = tl.load(g_ptr + tl.cast(r, tl.int64) * stride_gr + cols_g, mask=_both(col_ok, ok), other=0.0)
+    return (g_r.to(tl.float64),
+            tl.load(index_ptr + r, mask=ok, other=-1),
+            tl.load(gather_ptr + 4 * r, mask=ok, other=-1), tl.load(gather_ptr + 4 * r + 1, mask=ok, other=-1),
+            tl.load(gather_ptr + 4 * r + 2, mask=ok, other=-1), tl.load(gather_ptr + 4 * r + 3, mask=ok, other=-1),
+            tl.load(chord_ptr + 2 * r, mask=ok, other=0.0), tl.load(chord_ptr + 2 * r + 1, mask=ok, other=0.0),
+            tl.load(curv_ptr + 4 * r, mask=ok, other=0.0), tl.load(curv_ptr + 4 * r + 1, mask=ok, other=0.0),
+            tl.load(curv_ptr + 4 * r + 2, mask=ok, other=0.0), tl.load(curv_ptr + 4 * r + 3, mask=ok, other=0.0))
+
+
+@triton.jit
 def _banded_transpose_kernel(
     g_ptr, out_ptr, v_ptr, pg_ptr,
     factor_ptr, stencil_ptr, index_ptr, chord_ptr, curv_ptr, gather_ptr,
@@ -233,10 +261,9 @@ def _banded_transpose_kernel(
     stride = d  # of both scratches (zeroed by the launcher); row offsets are int64
     cols_g = cols * stride_gd
 
-    # 1. v = V^T g, pg = P^T g: the targets of the current interval stay in registers
-    rowid = tl.max_contiguous(tl.arange(0, SCATTER_CHUNK), 1)  # no row vectors either (see _columns)
-    lane0 = (cols * 0)[None, :]  # broadcast the rows' coefficients over the program's columns
-    cur = tl.full((BLOCK_D,), -1, tl.int64)  # the current targets (-1: none yet)
+    # 1. v = V^T g, pg = P^T g: the targets (scalars: the same for every column) and the sums of the current
+    # run of rows with equal targets stay in registers; a run's sums are added to memory when it ends
+    cur = tl.full((), -1, tl.int64)  # the current targets (-1: none yet)
     ck0 = cur
     ck1 = cur
     ck2 = cur
@@ -248,45 +275,28 @@ def _banded_transpose_kernel(
     q0 = a0
     q1 = a0
     for r0 in range(0, p, SCATTER_CHUNK):
-        rows = (r0 + rowid).to(tl.int64)
-        row_ok = rows < p
-        tile_ok = row_ok[:, None] & (lane0 == 0)
-        g_tile = tl.load(g_ptr + rows[:, None] * stride_gr + cols_g[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float64)
-        at = rows[:, None] + lane0
-        idx_t = tl.load(index_ptr + at, mask=tile_ok, other=-1)  # past p: targets -1, flushed below
-        ch0_t = tl.load(chord_ptr + 2 * at, mask=tile_ok, other=0.0)
-        ch1_t = tl.load(chord_ptr + 2 * at + 1, mask=tile_ok, other=0.0)
-        k0_t = tl.load(gather_ptr + 4 * at, mask=tile_ok, other=-1)
-        k1_t = tl.load(gather_ptr + 4 * at + 1, mask=tile_ok, other=-1)
-        k2_t = tl.load(gather_ptr + 4 * at + 2, mask=tile_ok, other=-1)
-        k3_t = tl.load(gather_ptr + 4 * at + 3, mask=tile_ok, other=-1)
-        c0_t = tl.load(curv_ptr + 4 * at, mask=tile_ok, other=0.0)
-        c1_t = tl.load(curv_ptr + 4 * at + 1, mask=tile_ok, other=0.0)
-        c2_t = tl.load(curv_ptr + 4 * at + 2, mask=tile_ok, other=0.0)
-        c3_t = tl.load(curv_ptr + 4 * at + 3, mask=tile_ok, other=0.0)
+        step = ()  # the step's loads first: no flush's store sits between them
         for j in tl.static_range(SCATTER_CHUNK):
-            gr = _pick(g_tile, rowid, j)
-            idx = _pick(idx_t, rowid, j)
-            k0 = _pick(k0_t, rowid, j)
-            k1 = _pick(k1_t, rowid, j)
-            k2 = _pick(k2_t, rowid, j)
-            k3 = _pick(k3_t, rowid, j)
+            step = step + (_scatter_row(g_ptr, r0 + j, p, stride_gr, cols_g, col_ok, index_ptr, chord_ptr,
+                                        curv_ptr, gather_ptr),)
+        for j in tl.static_range(SCATTER_CHUNK):
+            gr, idx, k0, k1, k2, k3, h0, h1, c0, c1, c2, c3 = step[j]
             new = (idx != cur) | (k0 != ck0) | (k1 != ck1) | (k2 != ck2) | (k3 != ck3)
-            _flush(v_ptr, pg_ptr, stride, cols, col_ok & new & (cur >= 0), cur, ck0, ck1, ck2, ck3,
-                   a0, a1, a2, a3, q0, q1)
-            q0 = tl.where(new, 0.0, q0) + _pick(ch0_t, rowid, j) * gr
-            q1 = tl.where(new, 0.0, q1) + _pick(ch1_t, rowid, j) * gr
-            a0 = tl.where(new, 0.0, a0) + _pick(c0_t, rowid, j) * gr
-            a1 = tl.where(new, 0.0, a1) + _pick(c1_t, rowid, j) * gr
-            a2 = tl.where(new, 0.0, a2) + _pick(c2_t, rowid, j) * gr
-            a3 = tl.where(new, 0.0, a3) + _pick(c3_t, rowid, j) * gr
+            if new & (cur >= 0):
+                _flush(v_ptr, pg_ptr, stride, cols, col_ok, cur, ck0, ck1, ck2, ck3, a0, a1, a2, a3, q0, q1)
+            q0 = tl.where(new, 0.0, q0) + h0 * gr
+            q1 = tl.where(new, 0.0, q1) + h1 * gr
+            a0 = tl.where(new, 0.0, a0) + c0 * gr
+            a1 = tl.where(new, 0.0, a1) + c1 * gr
+            a2 = tl.where(new, 0.0, a2) + c2 * gr
+            a3 = tl.where(new, 0.0, a3) + c3 * gr
             cur = idx
             ck0 = k0
             ck1 = k1
             ck2 = k2
             ck3 = k3
-    _flush(v_ptr, pg_ptr, stride, cols, col_ok & (cur >= 0), cur, ck0, ck1, ck2, ck3, a0, a1, a2, a3, q0, q1)
+    if cur >= 0:
+        _flush(v_ptr, pg_ptr, stride, cols, col_ok, cur, ck0, ck1, ck2, ck3, a0, a1, a2, a3, q0, q1)
     tl.debug_barrier()
 
     # 2. u = M^{-1} v, in place
@@ -297,17 +307,19 @@ def _banded_transpose_kernel(
 
     # 3. out_j = pg_j + stencil[0,j] u_j + stencil[1,j-1] u_{j-1} + stencil[2,j-2] u_{j-2}
     for j0 in range(0, n, BLOCK_R):
-        rows = (j0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < n
-        ok = row_ok[:, None] & col_ok[None, :]
-        acc = tl.load(pg_ptr + rows[:, None] * stride + cols[None, :], mask=ok, other=0.0)
-        for k in tl.static_range(3):
-            i = rows - k
-            i_ok = row_ok & (i >= 0) & (i < m)
-            weight = tl.load(stencil_ptr + k * m + i, mask=i_ok, other=0.0)
-            u = tl.load(v_ptr + i[:, None] * stride + cols[None, :], mask=i_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += weight[:, None] * u.to(tl.float64)
-        tl.store(out_ptr + rows[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        accs = ()
+        for jj in tl.static_range(BLOCK_R):
+            j = j0 + jj
+            ok = _both(col_ok, j < n)
+            acc = tl.load(pg_ptr + tl.cast(j, tl.int64) * stride + cols, mask=ok, other=0.0)
+            for k in tl.static_range(3):
+                i = j - k
+                i_ok = _both(_both(j < n, i >= 0), i < m)
+                weight = tl.load(stencil_ptr + k * m + i, mask=i_ok, other=0.0)
+                u = tl.load(v_ptr + tl.cast(i, tl.int64) * stride + cols, mask=_both(col_ok, i_ok), other=0.0)
+                acc += weight * u.to(tl.float64)
+            accs = accs + (acc,)
+        _store_rows(out_ptr, j0, accs, d, cols, col_ok, n, BLOCK_R)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -269,9 +269,11 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     if sup:
         plot_paired(sup, out_dir / "paired_differences.png")
     text = ["# Evidence v3: SAM, EMA, manifold mixup, equal cost, time series, options on CNNs", "",
-            f"Mode {result['mode']}, seeds {result['config']['seeds']}, {result['seconds_total']:.0f} s wall with "
-            f"{result['environment']['workers']} worker process(es), one torch thread (CPU seconds per setting: "
-            f"{result['cpu_seconds']}).", "", report_tables(result), "",
+            f"Mode {result['mode']}, seeds {result['config']['seeds']}, "
+            + (" + ".join(f"{p['kind']} {p['seconds']:.0f} s" for p in result["passes"]) if result.get("passes")
+               else f"{result['seconds_total']:.0f} s") + f" wall with {result['environment']['workers']} worker "
+            f"process(es), one torch thread (CPU seconds per setting: {result['cpu_seconds']}).", "",
+            report_tables(result), "",
             "![paired differences](paired_differences.png)", "", "## Per setting (common format)", "", markdown(entries)]
     (out_dir / "report.md").write_text("\n".join(text) + "\n")
     write_json(result, out_dir / "generalization.json")

@@ -220,7 +220,7 @@ def report_tables(result) -> str:
         cost_table(result), "",
         "### DReS options on CNNs (each variant minus default DReS tuned on the same grid, pp)", "",
         options_table(result), "", "Verdicts: " + options_text(result), "",
-        "### Counts over settings", "", counts_text(result), "", "## Grid edges", "", edges_text(result)])
+        "### Counts over settings", "", counts_text(result), "", "### Grid edges", "", edges_text(result)])
 
 
 def update_blocks(text: str, blocks: dict) -> str:

@@ -151,8 +151,8 @@ def _functions(backend: str, value: torch.Tensor, weights):
 
 
 class Coding:
-    """One call's coding: sizes, spec, the sort (or None), the encoder and decoder (compute dtype of the
-    batch), ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the samples
+    """One call's coding: sizes, spec, the sort (or None), the dense encoder and decoder (compute dtype of the
+    batch; fetched on first use, so a step on the banded path never builds them), ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the samples
     on the batch's axis; and, for a submodule called with masks, ``masks`` and ``valid`` (``(K, T)`` bool,
     each real sample's valid positions: the loss counts only those; :mod:`dres_fast._masks`)."""
 
@@ -184,6 +184,8 @@ class Coding:
         if not traced() and banded_path.choose(self.step.config.backend, value.device, self.num_samples,
                                                self.num_coded, value[0].numel()) == "banded":
             return default_cache.banded(self.spec, self.num_samples, value.device)
+        if self.encoder is None:  # the dense pair is fetched (and, the first time, built: O(K N)) only if used
+            self.encoder, self.decoder = coding_weights(self.spec, self.num_samples, value.device, value.dtype)
         if compute_dtype(value.dtype) == self.encoder.dtype and value.device == self.encoder.device:
             return self.encoder, self.decoder
         return coding_weights(self.spec, self.num_samples, value.device, value.dtype)
@@ -255,8 +257,7 @@ class DReSStep:
         if valid is not None:  # before the sort too: what padded positions hold must not move anything
             x = _zero_padded(x, axis, valid)
         sort = principal_order(_moved(x, axis, 0)) if self.config.order == "principal" else None
-        encoder, decoder = coding_weights(spec, num_samples, x.device, x.dtype)
-        coding = Coding(self, num_samples, num_coded, spec, sort, encoder, decoder)
+        coding = Coding(self, num_samples, num_coded, spec, sort, None, None)  # weights_for fetches the maps
         coding.masks, coding.valid = list(masks), valid
         coding.inputs = coding.mix(x, axis)
         return coding

@@ -191,6 +191,8 @@ def test_auto_choice(monkeypatch):
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     assert banded_path.choose("auto", cpu, 256, 256, banded_path.AUTO_MIN_WIDTH_CPU - 1) == "dense"
     assert banded_path.choose("auto", cpu, banded_path.AUTO_MIN_SAMPLES_CPU - 1, 64, 4096) == "dense"
+    monkeypatch.setenv(banded_path.ENV_VAR, "auto")  # said explicitly: the same as unset
+    assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     monkeypatch.setenv(banded_path.ENV_VAR, "banded")
     assert banded_path.choose("auto", cpu, 8, 8, 2) == "banded"
     monkeypatch.setenv(banded_path.ENV_VAR, "dense")
@@ -296,3 +298,13 @@ def test_kernel_backends_through_the_ops(backend, lam, dtype):
             results.append([t.detach().cpu() for t in [mixed, loss] + [leaf.grad for leaf in leaves]])
         for what, got, want in zip(["mix", "loss", "grad x", "grad y", "grad y_coded"], *results):
             assert _rel(got, want) < tol, (reduction, what)
+
+
+def test_banded_step_never_builds_the_dense_matrices(monkeypatch):
+    """A step on the banded path fetches no (N, K) matrix: its set-up stays O(K + N)."""
+    monkeypatch.setenv(banded_path.ENV_VAR, "banded")
+    built = []
+    monkeypatch.setattr(default_cache, "weights", lambda *a, **k: built.append(a) or (_ for _ in ()).throw(AssertionError))
+    loss = dres_fast.dres_loss(torch.nn.Linear(16, 8), torch.randn(20, 16))
+    loss.backward()
+    assert built == [] and loss.item() > 0

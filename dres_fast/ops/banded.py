@@ -50,8 +50,7 @@ def path_setting() -> str:
 def choose(backend: str, device: torch.device, num_samples: int, num_coded: int, width: int) -> str:
     """``"dense"`` or ``"banded"`` for a DReS step's coding (``DRES_SPLINE_PATH`` forces either). On CUDA
     ``"auto"`` stays dense until GPU measurements say otherwise (bench/RESULTS.md)."""
-    setting = os.environ.get(ENV_VAR)
-    if setting:
+    if os.environ.get(ENV_VAR, "auto") != "auto":
         return path_setting()
     if width < AUTO_MIN_WIDTH_CPU or device.type != "cpu" or resolve_backend(backend, device) != "torch":
         return "dense"

@@ -51,7 +51,8 @@ setup(
     # kernels/ and csrc/ live at the top of the repository but install inside the package; csrc/
     # ships its sources so backend="cuda" can compile them on first use.
     package_dir={"dres_fast.kernels": "kernels", "dres_fast.csrc": "csrc"},
-    package_data={"dres_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
+    # backends/banded_cpu.c: the banded CPU kernel, compiled on first use
+    package_data={"dres_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"], "dres_fast.backends": ["*.c"]},
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy", "scipy"],
     extras_require={

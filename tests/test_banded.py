@@ -308,3 +308,17 @@ def test_banded_step_never_builds_the_dense_matrices(monkeypatch):
     loss = dres_fast.dres_loss(torch.nn.Linear(16, 8), torch.randn(20, 16))
     loss.backward()
     assert built == [] and loss.item() > 0
+
+
+def test_the_c_source_ships_in_the_wheel():
+    """An installed (non-editable) package needs banded_cpu.c to build the kernel: setup.py's package_data
+    names it (checked by reading setup.py's literal; `pip wheel .` lists dres_fast/backends/banded_cpu.c)."""
+    import ast
+    import pathlib
+
+    setup = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+    call = next(node for node in ast.walk(ast.parse(setup.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    assert "*.c" in package_data["dres_fast.backends"]
+    assert pathlib.Path(banded_cpu._SOURCE).is_file()

@@ -322,3 +322,23 @@ def test_the_c_source_ships_in_the_wheel():
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
     assert "*.c" in package_data["dres_fast.backends"]
     assert pathlib.Path(banded_cpu._SOURCE).is_file()
+
+
+def test_without_a_compiler_the_torch_ops_apply_the_maps(monkeypatch, tmp_path):
+    """No C compiler: the kernel says why it is missing, auto keeps the dense path, and a forced banded path
+    runs on the spline's own torch ops with the same results."""
+    import shutil
+
+    monkeypatch.setenv("DRES_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    monkeypatch.setattr(banded_cpu, "_LIBRARY", None)
+    assert not banded_cpu.available() and "not available" in banded_cpu._LIBRARY
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(banded_path.ENV_VAR, raising=False)
+    assert banded_path.choose("auto", cpu, 4096, 4096, 4096) == "dense"
+    assert banded_path.kernel_for("auto", cpu, torch.float32) is None
+    spec = SmoothingSpec(num_coded=37)
+    dense_enc, _ = default_cache.weights(spec, 41, "cpu", torch.float64)
+    enc, _ = default_cache.banded(spec, 41, "cpu")
+    x = torch.randn(41, 9, dtype=torch.float64)
+    assert _rel(ops.spline_mix(enc, x), dense_enc @ x) < 1e-12

@@ -97,13 +97,11 @@ class _BlockedSweep:
         padded = rhs if blocks * block == m else torch.cat([rhs, rhs.new_zeros(blocks * block - m, d)])
         y = torch.linalg.solve_triangular(self.local, padded.reshape(blocks, block, d), upper=self.upper)
         ends = y[:, self._ends, :]
-        carries = [None] * blocks  # carries[j]: what block j sees of its neighbour
-        order = range(blocks - 1, -1, -1) if self.upper else range(blocks)
-        previous = None
-        for j in order:
-            carries[j] = y.new_zeros(2, d) if previous is None else previous_value
-            previous_value = torch.addmm(ends[j], self.spike_ends[j], carries[j], alpha=-1)
-            previous = j
+        carries = [None] * blocks  # carries[j]: the two unknowns block j sees of the block solved before it
+        carry = y.new_zeros(2, d)  # the first block solved has no neighbour
+        for j in (range(blocks - 1, -1, -1) if self.upper else range(blocks)):
+            carries[j] = carry
+            carry = torch.addmm(ends[j], self.spike_ends[j], carry, alpha=-1)  # t_j = y_j[ends] - S_j[ends] t
         z = torch.baddbmm(y, self.spikes, torch.stack(carries), alpha=-1)
         return z.reshape(blocks * block, d)[:m]
 

@@ -12,11 +12,12 @@ computed once, in float64, O(n)), :math:`P` the chord (2 entries per point) and 
 curvature terms (4 entries per point: :math:`\gamma` at the interval's interior neighbours). So
 applying ``W`` is a stencil, two triangular sweeps along the batch, and a 6-point gather per output
 row; its transpose :math:`W^T g = P^T g + s\,Q\,U^{-1}U^{-T} V^T g` has the same structure (a scatter,
-two sweeps, a stencil), and autograd derives it from the forward ops.
+two sweeps, a stencil).
 
 :class:`BandedSpline` holds these O(n + p) coefficients on a device (``float64``: the sweeps run in
 float64 whatever the data's dtype, see ``ACCURACY`` below) and applies them with torch ops
-(:meth:`BandedSpline.apply`, differentiable to any order). The sweeps are *blocked*, so a Python loop
+(:meth:`BandedSpline.forward64`, :meth:`BandedSpline.transpose64`: the reference the kernels are tested
+against; ``dres_fast.ops.banded`` makes them and the kernels differentiable). The sweeps are *blocked*, so a Python loop
 over the batch never runs: the ``m = n - 2`` unknowns are cut into blocks of ``B``; each block's own
 lower-triangular system is solved for all blocks at once (one batched triangular solve), and only the
 last two unknowns of each block are carried to the next (a 2-wide recurrence over ``m / B`` blocks),
@@ -25,9 +26,9 @@ against ``2 n p d`` for the dense product.
 
 ACCURACY. The factor of ``M`` is ill-conditioned for clustered knots at large :math:`\lambda` (Chebyshev
 knots cluster like :math:`1/n^2` at the ends): in float32 the sweeps lose the contract at a few
-thousand knots, in float64 they keep it (tests/test_banded.py). float64 data also gets the same one step
-of iterative refinement as the dense weights (:mod:`dres_fast._banded`), when the configuration's
-probe says the plain solve is off by more than ``REFINE_THRESHOLD``.
+thousand knots, in float64 they keep it (tests/test_banded.py). The solve gets the same one step of
+iterative refinement as the dense weights (:mod:`dres_fast._banded`) when the configuration's probe says
+the plain solve is off by more than ``REFINE_THRESHOLD``.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ class _BlockedSweep:
 
 class BandedSpline:
     r"""``W`` (``(p, n)``: ``n`` knots ``t`` to ``p`` points ``s``, smoothing ``lam``) as O(n + p) float64
-    coefficients on ``device``. :meth:`apply` is ``W @ x`` for ``x`` of shape ``(n, d)``, differentiable
-    to any order (its backward is :meth:`apply` of :attr:`T`). ``lam = inf`` (the least-squares line)
-    is rank 2: ``W = A B^T``."""
+    coefficients on ``device``. :meth:`forward64` is ``W @ x`` for float64 ``x`` of shape ``(n, d)``,
+    :meth:`transpose64` is ``W^T @ g``; :attr:`arrays` and :attr:`refinement` are what the kernels read.
+    ``lam = inf`` (the least-squares line) is rank 2: ``W = A B^T``."""
 
     def __init__(self, t: np.ndarray, s: np.ndarray, lam: float, device=None, block: int = BLOCK):
         from .splines import _curvature_entries, _evaluation_coefficients  # the dense weights' coefficients
@@ -124,7 +125,6 @@ class BandedSpline:
         self.index = as_tensor(idx.astype(np.int64))
         self.chord = as_tensor(np.stack([p0, p1], axis=1))
         self.refine = False
-        self._transposed = None
         if math.isinf(lam):
             basis, _ = np.linalg.qr(np.stack([np.ones_like(t), t - t.mean()], axis=1))
             self.line = (as_tensor(p0[:, None] * basis[idx] + p1[:, None] * basis[idx + 1]), as_tensor(basis))
@@ -229,47 +229,6 @@ class BandedSpline:
         """``(q_bands, r_bands, lam)`` for the kernels' refinement step, or ``None`` when the plain solve is
         accurate enough (the configuration's probe: :data:`dres_fast._banded.REFINE_THRESHOLD`)."""
         return (self.q_bands, self.r_bands, self.lam) if self.refine else None
-
-    @property
-    def T(self) -> "_Transposed":
-        """``W^T`` as a map with the same interface."""
-        if self._transposed is None:
-            self._transposed = _Transposed(self)
-        return self._transposed
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``W @ x`` for ``x`` ``(n, d)`` (any float dtype; computed in float64, returned in ``x.dtype``);
-        differentiable, to any order."""
-        return _LinearMap.apply(self, x)
-
-    def dense(self) -> torch.Tensor:
-        """The ``(p, n)`` float64 matrix (for tests and small sizes): ``W`` applied to the identity."""
-        return self.forward64(torch.eye(self.shape[1], dtype=torch.float64, device=self.device))
-
-
-class _Transposed:
-    """``W^T`` of a :class:`BandedSpline`: ``forward64`` and ``transpose64`` swapped."""
-
-    def __init__(self, spline: BandedSpline):
-        self.T, self.shape = spline, spline.shape[::-1]
-        self.forward64, self.transpose64 = spline.transpose64, spline.forward64
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _LinearMap.apply(self, x)
-
-
-class _LinearMap(torch.autograd.Function):
-    """``map @ x`` computed in float64, returned in ``x.dtype``; its backward is ``map.T @ grad``, itself
-    this Function, so derivatives of every order are exact."""
-
-    @staticmethod
-    def forward(ctx, linear_map, x):
-        ctx.linear_map = linear_map
-        return linear_map.forward64(x.to(torch.float64)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _LinearMap.apply(ctx.linear_map.T, grad)
 
 
 def banded_coding(spec, num_samples: int, device=None):

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..backends import reference
 from ..banded import BandedSpline
 from ..contract import compute_dtype, gradient_scale, loss_dtype
 from .dispatch import load_backend, resolve_backend
@@ -130,16 +131,19 @@ def reconstruction_loss(y, y_coded, decoder: BandedSpline, reduction: str, backe
 
 
 def _composed_loss(y, y_coded, decoder, reduction, kernel):
+    return reference._reduce(_residual(y, y_coded, decoder, kernel), reduction).to(loss_dtype(y.dtype))
+
+
+def _residual(y, y_coded, decoder, kernel) -> torch.Tensor:
+    """``y - D y_coded`` in the compute dtype, differentiable (any order) through :class:`_BandedMap`."""
     compute = compute_dtype(y.dtype)
-    residual = y.to(compute) - _BandedMap.apply(decoder, False, kernel, y_coded).to(compute)
-    return _reduce(residual, reduction).to(loss_dtype(y.dtype))
+    return y.to(compute) - _BandedMap.apply(decoder, False, kernel, y_coded).to(compute)
 
 
-def _reduce(residual: torch.Tensor, reduction: str) -> torch.Tensor:
-    squares = residual.square()
-    if reduction == "none":
-        return squares.sum(dim=1)
-    return squares.sum() * (gradient_scale(reduction, residual.numel()) / 2.0)
+def _grad_residual(residual: torch.Tensor, grad: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``dL/dr = g c r`` for the incoming gradient ``g`` (one per sample for ``"none"``)."""
+    scale = grad.to(residual.dtype) * gradient_scale(reduction, residual.numel())
+    return residual * (scale[:, None] if reduction == "none" else scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,14 +180,10 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad):
         residual, y, y_coded = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the same gradients with differentiable ops
-            compute = compute_dtype(y.dtype)
-            residual = y.to(compute) - _BandedMap.apply(ctx.decoder, False, ctx.kernel, y_coded).to(compute)
-            scale = grad.to(compute) * gradient_scale(ctx.reduction, residual.numel())
-            grad_r = residual * (scale[:, None] if ctx.reduction == "none" else scale)
+            grad_r = _grad_residual(_residual(y, y_coded, ctx.decoder, ctx.kernel), grad, ctx.reduction)
             grad_y_coded = _BandedMap.apply(ctx.decoder, True, ctx.kernel, grad_r.to(y_coded.dtype)).neg()
             return None, None, None, grad_r.to(y.dtype), grad_y_coded
-        scale = grad.to(residual.dtype) * gradient_scale(ctx.reduction, residual.numel())
-        grad_y = residual * (scale[:, None] if ctx.reduction == "none" else scale)
+        grad_y = _grad_residual(residual, grad, ctx.reduction)
         grad_y_coded = ctx.kernel(ctx.decoder.arrays, grad_y, True, scale=-1.0, **ctx.extra)
         return None, None, None, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)
 

@@ -99,7 +99,8 @@ def test_step_memory_counts_saved_activations():
 
 def test_time_series_splits():
     pytest.importorskip("sktime")
-    from bench.generalization.timeseries import corrupt, num_classes, ucr_splits
+    from bench.generalization.data import corrupt_labels
+    from bench.generalization.timeseries import num_classes, ucr_splits
     (xt, yt), (xv, yv), (xs, ys) = ucr_splits("gunpoint", 0, 80)
     assert xt.shape == (80, 1, 150) and xt.dtype == torch.float32 and xs.shape == (80, 1, 150)
     assert len(xv) == 40 and num_classes("gunpoint") == 2 and set(yt.tolist()) <= {0, 1}
@@ -109,7 +110,7 @@ def test_time_series_splits():
     assert not rows(xt) & rows(xs) and not rows(xv) & rows(xs) and not rows(xt) & rows(xv)
     assert ucr_splits("arrowhead", 0, 50)[0][0].shape == (50, 1, 251) and num_classes("arrowhead") == 3
     y = torch.randint(0, 3, (4000,))
-    noisy = corrupt(y, 0.2, 0, 3)
+    noisy = corrupt_labels(y, 0.2, 0, 3)
     assert abs(float((noisy != y).float().mean()) - 0.2) < 0.03 and int(noisy.max()) <= 2
 
 

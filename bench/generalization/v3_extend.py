@@ -13,7 +13,8 @@ reported as they are."""
 from __future__ import annotations
 
 from bench.generalization.entries import edge_hits, log
-from bench.generalization.v3_methods import accuracy, train
+from bench.generalization.mnist import accuracy
+from bench.generalization.v3_methods import train
 
 BOUNDED = {"label_smoothing": 1.0, "ema": 1.0}  # strengths that must stay below 1
 

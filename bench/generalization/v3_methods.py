@@ -191,9 +191,3 @@ def step_memory_bytes(method: str, strength: float, make_model, x, y, *, batch: 
     return peak[0] + (params if method in ("sam", "ema") else 0)
 
 
-@torch.no_grad()
-def accuracy(model, x, y, chunk: int = 1000) -> float:
-    model.eval()
-    correct = sum(int((model(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum()) for i in range(0, len(x), chunk))
-    model.train()
-    return correct / len(x)

@@ -157,28 +157,152 @@ def test_v3_smoke_end_to_end(tmp_path):
     assert (tmp_path / "report.md").read_text().count("Source:") >= 5
 
 
+def _run(method, seed, strength, val, test=None, **kw):
+    return {"method": method, "seed": seed, "strength": strength, "steps": 10, "val_acc": val,
+            "test_acc": val if test is None else test, **kw}
+
+
+def test_choice_over_the_grid_plus_off():
+    from bench.generalization.v3 import REFERENCE, choose
+    erm = _run("erm", 0, 0.0, 0.8, 0.7)
+    tie = [erm, _run("sam", 0, 0.1, 0.8, 0.9), _run("sam", 0, 1.0, 0.6)]
+    got = choose(tie, "sam", 0, [0.1, 1.0])
+    assert got["strength"] == 0.0 and got["off"] and got["test_acc"] == 0.7 and got["method"] == "sam"
+    higher = [erm, _run("sam", 0, 0.1, 0.75), _run("sam", 0, 1.0, 0.6)]
+    assert choose(higher, "sam", 0, [0.1, 1.0])["strength"] == 0.0
+    better = [erm, _run("sam", 0, 0.1, 0.85, 0.6), _run("sam", 0, 1.0, 0.85)]  # a tie between strengths: the weaker
+    got = choose(better, "sam", 0, [0.1, 1.0])
+    assert got["strength"] == 0.1 and got["test_acc"] == 0.6 and not got.get("off")
+    assert choose(better, "sam", 0, [1.0])["strength"] == 1.0  # only the grid's strengths are candidates
+    # the options' reference: DReS's runs on the options' grid and its own runs past DReS's grid, plus off
+    ref = [erm, _run("dres", 0, 0.1, 0.81), _run("dres", 0, 0.3, 0.95), _run(REFERENCE, 0, 10.0, 0.9)]
+    assert choose(ref, REFERENCE, 0, [0.1, 10.0])["strength"] == 10.0
+    assert choose(ref, "dres", 0, [0.1, 10.0])["strength"] == 0.1  # DReS itself does not see the reference's runs
+
+
+def test_off_is_no_edge_and_equal_time_runs_follow_it():
+    from bench.generalization.v3 import EQUAL_TIME, select, smoke_v3_config
+    from bench.generalization.v3_tables import derived, edges_text, off_text
+    rows = [{"method": "sam", "strength": s, "seed": i} for i, s in enumerate([0.0, 0.0, 0.01, 0.0, 1.0])]
+    hits = edge_hits(rows, {"sam": [0.01, 0.1, 1.0]}, off=True)
+    assert hits["sam"] == {"off": 3, "high": 1, "n": 5, "grid": [0.01, 0.1, 1.0]}  # 0.01 is interior
+    der = derived([{"name": "v3_supervised", "setting": "s", "family": "f", "paired": {}, "summary": {},
+                    "edge_hits": hits}][:0] + [{"name": "v3_options", "setting": "s", "family": "f", "paired": {},
+                                                 "edge_hits": hits}])
+    assert der["edges"] == [{"study": "v3_options", "setting": "s", "method": "sam", "low": 0, "high": 1, "n": 5,
+                             "grid": [0.01, 0.1, 1.0], "most_seeds": False}]
+    assert der["off"] == [{"study": "v3_options", "setting": "s", "method": "sam", "off": 3, "n": 5, "most_seeds": True}]
+    assert der["off_by_method"]["sam"] == {"seeds_off": 3, "seeds": 5, "settings_most_off": 1, "settings": 1}
+    assert "s sam 1 high of 5" in edges_text({"derived": der}) and "s sam 3 of 5" in off_text({"derived": der})
+    # a method that chose off is ERM: its equal-time run is ERM's run with the same time
+    vc = smoke_v3_config()
+    part = {"family": "digits", "arch": "mlp", "noise": 0.3, "variants": [], "equal_time_steps": {},
+            "rows": [_run("erm", 0, 0.0, 0.8)] + [_run(n, 0, 0.0, 0.5 + i / 100) for i, n in enumerate(EQUAL_TIME)
+                                                  if n.startswith("erm")]}
+    for m in ("dres", "dres_cheap", "sam", "ema", "grad_penalty", "mixup", "label_smoothing"):
+        part["rows"] += [_run(m, 0, w, 0.7) for w in vc.grids[m]]
+    part["rows"].append(_run("sam", 0, vc.grids["sam"][0], 0.9))
+    missing = select(part, vc)
+    assert missing == [("sam_at_dres", 0, vc.grids["sam"][0]), ("sam_at_cheap", 0, vc.grids["sam"][0])]
+    chosen = {r["method"]: r for r in part["selected"]}
+    assert chosen["ema"]["strength"] == 0.0 and chosen["ema_at_dres"]["val_acc"] == chosen["erm_at_dres"]["val_acc"]
+    assert chosen["ema_at_dres"]["off"] and chosen["ema_at_dres"]["method"] == "ema_at_dres"
+    assert "sam_at_dres" not in chosen and chosen["sam"]["strength"] == vc.grids["sam"][0]
+
+
+def test_options_grid_extends_variants_and_reference_together(monkeypatch):
+    import math
+    import bench.generalization.v3 as v3
+    import bench.generalization.v3_extend as ext
+    vc = v3.full_v3_config()
+    variants = ["dres_features", "dres_reconstructed"]
+    part = {"family": "arrowhead", "arch": "cnn", "noise": 0.2, "variants": variants, "steps": 3, "batch": 4,
+            "equal_time_steps": {n: 5 for n in v3.EQUAL_TIME}, "rows": []}
+    # validation rises with strength for dres_features (its top, 10, wins in every seed); the rest prefer 0.1
+    score = lambda m, w: 0.5 + (0.01 * math.log10(w) if m == "dres_features" else -0.001 * abs(math.log10(w) + 1))  # noqa: E731
+    for seed in range(3):
+        part["rows"].append(_run("erm", seed, 0.0, 0.4))
+        part["rows"] += [_run(n, seed, 0.0, 0.4) for n in v3.EQUAL_TIME if n.startswith("erm")]
+        for m in [x for x in v3.methods_for("cnn") if x != "erm"] + variants:
+            part["rows"] += [_run(m, seed, w, score(m, w)) for w in vc.grids[m]]
+    for name in ("ema_at_dres", "sam_at_dres", "sam_at_cheap"):
+        m = v3.EQUAL_TIME[name][0]
+        part["rows"] += [_run(name, s, w, 0.3) for s in range(3) for w in vc.grids[m]]
+    trained = []
+
+    def fake_train(method, strength, make, x, y, *, steps, batch, seed):
+        trained.append((method, strength, seed))
+        return (method, strength), 0.001
+
+    monkeypatch.setattr(ext, "train", fake_train)
+    monkeypatch.setattr(ext, "accuracy", lambda model, x, y: score("dres_features" if model[0] == "dres_features"
+                                                                   else "x", model[1]))
+    monkeypatch.setattr(v3, "setting_data", lambda *a: ((None, None), (None, None), (None, None), None, ""))
+    ext.extend_part(part, vc, rounds=1)
+    assert part["grids"][v3.REFERENCE][-1] == 100.0 and part["grids"]["dres_features"][-1] == 100.0
+    assert part["grids"]["dres_reconstructed"][-1] == 1000.0 and part["grids"]["dres"] == vc.grids["dres"]
+    assert sorted({(m, w) for m, w, _ in trained}) == sorted(
+        [("dres", 100.0), ("dres_features", 100.0), ("dres_reconstructed", 1000.0)])  # the reference trains DReS
+    ref_rows = [r for r in part["rows"] if r["method"] == v3.REFERENCE]
+    assert {r["seed"] for r in ref_rows} == {0, 1, 2} and all(r["strength"] == 100.0 for r in ref_rows)
+    assert all(r["strength"] == 100.0 for r in part["selected"] if r["method"] == "dres_features")
+    assert not [r for r in part["rows"] if r["method"] == "dres" and r["strength"] == 100.0]  # DReS's grid kept
+
+
 def test_grid_extension_past_edges(tmp_path):
     pytest.importorskip("sktime")
+    import shutil
     from bench.generalization.v3 import run, smoke_v3_config
     from bench.generalization.v3_extend import beyond
     assert beyond("sam", [0.01, 0.1, 1.0], "high") == pytest.approx(10.0)
     assert beyond("dres", [0.03, 0.1, 0.3], "low") == pytest.approx(0.009)
+    assert beyond("dres", [1.0], "high") == pytest.approx(10.0)
     assert beyond("label_smoothing", [0.6, 0.8], "high") == pytest.approx(0.9)
     assert beyond("ema", [0.99, 0.999], "high") == pytest.approx(0.9999)
     torch.set_num_threads(1)
     vc = smoke_v3_config()
-    first = run(vc, tmp_path, "smoke", resume=True)
-    at_edge = {(e["setting"], m) for e in first["studies"] if e["name"] == "v3_supervised"
-               for m, h in e["edge_hits"].items() if max(h["low"], h["high"]) > h["n"] / 2}
-    assert at_edge  # two seeds and two-value grids: some method sits at an edge
-    second = run(vc, tmp_path, "smoke", extend=True, resume=True)
-    assert [p["kind"] for p in second["passes"]] == ["run", "extend"]
-    for e in second["studies"]:
-        if e["name"] != "v3_supervised":
-            continue
+    first = run(vc, tmp_path / "a", "smoke")
+    for e in first["studies"]:  # off: its runs are ERM's
+        erm = {s: a for s, a in zip(e["seeds"], [r["test_acc"] for r in first["runs"] if r["setting"] == e["setting"]
+                                                   and r["method"] == "erm" and r.get("selected")])}
         for m, h in e["edge_hits"].items():
-            if (e["setting"], m) in at_edge:
+            assert "low" not in h and h["off"] == e["chosen"][m].count(0.0)
+        for r in first["runs"]:
+            if r["setting"] == e["setting"] and r.get("selected") and r.get("off") and r["method"] in e["edge_hits"]:
+                assert r["strength"] == 0.0 and r["test_acc"] == erm[r["seed"]]
+    # the parts rebuilt from the written JSON give the same entries (no training)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "generalization.json", tmp_path / "b")
+    again = run(vc, tmp_path / "b", "smoke", from_json=True)
+    assert [p["kind"] for p in again["passes"]] == ["run", "reselect"]
+    for e, f in zip(first["studies"], again["studies"]):
+        assert e["chosen"] == f["chosen"] and e["edge_hits"] == f["edge_hits"]
+        for k in e["paired"]:
+            assert f["paired"][k]["mean"] == pytest.approx(e["paired"][k]["mean"], abs=ROUNDED)
+    # 4 training steps: most methods tie with ERM and choose off; put SAM and dres_features at their tops
+    for path in (tmp_path / "b" / "parts").glob("*.json"):
+        saved = json.loads(path.read_text())
+        for r in saved["part"]["rows"]:
+            if (r["method"], r["strength"]) in (("sam", vc.grids["sam"][-1]), ("dres_features", 1.0)):
+                r["val_acc"] = 1.0
+        path.write_text(json.dumps(saved))
+    forced = run(vc, tmp_path / "b", "smoke", resume=True)
+    at_edge = {(e["setting"], m) for e in forced["studies"] for m, h in e["edge_hits"].items() if h["high"] > h["n"] / 2}
+    assert ("gunpoint_cnn_noise0.2", "sam") in at_edge and ("gunpoint_cnn_noise0.2", "dres_features") in at_edge
+    second = run(vc, tmp_path / "b", "smoke", extend=True, resume=True)
+    assert [p["kind"] for p in second["passes"]] == ["run", "reselect", "run", "extend"]
+    options = next(e for e in second["studies"] if e["name"] == "v3_options")
+    assert {m: h["grid"] for m, h in options["edge_hits"].items()} == {
+        "dres_on_options_grid": [1.0, 10.0], **{v: [1.0, 10.0] for v in options["summary"]
+                                                if v not in ("erm", "dres_on_options_grid", "dres_reconstructed")},
+        "dres_reconstructed": [10.0, 100.0]}  # the variants and their reference moved together
+    for e in second["studies"]:
+        for m, h in e["edge_hits"].items():
+            if (e["setting"], m) in at_edge or (e["name"] == "v3_options" and m != "erm"):
                 assert len(h["grid"]) > len(vc.grids[m])  # extended
-                added = [r for r in second["runs"] if r["setting"] == e["setting"] and r["method"] == m
-                         and r.get("extension") and not r.get("selected")]
-                assert len(added) >= len(vc.seeds)
+                made = "dres" if m == "dres_on_options_grid" else m
+                added = [r for r in second["runs"] if r["setting"] == e["setting"] and r.get("extension")
+                         and not r.get("selected") and r["method"] == m and r["strength"] == h["grid"][-1]]
+                assert len(added) == len(vc.seeds) or made == "dres"  # the reference: DReS's runs if it has them
+                if m == "dres_on_options_grid":  # DReS's grid {0.1, 1} lacks 10: runs stored for the reference
+                    assert len(added) == len(vc.seeds) and "dres" not in {r["method"] for r in added}

@@ -19,21 +19,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def edge_hits(rows, grids) -> dict:
-    """Per tuned method: how many seeds chose the smallest / the largest value of its grid."""
+def edge_hits(rows, grids, off: bool = False) -> dict:
+    """Per tuned method: how many seeds chose the smallest / the largest value of its grid. With ``off``
+    the choice was made over the grid plus strength 0 ("off", the method not applied): 0 is the domain's
+    own end, not a truncation, so it is counted apart ("off") and the smallest nonzero strength is interior
+    (no "low" key); "high" counts the largest strength."""
     out = {}
     for method, grid in grids.items():
         chosen = [r["strength"] for r in rows if r["method"] == method]
-        if len(grid) > 1 and chosen:
+        if off and chosen:
+            out[method] = {"off": sum(c == 0 for c in chosen), "high": sum(c == max(grid) for c in chosen),
+                           "n": len(chosen), "grid": list(grid)}
+        elif len(grid) > 1 and chosen:
             out[method] = {"low": sum(c == min(grid) for c in chosen), "high": sum(c == max(grid) for c in chosen),
                            "n": len(chosen), "grid": list(grid)}
     return out
 
 
 def study_entry(name, dataset, metric, higher_is_better, rows, methods, pairs, *, setting="", grids=None,
-                extra=None) -> dict:
+                extra=None, off=False) -> dict:
     """rows: [{"method", "seed", metric, "strength"}] (one per method and seed).
-    pairs: {paired key: (method_a, method_b)} -> mean and CI of a - b over seeds."""
+    pairs: {paired key: (method_a, method_b)} -> mean and CI of a - b over seeds.
+    off: the strengths were chosen over each grid plus 0 ("off"; see edge_hits)."""
     seeds = sorted({r["seed"] for r in rows})
     value = {(r["method"], r["seed"]): r[metric] for r in rows}
     summary = {m: mean_ci95([value[m, s] for s in seeds]) for m in methods}
@@ -42,7 +49,7 @@ def study_entry(name, dataset, metric, higher_is_better, rows, methods, pairs, *
              "seeds": seeds, "setting": setting, "summary": summary, "paired": paired,
              "chosen": {m: [r.get("strength") for r in rows if r["method"] == m] for m in methods}}
     if grids:
-        entry["edge_hits"] = edge_hits(rows, grids)
+        entry["edge_hits"] = edge_hits(rows, grids, off=off)
     if extra:
         entry.update(extra)
     return entry
@@ -75,7 +82,8 @@ def markdown(entries) -> str:
         lines += ["", "| paired difference | mean [95% CI] |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, scale)} |" for k, v in e["paired"].items()]
         if e.get("edge_hits"):
-            hits = "; ".join(f"{m}: {h['low']} low / {h['high']} high of {h['n']} (grid {h['grid']})"
+            hits = "; ".join(f"{m}: " + (f"off {h['off']}" if "off" in h else f"{h['low']} low")
+                             + f" / {h['high']} high of {h['n']} (grid {h['grid']}" + (" plus off)" if "off" in h else ")")
                              for m, h in e["edge_hits"].items())
             lines += ["", f"Grid-edge hits: {hits}"]
         lines.append("")

@@ -5,7 +5,8 @@ sklearn digits and real time series (UCR sets inside sktime), and the DReS optio
     python -m bench.generalization.v3 [--quick | --smoke] [--out DIR] [--workers 1]
 
 Per setting (data family, model, label noise) and seed, every method's strength is chosen on a
-validation split carrying the same label noise; test splits are only read to report. The CPU time of a
+validation split carrying the same label noise, from its grid plus "off" (strength 0: the seed's ERM run;
+ties go to the weaker strength, so a tie with ERM picks off); test splits are only read to report. The CPU time of a
 step (one torch thread) is measured in the same run: a probe on seed 0's data before training (median of
 short repeats; it sets the equal-time step counts) and the median over the method's training runs.
 Equal wall-clock runs (``<method>_at_<budget>``) give a method the steps that the budget method's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,12 @@ CNN_ONLY = ["manifold_mixup"]
 # equal wall-clock: name -> (method, budget method): the method gets the CPU time of the budget's steps
 EQUAL_TIME = {"erm_at_dres": ("erm", "dres"), "ema_at_dres": ("ema", "dres"), "sam_at_dres": ("sam", "dres"),
               "erm_at_cheap": ("erm", "dres_cheap"), "sam_at_cheap": ("sam", "dres_cheap")}
+ERM_AT = {budget: name for name, (m, budget) in EQUAL_TIME.items() if m == "erm"}  # budget -> ERM's run with it
 TS_FAMILIES = ("gunpoint", "italy_power", "arrowhead", "osuleaf")
+OFF = 0.0  # strength 0, "off": the method is ERM, and its run is that seed's ERM run (same data, same seed, steps)
+# default DReS tuned on the options' grid: chosen from DReS's runs at those strengths and, past DReS's own grid
+# (an extended options grid), from runs of default DReS stored under this name (DReS's grid is unaffected)
+REFERENCE = "dres_on_options_grid"
 
 
 @dataclass
@@ -151,46 +158,107 @@ def probe(methods, make, train_set, vc: V3Config, batch, grids):
     return ms, mem
 
 
+def same_strength(a: float, b: float) -> bool:
+    """Strengths as stored (generalization.json keeps 6 significant digits)."""
+    return math.isclose(a, b, rel_tol=1e-5)
+
+
+def choose(rows, method, seed, grid) -> dict:
+    """``method``'s validation choice for ``seed`` among its runs at the strengths of ``grid`` plus off
+    (strength 0: the seed's ERM run, relabeled ``method`` with ``"off": True``). Ties keep the weaker
+    strength, so a tie with ERM picks off. The reference (default DReS on the options' grid) chooses among
+    DReS's runs and its own."""
+    sources = ("dres", REFERENCE) if method == REFERENCE else (method,)
+    runs = [r for r in rows if r["method"] in sources and r["seed"] == seed and not r.get("selected")
+            and any(same_strength(r["strength"], w) for w in grid)]
+    erm = next(r for r in rows if r["method"] == "erm" and r["seed"] == seed and not r.get("selected"))
+    runs.append(dict(erm, strength=OFF, off=True))
+    best = max(runs, key=lambda r: (r["val_acc"], -r["strength"]))  # max keeps the first of equals: the weaker
+    return dict(best, method=method, selected=True)
+
+
+def tuned_grids(part: dict, vc: V3Config) -> dict:
+    """The setting's tuned methods (every method but ERM, the options' variants and their reference where
+    they ran) and their grids: the extended ones stored in the part, else the config's."""
+    names = [m for m in methods_for(part["arch"]) if m != "erm"]
+    if part["variants"]:
+        names += [REFERENCE] + part["variants"]
+    stored = part.get("grids", {})
+    return {m: list(stored.get(m, vc.grids[m])) for m in names}
+
+
+def select(part: dict, vc: V3Config) -> list:
+    """Redo the setting's selection from its runs (in place): per seed ERM's run, every tuned method's
+    ``choose`` and the equal wall-clock runs at the chosen strengths (a method that chose off is ERM, so its
+    equal-time run is ERM's with the same budget). Returns the equal-time runs not trained yet, as
+    [(name, seed, strength)]."""
+    grids, rows = tuned_grids(part, vc), part["rows"]
+    selected, missing = [], []
+    for seed in sorted({r["seed"] for r in rows}):
+        best = {"erm": dict(next(r for r in rows if r["method"] == "erm" and r["seed"] == seed), selected=True)}
+        best.update({m: choose(rows, m, seed, grid) for m, grid in grids.items()})
+        for name, (method, budget) in EQUAL_TIME.items():
+            w = best[method]["strength"]
+            source = ERM_AT[budget] if method != "erm" and w == OFF else name
+            runs = [r for r in rows if r["method"] == source and r["seed"] == seed and not r.get("selected")
+                    and same_strength(r["strength"], w)]
+            if not runs:
+                missing.append((source, seed, w))
+                continue
+            best[name] = dict(runs[-1], method=name, selected=True, **({"off": True} if source != name else {}))
+        selected += list(best.values())
+    part["selected"] = selected
+    return list(dict.fromkeys(missing))
+
+
+def train_equal_time(part: dict, missing, data) -> None:
+    """Train the equal wall-clock runs ``select`` found missing (data: seed -> setting_data) into the rows."""
+    for name, seed, w in missing:
+        train_set, val, test, make, _ = data[seed]
+        steps = part["equal_time_steps"][name]
+        model, sec = train(EQUAL_TIME[name][0], w, make, *train_set, steps=steps, batch=part["batch"], seed=seed)
+        part["rows"].append({"method": name, "seed": seed, "strength": w, "steps": steps, "cpu_ms_per_step": 1e3 * sec,
+                             "val_acc": accuracy(model, *val), "test_acc": accuracy(model, *test)})
+
+
+def settle(part: dict, vc: V3Config, data=None) -> dict:
+    """``select``, training the equal-time runs it lacks (none when only choices of off changed)."""
+    missing = select(part, vc)
+    if missing:
+        data = data or {}
+        for s in {seed for _, seed, _ in missing} - set(data):
+            data[s] = setting_data(part["family"], part["arch"], s, part["noise"], vc)
+        train_equal_time(part, missing, data)
+        assert not select(part, vc)
+    return part
+
+
 def run_setting(family, arch, noise, vc: V3Config) -> dict:
     torch.set_num_threads(1)
     steps, batch = vc.steps[family], vc.batch[family]
     methods = methods_for(arch)
-    variants = ["dres_every4", "dres_principal", "dres_reconstructed", "dres_nk0.5", "dres_nk2", "dres_dof0.5",
-                "dres_dof1", "dres_features", "dres_head"] if [family, arch] in vc.options else []
+    variants = list(OPTION_VARIANTS) if [family, arch] in vc.options else []
     train0, _, _, make0, dataset = setting_data(family, arch, 0, noise, vc)
     probe_ms, memory = probe(methods + variants, make0, train0, vc, batch, vc.grids)
     eq_steps = {name: max(1, int(round(steps * probe_ms[budget] / probe_ms[m])))
                 for name, (m, budget) in EQUAL_TIME.items()}
-    rows, selected = [], []
+    rows, data = [], {}
     for seed in vc.seeds:
-        train_set, val, test, make, _ = setting_data(family, arch, seed, noise, vc)
-        best = {}
+        data[seed] = train_set, val, test, make, _ = setting_data(family, arch, seed, noise, vc)
         for method in methods + variants:
             for strength in vc.grids[method]:
                 model, sec = train(method, strength, make, *train_set, steps=steps, batch=batch, seed=seed)
-                row = {"method": method, "seed": seed, "strength": strength, "steps": steps,
-                       "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val), "test_acc": accuracy(model, *test)}
-                rows.append(row)
-                if method not in best or row["val_acc"] > best[method]["val_acc"]:  # ties keep the weaker
-                    best[method] = row
-        if variants:  # default DReS tuned on the options' grid, from the runs above
-            on_grid = [r for r in rows if r["method"] == "dres" and r["seed"] == seed
-                       and r["strength"] in vc.grids["dres_on_options_grid"]]
-            best["dres_on_options_grid"] = max(on_grid, key=lambda r: (r["val_acc"], -r["strength"]))
-        for name, (method, _) in EQUAL_TIME.items():
-            w = best[method]["strength"]
-            model, sec = train(method, w, make, *train_set, steps=eq_steps[name], batch=batch, seed=seed)
-            best[name] = {"method": name, "seed": seed, "strength": w, "steps": eq_steps[name],
-                          "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val),
-                          "test_acc": accuracy(model, *test)}
-            rows.append(best[name])
-        selected += [dict(r, method=m, selected=True) for m, r in best.items()]
-    run_ms = {m: float(np.median([r["cpu_ms_per_step"] for r in rows if r["method"] == m]))
-              for m in methods + variants}
+                rows.append({"method": method, "seed": seed, "strength": strength, "steps": steps,
+                             "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val),
+                             "test_acc": accuracy(model, *test)})
+    part = {"family": family, "arch": arch, "noise": noise, "dataset": dataset, "rows": rows, "selected": [],
+            "variants": variants, "probe_ms_per_step": probe_ms, "memory_kib": memory, "equal_time_steps": eq_steps,
+            "steps": steps, "batch": batch, "n_train": vc.n_train[family]}
+    settle(part, vc, data)  # the choices (grid plus off) and the equal wall-clock runs at the chosen strengths
+    part["run_ms_per_step"] = {m: float(np.median([r["cpu_ms_per_step"] for r in rows if r["method"] == m]))
+                               for m in methods + variants}
     log(f"v3 {setting_name(family, arch, noise)} done")
-    return {"family": family, "arch": arch, "noise": noise, "dataset": dataset, "rows": rows, "selected": selected,
-            "variants": variants, "probe_ms_per_step": probe_ms, "run_ms_per_step": run_ms, "memory_kib": memory,
-            "equal_time_steps": eq_steps, "steps": steps, "batch": batch, "n_train": vc.n_train[family]}
+    return part
 
 
 def entries_of(part: dict, vc: V3Config) -> list:
@@ -209,19 +277,19 @@ def entries_of(part: dict, vc: V3Config) -> list:
              "run_ms_per_step": part["run_ms_per_step"], "memory_kib": part["memory_kib"],
              "equal_time_steps": part["equal_time_steps"]}
     setting = setting_name(family, arch, noise)
-    grids = {m: part.get("grids", vc.grids).get(m, vc.grids[m]) for m in methods}  # extended grids where present
+    grids = tuned_grids(part, vc)  # extended grids where present; off (strength 0) besides each
     if part.get("extended"):
         extra["extended"] = part["extended"]
     out = [study_entry("v3_supervised", part["dataset"], "test_acc", True, part["selected"], names, pairs,
-                       setting=setting, grids=grids, extra=extra)]
+                       setting=setting, grids={m: grids[m] for m in methods if m in grids}, extra=extra, off=True)]
     if part["variants"]:
-        ref = "dres_on_options_grid"
+        ref = REFERENCE
         opt_methods = ["erm", ref] + part["variants"]
         opt_pairs = {f"{v} - {ref}": (v, ref) for v in part["variants"]}
         opt_pairs[f"{ref} - erm"] = (ref, "erm")
         out.append(study_entry("v3_options", part["dataset"], "test_acc", True, part["selected"], opt_methods,
-                               opt_pairs, setting=setting, grids={m: vc.grids[m] for m in opt_methods},
-                               extra=extra))
+                               opt_pairs, setting=setting, grids={m: grids[m] for m in opt_methods if m in grids},
+                               extra=extra, off=True))
     return out
 
 
@@ -240,6 +308,37 @@ def _checkpointed(path: Path, fn, args):
     return part, time.process_time() - cpu0
 
 
+def parts_from_json(result: dict, vc: V3Config) -> dict:
+    """{setting name: (part, CPU seconds)} rebuilt from a written generalization.json: its "runs" (every
+    training run, "selected" marking the chosen ones) and its v3_supervised / v3_options entries (the
+    setting's description, measured step costs, equal-time step counts, the grid extensions made). With
+    these parts, ``--resume`` redoes the choices and extends grids without training the saved runs again."""
+    parts = {}
+    for name in (setting_name(f, a, z) for f, a, z in settings_of(vc)):
+        sup = next((e for e in result["studies"] if e["name"] == "v3_supervised" and e["setting"] == name), None)
+        if sup is None:
+            continue
+        opt = next((e for e in result["studies"] if e["name"] == "v3_options" and e["setting"] == name), None)
+        runs = [{k: v for k, v in r.items() if k != "setting"} for r in result["runs"] if r["setting"] == name]
+        part = {"family": sup["family"], "arch": sup["arch"], "noise": sup["label_noise"], "dataset": sup["dataset"],
+                "rows": [r for r in runs if not r.get("selected")], "selected": [r for r in runs if r.get("selected")],
+                "variants": [m for m in opt["summary"] if m not in ("erm", REFERENCE)] if opt else [],
+                **{k: sup[k] for k in ("probe_ms_per_step", "run_ms_per_step", "memory_kib", "equal_time_steps",
+                                       "steps", "batch", "n_train")}}
+        if sup.get("extended"):
+            part["extended"] = sup["extended"]
+            part["grids"] = {m: sorted(set(g) | {x["strength"] for x in sup["extended"] if x["method"] == m})
+                             for m, g in vc.grids.items()}
+        parts[name] = (part, result["cpu_seconds"][name])
+    return parts
+
+
+def write_parts(parts: dict, parts_dir: Path) -> None:
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for name, (part, seconds) in parts.items():
+        (parts_dir / f"{name}.json").write_text(json.dumps({"part": part, "cpu_seconds": seconds}))
+
+
 def run_v3(vc: V3Config, workers: int = 1, parts_dir: Path | None = None, saved_only: bool = False) -> dict:
     """Every setting; returns {"rows": all runs and the selected ones, "entries", "cpu_seconds"}. With
     ``parts_dir`` (one worker), each finished setting is saved there and reused by a later call;
@@ -256,6 +355,10 @@ def run_v3(vc: V3Config, workers: int = 1, parts_dir: Path | None = None, saved_
         parts = run_tasks(tasks, workers)
     entries, rows, cpu = [], [], {}
     for name, (part, seconds) in parts.items():
+        n_rows = len(part["rows"])
+        settle(part, vc)  # saved parts: the choices redone (grid plus off) from their runs
+        if parts_dir is not None and len(part["rows"]) > n_rows:
+            (parts_dir / f"{name}.json").write_text(json.dumps({"part": part, "cpu_seconds": seconds}))
         entries += entries_of(part, vc)
         rows += [dict(r, setting=name) for r in part["rows"] + part["selected"]]
         cpu[name] = round(seconds, 1)
@@ -274,6 +377,10 @@ def write_outputs(result: dict, out_dir: Path) -> None:
             + (" + ".join(f"{p['kind']} {p['seconds']:.0f} s" for p in result["passes"]) if result.get("passes")
                else f"{result['seconds_total']:.0f} s") + f" wall with {result['environment']['workers']} worker "
             f"process(es), one torch thread (CPU seconds per setting: {result['cpu_seconds']}).", "",
+            "Strengths chosen per seed on validation from the grid plus off (strength 0: the seed's ERM run, same "
+            "data and seed; ties go to the weaker strength, so a tie with ERM picks off). A choice of off is counted "
+            "apart, not as a grid edge; grids are extended past their top where most seeds chose it "
+            "(bench/generalization/v3_extend.py).", "",
             report_tables(result), "",
             "![paired differences](paired_differences.png)", "", "## Per setting (common format)", "", markdown(entries)]
     (out_dir / "report.md").write_text("\n".join(text) + "\n")
@@ -295,9 +402,17 @@ def extend_saved(vc: V3Config, parts_dir: Path) -> None:
 
 
 def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool = False, extend: bool = False,
-        saved_only: bool = False) -> dict:
+        saved_only: bool = False, from_json: bool = False) -> dict:
+    """from_json: rebuild DIR/parts/ from DIR/generalization.json first (``parts_from_json``; DIR/parts/ must
+    not exist), then resume from it: the choices are redone and, with ``extend``, the grids extended, with no
+    saved run trained again."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if from_json:
+        if (out_dir / "parts").exists():
+            raise FileExistsError(f"{out_dir / 'parts'} exists: resume from it (--resume) or remove it")
+        write_parts(parts_from_json(json.loads((out_dir / "generalization.json").read_text()), vc), out_dir / "parts")
+        resume = True
     if extend:
         extend_saved(vc, out_dir / "parts")
     part = run_v3(vc, workers, parts_dir=out_dir / "parts" if resume or saved_only else None, saved_only=saved_only)
@@ -310,11 +425,11 @@ def run(vc: V3Config, out_dir: Path, mode: str, workers: int = 1, resume: bool =
                               "workers": workers, "machine": platform.machine(), "device": "cpu"},
               "seconds_total": time.perf_counter() - t0}
     previous = out_dir / "generalization.json"
-    if (resume or extend or saved_only) and previous.exists():  # the passes over this directory, with their wall times
+    if (resume or extend or saved_only or from_json) and previous.exists():  # the passes over this directory, with their wall times
         prev = json.loads(previous.read_text())
         result["passes"] = prev.get("passes") or [{"kind": "run", "seconds": prev["seconds_total"]}]
-    result["passes"] = result.get("passes", []) + [{"kind": "extend" if extend else "run",
-                                                    "seconds": result["seconds_total"]}]
+    kind_ = ("reselect+extend" if from_json else "extend") if extend else "reselect" if from_json else "run"
+    result["passes"] = result.get("passes", []) + [{"kind": kind_, "seconds": result["seconds_total"]}]
     result["derived"] = derived(result["studies"])
     write_outputs(result, out_dir)
     log(f"wrote {out_dir}/generalization.json and report.md in {result['seconds_total']:.0f} s")
@@ -334,16 +449,23 @@ def main(argv=None):
                         help="with --resume: extend the grid edges most seeds chose (v3_extend.py), then write")
     parser.add_argument("--saved-only", action="store_true",
                         help="write the outputs from the settings saved in DIR/parts/ alone (a run stopped early)")
-    parser.add_argument("--rewrite", action="store_true", help="only rewrite report.md from DIR/generalization.json")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rebuild DIR/parts/ from DIR/generalization.json's runs, then resume from it (choices "
+                             "redone, grids extended with --extend-edges; no saved run is trained again)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="only rewrite report.md (and the derived figures) from DIR/generalization.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.rewrite:
-        write_outputs(json.loads((args.out / "generalization.json").read_text()), args.out)
+        from bench.generalization.v3_tables import derived
+        result = json.loads((args.out / "generalization.json").read_text())
+        result["derived"] = derived(result["studies"])
+        write_outputs(result, args.out)
         return
     vc, mode = (smoke_v3_config(), "smoke") if args.smoke else (quick_v3_config(), "quick") if args.quick \
         else (full_v3_config(), "full")
-    run(vc, args.out, mode, workers=args.workers, resume=args.resume or args.extend_edges, extend=args.extend_edges,
-        saved_only=args.saved_only)
+    run(vc, args.out, mode, workers=args.workers, resume=args.resume or args.extend_edges or args.from_json,
+        extend=args.extend_edges, saved_only=args.saved_only, from_json=args.from_json)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
-"""Grid extension for evidence v3: where most seeds of a setting chose a method's smallest or largest
-strength, the grid is extended one step beyond that edge (the grid's own ratio; for label smoothing and EMA
-decay, half-way / ten times closer to 1), every seed of that setting is trained at the new strength, and the
-choice is redone on validation over the extended grid. Repeated up to ``rounds`` times.
+"""Grid extension for evidence v3: every strength is chosen over its grid plus "off" (strength 0, the seed's
+ERM run; v3.choose), so the weak end of every grid is the domain's own end and is never extended. Where most
+seeds of a setting chose a method's largest strength, the grid is extended one step beyond it (the grid's own
+ratio; for label smoothing and EMA decay, half-way / ten times closer to 1), every seed of that setting is
+trained at the new strength, and the choice is redone on validation over the extended grid plus off.
+Repeated up to ``rounds`` times (until no method sits at its high edge in most seeds).
 
-    python -m bench.generalization.v3 --out DIR --resume --extend-edges
+    python -m bench.generalization.v3 --out DIR --resume --extend-edges      # from DIR/parts/
+    python -m bench.generalization.v3 --out DIR --from-json --extend-edges   # parts rebuilt from DIR's JSON
 
-works on the settings saved in DIR/parts/ (the runs of the first pass are kept; the new ones are added),
+works on the settings saved in DIR/parts/ (the runs already made are kept; the new ones are added),
 reruns the equal wall-clock runs whose method's choice changed, and rewrites the outputs. The extended
-grids are stored per setting (part["grids"]) and reported with the edge hits. The DReS options' grids are
-not extended (their reference, default DReS on the same grid, would no longer share it); their edge hits are
-reported as they are."""
+grids are stored per setting (part["grids"]) and reported with the edge hits.
+
+The DReS options (v3_options) share one grid per setting, and so does their reference, default DReS tuned
+on that grid (``dres_on_options_grid``): when any variant or the reference sits at the options grid's top
+in most seeds, every variant and the reference get the next strength (``dres_reconstructed`` at its x10
+scale), so that variant minus reference stays a like-for-like pair. The reference's runs come from DReS's
+own runs where DReS's grid has that strength, else default DReS is trained and stored under the method name
+``dres_on_options_grid``, so that DReS's own grid and choice are unaffected."""
 from __future__ import annotations
 
 from bench.generalization.entries import edge_hits, log
@@ -28,61 +36,66 @@ def _beyond(method: str, grid: list, side: str) -> float:
     if side == "high" and method in BOUNDED:
         top = BOUNDED[method]
         return grid[-1] + (top - grid[-1]) / 2 if method == "label_smoothing" else top - (top - grid[-1]) / 10
+    ratio = grid[-1] / grid[-2] if len(grid) > 1 else 10.0  # a one-value grid (plus off): a decade
     if side == "high":
-        return grid[-1] * grid[-1] / grid[-2]
-    return grid[0] * grid[0] / grid[1]
+        return grid[-1] * ratio
+    return grid[0] / (grid[1] / grid[0] if len(grid) > 1 else 10.0)
 
 
-def _selected(rows, method, seed):
-    runs = [r for r in rows if r["method"] == method and r["seed"] == seed and not r.get("selected")]
-    return max(runs, key=lambda r: (r["val_acc"], -r["strength"]))  # ties keep the weaker, as the first pass
+def high_edges(part: dict, grids: dict) -> list:
+    """The tuned methods whose largest strength most seeds chose (off counts as interior)."""
+    hits = edge_hits(part["selected"], grids, off=True)
+    return [m for m, h in hits.items() if h["high"] > h["n"] / 2]
 
 
-def extend_part(part: dict, vc, rounds: int = 2) -> dict:
-    """Extend the edges hit by most seeds in one setting's saved part (in place); returns the part."""
-    from bench.generalization.v3 import EQUAL_TIME, methods_for, setting_data
+def extensions(part: dict, grids: dict, vc) -> list:
+    """[(method, new strength)] for one round: one step past the high edge of each method most seeds chose
+    there; the options' grid moves as one (every variant and the reference)."""
+    from bench.generalization.v3 import REFERENCE
+    options = set(part["variants"]) | ({REFERENCE} if part["variants"] else set())
+    todo = high_edges(part, grids)
+    out = [(m, beyond(m, grids[m], "high")) for m in todo if m not in options]
+    if options & set(todo):
+        w = beyond("dres", grids[REFERENCE], "high")
+        base = vc.grids[REFERENCE][0]
+        out += [(REFERENCE, w)] + [(v, float(f"{w * vc.grids[v][0] / base:.6g}")) for v in part["variants"]]
+    return out
+
+
+def extend_part(part: dict, vc, rounds: int = 3) -> dict:
+    """Extend the high edges hit by most seeds in one setting's saved part (in place); returns the part."""
+    from bench.generalization.v3 import REFERENCE, same_strength, select, setting_data, train_equal_time, tuned_grids
     family, arch, noise = part["family"], part["arch"], part["noise"]
-    # the options' variants are not extended: their reference (default DReS on the same grid) would not be
-    grids = part.setdefault("grids", {m: list(vc.grids[m]) for m in methods_for(arch)})
+    grids = tuned_grids(part, vc)
+    part["grids"] = {**part.get("grids", {}), **grids}
     extended = part.setdefault("extended", [])
-    seeds = vc.seeds
+    seeds = sorted({r["seed"] for r in part["rows"]})
+    assert not select(part, vc), "the saved part lacks equal-time runs"
+    data = None
     for _ in range(rounds):
-        chosen = [r for r in part["selected"] if r["method"] in grids]
-        todo = []
-        for method, h in edge_hits(chosen, {m: g for m, g in grids.items() if len(g) > 1}).items():
-            for side in ("low", "high"):
-                if h[side] > h["n"] / 2:
-                    todo.append((method, beyond(method, grids[method], side)))
+        todo = extensions(part, tuned_grids(part, vc), vc)
         if not todo:
             break
-        data = {seed: setting_data(family, arch, seed, noise, vc) for seed in seeds}
+        data = data or {seed: setting_data(family, arch, seed, noise, vc) for seed in seeds}
         for method, strength in todo:
-            grids[method] = sorted(grids[method] + [strength])
+            part["grids"][method] = sorted(part["grids"][method] + [strength])
             extended.append({"method": method, "strength": strength})
+            if method == REFERENCE and all(any(r["method"] == "dres" and r["seed"] == s and not r.get("selected")
+                                               and same_strength(r["strength"], strength) for r in part["rows"])
+                                           for s in seeds):
+                continue  # DReS's own runs at that strength serve the reference
+            trained = "dres" if method == REFERENCE else method
             for seed in seeds:
                 train_set, val, test, make, _ = data[seed]
-                model, sec = train(method, strength, make, *train_set, steps=part["steps"], batch=part["batch"], seed=seed)
+                model, sec = train(trained, strength, make, *train_set, steps=part["steps"], batch=part["batch"],
+                                   seed=seed)
                 part["rows"].append({"method": method, "seed": seed, "strength": strength, "steps": part["steps"],
                                      "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val),
                                      "test_acc": accuracy(model, *test), "extension": True})
-            for seed in seeds:
-                best = _selected(part["rows"], method, seed)
-                old = next(r for r in part["selected"] if r["method"] == method and r["seed"] == seed)
-                if best["strength"] == old["strength"]:
-                    continue
-                part["selected"] = [r for r in part["selected"] if r is not old] + [dict(best, selected=True)]
-                for name, (m, _) in EQUAL_TIME.items():  # equal-time runs use the chosen strength: redo them
-                    if m != method:
-                        continue
-                    train_set, val, test, make, _ = data[seed]
-                    steps = part["equal_time_steps"][name]
-                    model, sec = train(method, best["strength"], make, *train_set, steps=steps, batch=part["batch"],
-                                       seed=seed)
-                    row = {"method": name, "seed": seed, "strength": best["strength"], "steps": steps,
-                           "cpu_ms_per_step": 1e3 * sec, "val_acc": accuracy(model, *val),
-                           "test_acc": accuracy(model, *test), "extension": True}
-                    part["rows"].append(row)
-                    part["selected"] = [r for r in part["selected"] if not (r["method"] == name and r["seed"] == seed)]
-                    part["selected"].append(dict(row, selected=True))
+        missing = select(part, vc)  # equal-time runs at a newly chosen strength
+        train_equal_time(part, missing, data)
+        for r in part["rows"][len(part["rows"]) - len(missing):]:
+            r["extension"] = True
+        assert not select(part, vc)
         log(f"v3 extended {family}_{arch}_{noise:g}: {todo}")
     return part

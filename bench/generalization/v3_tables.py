@@ -38,14 +38,16 @@ def derived(entries) -> dict:
     """when (per setting: best method, DReS's rank and paired differences), cost (ratios to ERM), edges
     (every grid-edge hit), counts (settings where DReS is resolved ahead of / behind a method) and
     options (each variant's verdict against default DReS per setting, and the families where it is ahead)."""
-    out = {"when": [], "cost": [], "edges": [], "counts": {}, "options": {}}
+    out = {"when": [], "cost": [], "edges": [], "off": [], "off_by_method": {}, "counts": {}, "options": {}}
     for e in _sup(entries):
         methods = [m for m in e["summary"] if m not in EQUAL_TIME]
         ranked = sorted(methods, key=lambda m: -e["summary"][m]["mean"])
         best_other = next(m for m in ranked if m != "dres")
         out["when"].append({"setting": e["setting"], "family": e["family"], "arch": e["arch"],
                             "label_noise": e["label_noise"], "best": ranked[0], "best_acc": e["summary"][ranked[0]]["mean"],
-                            "dres_acc": e["summary"]["dres"]["mean"], "dres_rank": ranked.index("dres") + 1,
+                            "dres_acc": e["summary"]["dres"]["mean"],
+                            # competition rank: equal means share a rank (a method off in every seed is ERM)
+                            "dres_rank": 1 + sum(e["summary"][m]["mean"] > e["summary"]["dres"]["mean"] for m in methods),
                             "n_methods": len(methods), "best_other": best_other,
                             "dres_minus_best_other": e["paired"][f"dres - {best_other}"]})
         ms, kib = e["run_ms_per_step"], e["memory_kib"]
@@ -55,10 +57,21 @@ def derived(entries) -> dict:
                             "kib_x_erm": {m: v / kib["erm"] for m, v in kib.items()}})
     for e in entries:
         for m, h in e.get("edge_hits", {}).items():
-            if h["low"] or h["high"]:
-                out["edges"].append({"study": e["name"], "setting": e["setting"], "method": m, "low": h["low"],
+            low = h.get("low", 0)  # chosen over the grid plus off: no low edge ("off" is counted apart)
+            if low or h["high"]:
+                out["edges"].append({"study": e["name"], "setting": e["setting"], "method": m, "low": low,
                                      "high": h["high"], "n": h["n"], "grid": h["grid"],
-                                     "most_seeds": max(h["low"], h["high"]) > h["n"] / 2})
+                                     "most_seeds": max(low, h["high"]) > h["n"] / 2})
+            if "off" in h:
+                if h["off"]:
+                    out["off"].append({"study": e["name"], "setting": e["setting"], "method": m, "off": h["off"],
+                                       "n": h["n"], "most_seeds": h["off"] > h["n"] / 2})
+                rec = out["off_by_method"].setdefault(m, {"seeds_off": 0, "seeds": 0, "settings_most_off": 0,
+                                                          "settings": 0})
+                rec["seeds_off"] += h["off"]
+                rec["seeds"] += h["n"]
+                rec["settings_most_off"] += h["off"] > h["n"] / 2
+                rec["settings"] += 1
     keys = ["dres - erm", "dres - sam", "dres - ema", "dres - label_smoothing", "dres - grad_penalty",
             "dres - erm_at_dres", "dres - sam_at_dres", "dres - ema_at_dres", "dres_cheap - erm_at_cheap",
             "dres_cheap - sam_at_cheap", "sam - erm", "dres_cheap - erm"]
@@ -181,14 +194,30 @@ def counts_text(result) -> str:
     return "; ".join(f"{k}: {v['ahead']} ahead / {v['behind']} behind / {v['unresolved']} unresolved" for k, v in c.items())
 
 
+def _edge(e) -> str:
+    return f"{e['setting']} {e['method']} " + (f"{e['low']} low / " if e["low"] else "") + f"{e['high']} high of {e['n']}"
+
+
 def edges_text(result) -> str:
     edges = result["derived"]["edges"]
     if not edges:
         return "No chosen strength sat at a grid edge."
     most = [e for e in edges if e["most_seeds"]]
-    text = "; ".join(f"{e['setting']} {e['method']} {e['low']} low / {e['high']} high of {e['n']}" for e in edges)
     return (f"Grid-edge hits ({len(edges)} method-settings with at least one seed at an edge, {len(most)} with "
-            f"most seeds there: " + (", ".join(f"{e['setting']} {e['method']}" for e in most) or "none") + "): " + text)
+            f"most seeds there: " + (", ".join(f"{e['setting']} {e['method']}" for e in most) or "none") + "): "
+            + "; ".join(_edge(e) for e in edges))
+
+
+def off_text(result) -> str:
+    """Choices of off (strength 0: the seed's ERM run), per method over all settings, then per setting."""
+    der = result["derived"]
+    if not der.get("off_by_method"):
+        return "Strengths were chosen on the grids alone (no off)."
+    per = "; ".join(f"{m} {r['seeds_off']} of {r['seeds']} seeds (most seeds in {r['settings_most_off']} of "
+                    f"{r['settings']} settings)" for m, r in der["off_by_method"].items())
+    where = "; ".join(f"{o['setting']} {o['method']} {o['off']} of {o['n']}" for o in der["off"])
+    return ("Off chosen (strength 0, the seed's ERM run; the weak end of every grid, never extended, not an edge): "
+            + per + ". Per setting: " + (where or "none") + ".")
 
 
 def options_text(result) -> str:
@@ -220,7 +249,10 @@ def report_tables(result) -> str:
         cost_table(result), "",
         "### DReS options on CNNs (each variant minus default DReS tuned on the same grid, pp)", "",
         options_table(result), "", "Verdicts: " + options_text(result), "",
-        "### Counts over settings", "", counts_text(result), "", "### Grid edges", "", edges_text(result)])
+        "### Counts over settings", "", counts_text(result), "", "### Grid edges and off",
+        "", "Every tuned method chose its strength on validation from its grid plus off (strength 0, the seed's "
+        "ERM run); ties go to the weaker strength, so a tie with ERM picks off.", "", edges_text(result), "",
+        off_text(result)])
 
 
 def update_blocks(text: str, blocks: dict) -> str:

@@ -6,7 +6,8 @@
  * once (the inner loops run along the row: contiguous, vectorised). The chunk's float64 scratch
  * (m x CHUNK, for z and gamma) stays in cache, so the data is read about twice and written once.
  * Everything is float64 arithmetic whatever the data type (float32 recurrences miss the accuracy
- * contract at thousands of knots). Plain C, no torch headers: loaded with ctypes.
+ * contract at thousands of knots). Plain C, no torch headers: loaded with ctypes, built with
+ * -march=native where the compiler takes it (dres_fast/backends/banded_cpu.py).
  *
  * Arrays (float64 unless said): factor[3][m] = 1/U_ii, U_{i-1,i}, U_{i-2,i}; stencil[3][m]: rhs_j =
  * st0_j x_j + st1_j x_{j+1} + st2_j x_{j+2}; index[p] (int64), chord[p][2], curvature[p][4],
@@ -15,12 +16,61 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define CHUNK 32
 /* Rows ahead to prefetch: a chunk's rows are d elements apart, each in its own page, where the hardware
  * prefetcher does not follow; without it the stencil pass waits on memory latency row by row. */
 #define AHEAD 16
 #define PREFETCH_ROW(p) do { __builtin_prefetch(p); __builtin_prefetch((const char *)(p) + 64); } while (0)
+
+/* Outputs of at least this many bytes (past a core's L2) are written with non-temporal stores where the
+ * build has AVX: a pass's output is not read back while the pass runs, and streaming it skips the
+ * read-for-ownership of every line (a third of a pass's memory traffic). 1.3-1.4x per fwd+bwd step at
+ * K = N = 1024, d = 4096 on the development VM (bench/banded.py). Smaller outputs stay in cache. */
+#define STREAM_MIN_BYTES ((int64_t)4 << 20)
+#if defined(__AVX512F__)
+#define STREAM_ALIGN 64
+static inline void stream_row_f32(float *o, const double *row) {
+    for (int c = 0; c < CHUNK; c += 16) {
+        const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(row + c)), hi = _mm512_cvtpd_ps(_mm512_loadu_pd(row + c + 8));
+        _mm512_stream_ps(o + c, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+    }
+}
+static inline void stream_row_f64(double *o, const double *row) {
+    for (int c = 0; c < CHUNK; c += 8) _mm512_stream_pd(o + c, _mm512_loadu_pd(row + c));
+}
+#define STREAM_FENCE() _mm_sfence()
+#elif defined(__AVX__)
+#define STREAM_ALIGN 32
+static inline void stream_row_f32(float *o, const double *row) {
+    for (int c = 0; c < CHUNK; c += 8) {
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(row + c)), hi = _mm256_cvtpd_ps(_mm256_loadu_pd(row + c + 4));
+        _mm256_stream_ps(o + c, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+    }
+}
+static inline void stream_row_f64(double *o, const double *row) {
+    for (int c = 0; c < CHUNK; c += 4) _mm256_stream_pd(o + c, _mm256_loadu_pd(row + c));
+}
+#define STREAM_FENCE() _mm_sfence()
+#else
+#define STREAM_ALIGN 0
+static inline void stream_row_f32(float *o, const double *row) { (void)o; (void)row; }
+static inline void stream_row_f64(double *o, const double *row) { (void)o; (void)row; }
+#define STREAM_FENCE() ((void)0)
+#endif
+/* Whether rows of `out` (contiguous, d per row) are streamed: a full chunk of each row is then aligned. */
+#define STREAMS(out, rows, d, T) (STREAM_ALIGN && (rows) * (d) * (int64_t)sizeof(T) >= STREAM_MIN_BYTES     \
+                                  && ((uintptr_t)(out) % (STREAM_ALIGN ? STREAM_ALIGN : 1)) == 0               \
+                                  && ((d) * (int64_t)sizeof(T)) % (STREAM_ALIGN ? STREAM_ALIGN : 1) == 0)
+/* One chunk row (w float64 values in `row`) to `o` as T: streamed when `stream` and the chunk is full. */
+#define STORE_ROW(T, o, row, w, stream) do {                                                                  \
+    if ((stream) && (w) == CHUNK && sizeof(T) == 4) stream_row_f32((float *)(void *)(o), (row));             \
+    else if ((stream) && (w) == CHUNK) stream_row_f64((double *)(void *)(o), (row));                          \
+    else for (int64_t c_ = 0; c_ < (w); ++c_) (o)[c_] = (T)(row)[c_];                                        \
+} while (0)
 
 /* M^{-1} in place on z (m x w, row stride CHUNK, with two zero rows above and below): U^T z' = z,
  * then U z'' = z'. factor's unused corners (U_{-1,0}, U_{-2,0}, U_{-1,1}) are zero. */
@@ -81,6 +131,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
          const T *base, double scale, int transpose, int threads) {                                           \
     const int64_t m = n - 2, chunks = (d + CHUNK - 1) / CHUNK;                                               \
     const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
+    const int stream = STREAMS(out, transpose ? n : p, d, T);                                                \
     int failed = 0;                                                                                          \
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                         \
     {                                                                                                        \
@@ -115,7 +166,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                     const T *xa = x + index[r] * ld + c0, *xb = xa + ld;                                     \
                     if (r + AHEAD < p) {                                                                     \
                         PREFETCH_ROW(x + (index[r + AHEAD] + 1) * ld + c0);                                  \
-                        __builtin_prefetch(out + (r + AHEAD) * d + c0, 1);                                   \
+                        if (!stream) __builtin_prefetch(out + (r + AHEAD) * d + c0, 1);                      \
                     }                                                                                        \
                     const double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;       \
                     const double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;   \
@@ -124,11 +175,13 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                     const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
                     T *o = out + r * d + c0;                                                                 \
                     const T *b = base ? base + r * d + c0 : NULL;                                            \
+                    double row[CHUNK];                                                                       \
                     for (int64_t c = 0; c < w; ++c) {                                                        \
                         const double value = scale * (p0 * (double)xa[c] + p1 * (double)xb[c] + v0 * g0[c]  \
                                                       + v1 * g1[c] + v2 * g2[c] + v3 * g3[c]);              \
-                        o[c] = (T)(b ? (double)b[c] + value : value);                                        \
+                        row[c] = b ? (double)b[c] + value : value;                                           \
                     }                                                                                        \
+                    STORE_ROW(T, o, row, w, stream);                                                         \
                 }                                                                                            \
             } else {                                                                                         \
                 double *acc = z + (m + 2) * CHUNK; /* out rows, n x CHUNK */                                 \
@@ -165,13 +218,16 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 }                                                                                            \
                 for (int64_t i = 0; i < n; ++i) {                                                            \
                     const double *a = acc + i * CHUNK;                                                       \
-                    if (i + AHEAD < n) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);                   \
+                    if (i + AHEAD < n && !stream) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);                   \
                     T *o = out + i * d + c0;                                                                 \
                     const T *b = base ? base + i * d + c0 : NULL;                                            \
-                    for (int64_t c = 0; c < w; ++c) o[c] = (T)(b ? (double)b[c] + scale * a[c] : scale * a[c]); \
+                    double row[CHUNK];                                                                       \
+                    for (int64_t c = 0; c < w; ++c) row[c] = b ? (double)b[c] + scale * a[c] : scale * a[c]; \
+                    STORE_ROW(T, o, row, w, stream);                                                         \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
+        if (stream) STREAM_FENCE(); /* the streamed stores are visible before the caller reads out */        \
         free(buffer);                                                                                        \
     }                                                                                                        \
     return failed;                                                                                           \

@@ -1,5 +1,10 @@
 """The banded spline maps on CPU tensors, compiled: ``banded_cpu.c`` (plain C with OpenMP, loaded with
-ctypes), built on first use with the system C compiler into the cache directory (about a second).
+ctypes), built on first use with the system C compiler into the cache directory (about a second), for
+this machine's CPU (``-march=native``: 1.15-1.2x per step over a generic x86-64 build on the development
+VM; AVX-512 or AVX also turns on its streaming stores) with ``-ffp-contract=off`` (no fused multiply-adds:
+the same rounding as the torch reference on every machine). A compiler that refuses a flag gets the
+build without it. The library's name carries the source, the compiler and the CPU, so a cache directory
+shared by different machines never loads a build for another CPU.
 
 :func:`banded_apply` is ``W x`` (or ``W^T x``) for a :class:`dres_fast.banded.BandedSpline`'s arrays;
 :func:`available` says whether the library could be built and loaded. Without a C compiler the callers
@@ -30,10 +35,29 @@ def _compiler():
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+#: Compiler flags, tried in order until one set builds: for this CPU, then generic, then without OpenMP
+#: (e.g. Apple clang; the kernel then runs on one thread).
+_FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], ["-O3", "-ffp-contract=off", "-fopenmp"],
+              ["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"])
+
+
+def _cpu_identity() -> str:
+    """The CPU the build is for: its model and feature flags (Linux), else what ``platform`` says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [line for line in fh if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def library_path() -> str:
-    """Where the built library lives: one per source text and compiler."""
+    """Where the built library lives: one per source text, compiler, flags and CPU."""
     with open(_SOURCE, "rb") as fh:
-        digest = hashlib.sha256(fh.read() + (_compiler() or "").encode()).hexdigest()[:16]
+        key = fh.read() + (_compiler() or "").encode() + repr(_FLAG_SETS).encode() + _cpu_identity().encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     root = os.environ.get("DRES_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dres_fast")
     return os.path.join(root, "banded_cpu", f"banded_cpu-{digest}.so")
 
@@ -46,8 +70,8 @@ def _build(path: str) -> None:
     handle, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(handle)
     try:  # built beside its final name and renamed: concurrent builders never see half a file
-        for openmp in (["-fopenmp"], []):  # without OpenMP (e.g. Apple clang) the kernel runs on one thread
-            done = subprocess.run([compiler, "-O3", *openmp, "-fPIC", "-shared", _SOURCE, "-o", partial],
+        for flags in _FLAG_SETS:
+            done = subprocess.run([compiler, *flags, "-fPIC", "-shared", _SOURCE, "-o", partial],
                                   capture_output=True, text=True)
             if done.returncode == 0:
                 break

@@ -45,6 +45,7 @@ def derived(entries) -> dict:
         best_other = next(m for m in ranked if m != "dres")
         out["when"].append({"setting": e["setting"], "family": e["family"], "arch": e["arch"],
                             "label_noise": e["label_noise"], "best": ranked[0], "best_acc": e["summary"][ranked[0]]["mean"],
+                            "best_tied": [m for m in ranked if e["summary"][m]["mean"] == e["summary"][ranked[0]]["mean"]],
                             "dres_acc": e["summary"]["dres"]["mean"],
                             # competition rank: equal means share a rank (a method off in every seed is ERM)
                             "dres_rank": 1 + sum(e["summary"][m]["mean"] > e["summary"]["dres"]["mean"] for m in methods),
@@ -104,8 +105,9 @@ def _model(family, arch) -> str:
 
 def readme_table(result) -> str:
     """One row per data family (README has room for few lines), each cell "CNN / MLP": clean and noisy
-    settings side by side (best method and its accuracy, DReS's rank, DReS minus the best other method),
-    then the CPU time of a step and its memory (ERM's, and DReS's, dres_cheap's and SAM's as x ERM)."""
+    settings side by side (best method and its accuracy, "a=b" where methods tie for best, DReS's rank,
+    DReS minus the best other method), then the CPU time of a step and its memory (ERM's, and DReS's,
+    dres_cheap's and SAM's as x ERM)."""
     der = result["derived"]
     cost = {c["setting"]: c for c in der["cost"]}
     families = list(dict.fromkeys(w["family"] for w in der["when"]))
@@ -118,7 +120,8 @@ def readme_table(result) -> str:
         cells = [f"{_model(family, '')}({', '.join(a.upper() for a in archs)})".replace(" (", " (")]
         for noisy in (False, True):
             picked = [next((w for w in rows if w["arch"] == a and (w["label_noise"] > 0) == noisy), None) for a in archs]
-            cells += [" / ".join("-" if w is None else f"{w['best']} ({100 * w['best_acc']:.1f})" for w in picked),
+            cells += [" / ".join("-" if w is None else f"{'='.join(w.get('best_tied') or [w['best']])} "
+                                 f"({100 * w['best_acc']:.1f})" for w in picked),
                       " / ".join("-" if w is None else f"{w['dres_rank']} of {w['n_methods']}" for w in picked),
                       " / ".join("-" if w is None else f"{ci(w['dres_minus_best_other'])} vs {w['best_other']}"
                                  for w in picked)]

@@ -20,6 +20,9 @@ own runs where DReS's grid has that strength, else default DReS is trained and s
 ``dres_on_options_grid``, so that DReS's own grid and choice are unaffected."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from bench.generalization.entries import edge_hits, log
 from bench.generalization.mnist import accuracy
 from bench.generalization.v3_methods import train
@@ -99,3 +102,36 @@ def extend_part(part: dict, vc, rounds: int = 3) -> dict:
         assert not select(part, vc)
         log(f"v3 extended {family}_{arch}_{noise:g}: {todo}")
     return part
+
+
+def parts_from_json(result: dict, vc) -> dict:
+    """{setting name: (part, CPU seconds)} rebuilt from a written generalization.json: its "runs" (every
+    training run, "selected" marking the chosen ones) and its v3_supervised / v3_options entries (the
+    setting's description, measured step costs, equal-time step counts, the grid extensions made). With
+    these parts, ``--resume`` redoes the choices and extends grids without training the saved runs again."""
+    from bench.generalization.v3 import REFERENCE, setting_name, settings_of
+
+    parts = {}
+    for name in (setting_name(f, a, z) for f, a, z in settings_of(vc)):
+        sup = next((e for e in result["studies"] if e["name"] == "v3_supervised" and e["setting"] == name), None)
+        if sup is None:
+            continue
+        opt = next((e for e in result["studies"] if e["name"] == "v3_options" and e["setting"] == name), None)
+        runs = [{k: v for k, v in r.items() if k != "setting"} for r in result["runs"] if r["setting"] == name]
+        part = {"family": sup["family"], "arch": sup["arch"], "noise": sup["label_noise"], "dataset": sup["dataset"],
+                "rows": [r for r in runs if not r.get("selected")], "selected": [r for r in runs if r.get("selected")],
+                "variants": [m for m in opt["summary"] if m not in ("erm", REFERENCE)] if opt else [],
+                **{k: sup[k] for k in ("probe_ms_per_step", "run_ms_per_step", "memory_kib", "equal_time_steps",
+                                       "steps", "batch", "n_train")}}
+        if sup.get("extended"):
+            part["extended"] = sup["extended"]
+            part["grids"] = {m: sorted(set(g) | {x["strength"] for x in sup["extended"] if x["method"] == m})
+                             for m, g in vc.grids.items()}
+        parts[name] = (part, result["cpu_seconds"][name])
+    return parts
+
+
+def write_parts(parts: dict, parts_dir: Path) -> None:
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for name, (part, seconds) in parts.items():
+        (parts_dir / f"{name}.json").write_text(json.dumps({"part": part, "cpu_seconds": seconds}))

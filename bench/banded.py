@@ -8,9 +8,11 @@ interleaved rounds (bench/timing.py), with each path's floor:
 * dense floor = ``max(bytes / copy bandwidth, flops / fp32 matmul rate)``, flops ``8 K N d`` (4 GEMMs);
 * banded floor = ``bytes / copy bandwidth``: each tensor read or written once, ``4 (K + N) d`` elements.
 
-``auto`` is the path :func:`dres_fast.ops.banded.choose` takes for the row's shape. Grid: K = N in
-{256, 1024, 4096} and d in {2^10, 2^14, 2^18} (GPU), trimmed on the CPU to what fits memory and minutes
-(rows left out are listed with the reason); plus K = N = 256 at small d, where ``auto`` must never lose.
+``auto`` is the path :func:`dres_fast.ops.banded.choose` takes for the row's shape and dtype. Grid: K = N
+in {256, 1024, 4096} and d in {2^10, 2^14, 2^18} (GPU), trimmed on the CPU to what fits memory and minutes
+(rows left out are listed with the reason); plus K = N = 256 at small d, where ``auto`` must never lose; plus,
+on the CPU, float64 and bfloat16 rows around ``auto``'s boundary for those dtypes (floors then use that
+dtype's bytes and matmul rate).
 """
 from __future__ import annotations
 
@@ -32,16 +34,19 @@ SMALL_D = [(256, d) for d in (16, 64, 256)] + [(128, d) for d in (256, 1024)] + 
 #: per mode: largest K * d (elements per tensor) and the largest dense flop count run on the CPU
 CPU_LIMITS = {"smoke": (2**14, 1e9), "quick": (2**22, 6e10), "full": (2**24, 3e11)}
 ISSUE_ROWS = [(1024, 4096), (4096, 1024)]  # issue 20's CPU targets: 5x and 20x
+#: CPU rows in other dtypes, around auto's boundary for them (dres_fast/ops/banded.py AUTO_MIN_CPU)
+DTYPE_ROWS = {torch.float64: [(64, 64), (128, 64), (128, 256), (256, 64), (256, 256), (1024, 1024)],
+              torch.bfloat16: [(128, 1024), (256, 64), (256, 256), (1024, 1024)]}
 
 
 def cases(device: str, mode: str):
-    """(rows to run, {row: why it is left out})."""
+    """(rows to run as (K, d, run dense?, dtype), {row: why it is left out})."""
     if mode == "smoke":
-        return [(64, 256, True)], {}
+        return [(64, 256, True, torch.float32)], {}
     rows = sorted(set(GRID + SMALL_D + ISSUE_ROWS))
     if device.startswith("cuda"):  # quick (bench/gpu_check.sh): rows up to 2^28 elements (1 GiB fp32 tensors)
         limit = 2**28 if mode == "quick" else 2**31
-        return ([(k, d, True) for k, d in rows if k * d <= limit],
+        return ([(k, d, True, torch.float32) for k, d in rows if k * d <= limit],
                 {f"K=N={k}, d={d}": "over this mode's GPU limit" for k, d in rows if k * d > limit})
     max_elements, max_flops = CPU_LIMITS[mode]
     run, skipped = [], {}
@@ -52,7 +57,8 @@ def cases(device: str, mode: str):
         dense = 8 * k * k * d <= max_flops
         if not dense:
             skipped[f"K=N={k}, d={d} (dense)"] = f"{8 * k * k * d / 1e9:.0f} GFLOP per step: over this mode's CPU limit"
-        run.append((k, d, dense))
+        run.append((k, d, dense, torch.float32))
+    run += [(k, d, True, dtype) for dtype, shapes in DTYPE_ROWS.items() for k, d in shapes]
     return run, skipped
 
 
@@ -65,22 +71,24 @@ def _step(encoder, decoder, tensors):
     torch.autograd.backward([mixed, loss], [grad_mix, torch.tensor(0.7, device=loss.device)])
 
 
-def run_row(device: str, k: int, d: int, with_dense: bool, bandwidth: float, rate: float, rounds: int) -> dict:
+def run_row(device: str, k: int, d: int, with_dense: bool, bandwidth: float, rate: float, rounds: int,
+            dtype: torch.dtype = torch.float32) -> dict:
+    """One row; ``rate``: the matmul rate of ``dtype`` (the dense floor's flops)."""
     spec = SmoothingSpec()
     gen = torch.Generator(device="cpu").manual_seed(k + d)
-    make = lambda rows: torch.randn(rows, d, generator=gen).to(device)  # noqa: E731
+    make = lambda rows: torch.randn(rows, d, generator=gen).to(device, dtype)  # noqa: E731
     tensors = [make(k).requires_grad_(), make(k).requires_grad_(), make(k).requires_grad_(), make(k)]
     paths = {"banded": default_cache.banded(spec, k, device)}
     if with_dense:
-        paths["dense"] = default_cache.weights(spec, k, device, torch.float32)
+        paths["dense"] = default_cache.weights(spec, k, device, dtype)
     measures = {name: (lambda r, maps=maps: timed_call(lambda: _step(*maps, tensors), device))
                 for name, maps in paths.items()}
     for fn in measures.values():
         fn(0)  # warm-up: kernel build, allocations
     samples, errors = interleaved_rounds(measures, rounds)
-    row = {"K": k, "N": k, "d": d, "dtype": "float32",
-           "auto": banded_path.choose("auto", torch.device(device), k, k, d), "errors": errors}
-    bytes_moved = 4 * (k + k) * d * 4
+    row = {"K": k, "N": k, "d": d, "dtype": str(dtype).replace("torch.", ""),
+           "auto": banded_path.choose("auto", torch.device(device), k, k, d, dtype), "errors": errors}
+    bytes_moved = 4 * (k + k) * d * torch.empty((), dtype=dtype).element_size()
     row["banded_floor_ms"] = bytes_moved / bandwidth * 1e3
     row["dense_floor_ms"] = max(bytes_moved / bandwidth, 8 * k * k * d / rate) * 1e3
     for name, values in samples.items():
@@ -97,29 +105,29 @@ def run_row(device: str, k: int, d: int, with_dense: bool, bandwidth: float, rat
 def run_banded(device: str = "cpu", mode: str = "quick", progress=None) -> dict:
     quick = mode != "full"
     bandwidth = measure_copy_bandwidth(device, quick)
-    rate = measure_matmul_rate(device, torch.float32, quick)
     rows_to_run, skipped = cases(device, mode)
+    rates = {dtype: measure_matmul_rate(device, dtype, quick) for dtype in dict.fromkeys(r[3] for r in rows_to_run)}
     rounds = 3 if mode == "smoke" else 5
     rows = []
-    for k, d, with_dense in rows_to_run:
-        rows.append(run_row(device, k, d, with_dense, bandwidth, rate, rounds))
+    for k, d, with_dense, dtype in rows_to_run:
+        rows.append(run_row(device, k, d, with_dense, bandwidth, rates[dtype], rounds, dtype))
         if progress is not None:
             progress.update(1)
-    return {"copy_GBps": bandwidth / 1e9, "mm_float32_TFLOPs": rate / 1e12, "rows": rows, "skipped": skipped,
-            "env": os.environ.get(banded_path.ENV_VAR, "")}
+    return {"copy_GBps": bandwidth / 1e9, "rows": rows, "skipped": skipped, "env": os.environ.get(banded_path.ENV_VAR, ""),
+            **{f"mm_{str(dtype).replace('torch.', '')}_TFLOPs": rate / 1e12 for dtype, rate in rates.items()}}
 
 
 def table(result: dict, markdown: bool = True) -> str:
     """Markdown table of :func:`run_banded`'s rows (also printed as is on the console)."""
-    lines = ["| K = N | d | dense ms (x floor) | banded ms (x floor) | speed-up | auto | auto / dense |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| K = N | d | dtype | dense ms (x floor) | banded ms (x floor) | speed-up | auto | auto / dense |",
+             "|---|---|---|---|---|---|---|---|"]
     ms = lambda value: f"{value:.0f}" if value >= 100 else f"{value:.3g}"  # noqa: E731  (no exponents)
     for r in result["rows"]:
         dense = f"{ms(r['dense_ms'])} ({r['dense_x_floor']:.1f}x)" if "dense_ms" in r else "not run"
         banded = f"{ms(r['banded_ms'])} ({r['banded_x_floor']:.1f}x)" if "banded_ms" in r else "failed"
         speed = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
         auto = f"{r['auto_vs_dense']:.2f}" if "auto_vs_dense" in r else "-"
-        lines.append(f"| {r['K']} | {r['d']} | {dense} | {banded} | {speed} | {r['auto']} | {auto} |")
+        lines.append(f"| {r['K']} | {r['d']} | {r['dtype']} | {dense} | {banded} | {speed} | {r['auto']} | {auto} |")
     return "\n".join(lines)
 
 

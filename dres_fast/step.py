@@ -183,7 +183,7 @@ class Coding:
         banded maps (:mod:`dres_fast.ops.banded`) where ``choose`` picks them for its width."""
         # choose() first: for narrow data it answers "dense" at once (the host cost of small steps)
         if banded_path.choose(self.step.config.backend, value.device, self.num_samples, self.num_coded,
-                              value[0].numel()) == "banded" and not traced():
+                              value[0].numel(), value.dtype) == "banded" and not traced():
             return default_cache.banded(self.spec, self.num_samples, value.device)
         if self.encoder is None:  # the dense pair is fetched (and, the first time, built: O(K N)) only if used
             self.encoder, self.decoder = coding_weights(self.spec, self.num_samples, value.device, value.dtype)

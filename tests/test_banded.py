@@ -233,6 +233,16 @@ def test_auto_choice(monkeypatch):
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     assert banded_path.choose("auto", cpu, 256, 256, banded_path.AUTO_MIN_WIDTH_CPU - 1) == "dense"
     assert banded_path.choose("auto", cpu, banded_path.AUTO_MIN_SAMPLES_CPU - 1, 64, 4096) == "dense"
+    # float64 data: banded from K, N >= 128 and d >= 128 (dense float64 GEMMs cost twice float32's)
+    samples64, width64 = banded_path.AUTO_MIN_CPU[torch.float64]
+    assert (samples64, width64) == (128, 128)
+    assert banded_path.choose("auto", cpu, 128, 128, 128, torch.float64) == expect
+    assert banded_path.choose("auto", cpu, 128, 128, 128, torch.float32) == "dense"
+    assert banded_path.choose("auto", cpu, 128, 127, 4096, torch.float64) == "dense"
+    assert banded_path.choose("auto", cpu, 4096, 4096, 127, torch.float64) == "dense"
+    for half in (torch.float16, torch.bfloat16):  # measured with float32's boundary
+        assert banded_path.choose("auto", cpu, 255, 255, 4096, half) == "dense"
+        assert banded_path.choose("auto", cpu, 256, 256, 256, half) == expect
     monkeypatch.setenv(banded_path.ENV_VAR, "auto")  # said explicitly: the same as unset
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     monkeypatch.setenv(banded_path.ENV_VAR, "banded")
@@ -258,6 +268,13 @@ def test_step_uses_the_banded_maps(monkeypatch):
     monkeypatch.setenv(banded_path.ENV_VAR, "dense")
     dres_fast.dres_loss(torch.nn.Linear(8, 8), torch.randn(12, 8))
     assert seen == []
+    if banded_cpu.available():  # auto asks with the data's dtype: float64 goes banded from K = 128, d = 128
+        monkeypatch.setenv(banded_path.ENV_VAR, "auto")
+        dres_fast.dres_loss(torch.nn.Linear(128, 128), torch.randn(128, 128), num_coded=128)
+        assert seen == []
+        dres_fast.dres_loss(torch.nn.Linear(128, 128).double(), torch.randn(128, 128, dtype=torch.float64),
+                            num_coded=128)
+        assert seen == [("spline_mix", "BandedSpline"), ("reconstruction_loss", "Tensor")]
 
 
 def test_setup_is_linear_in_k():

@@ -214,9 +214,12 @@ def test_banded_bench_smoke_row():
     (row,) = result["rows"]
     assert row["dense_ms"] > 0 and row["banded_ms"] > 0 and row["banded_floor_ms"] > 0
     assert row["dense_floor_ms"] >= row["banded_floor_ms"]
-    assert row["auto"] in ("dense", "banded") and "| 64 | 256 |" in banded.table(result)
+    assert row["auto"] in ("dense", "banded") and "| 64 | 256 | float32 |" in banded.table(result)
     rows, skipped = banded.cases("cpu", "quick")
-    assert (1024, 4096, True) in rows and any("(dense)" in key for key in skipped)
-    assert all((k * d <= banded.CPU_LIMITS["quick"][0]) for k, d, _ in rows)
+    assert (1024, 4096, True, torch.float32) in rows and any("(dense)" in key for key in skipped)
+    assert all((k * d <= banded.CPU_LIMITS["quick"][0]) for k, d, _, _ in rows)
+    # the other dtypes' rows around auto's boundary, dense always run (small shapes)
+    assert {(k, d) for k, d, dense, dtype in rows if dtype == torch.float64 and dense} == set(banded.DTYPE_ROWS[torch.float64])
     gpu_rows, _ = banded.cases("cuda", "full")
-    assert {(k, d) for k, d, _ in gpu_rows} >= set(banded.GRID)
+    assert {(k, d) for k, d, _, _ in gpu_rows} >= set(banded.GRID)
+    assert {dtype for _, _, _, dtype in gpu_rows} == {torch.float32}

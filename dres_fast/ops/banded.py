@@ -35,10 +35,16 @@ PATHS = ("auto", "dense", "banded")
 ENV_VAR = "DRES_SPLINE_PATH"
 #: ``"auto"`` takes the banded path on the CPU (compiled kernel) when both batches have at least this many
 #: samples and the data is at least this wide. From ``python -m bench.banded`` on the 2-core CPU VM, one
-#: thread (docs/bench_cpu/banded.json): at K = N = 256 the banded path was 0.9x dense at d = 64, 1.2x at
-#: d = 256 and 1.6x at d = 1024; at K = N = 64 it lost (0.6x at d = 64 and 1024), at K = 32, d = 4096 too.
+#: thread (docs/bench_cpu/banded.json), float32: at K = N = 256 the banded path was 0.9x dense at d = 64,
+#: 1.3x at d = 256 and 1.4x at d = 1024; at K = N = 128 0.9x (d = 256) and 1.0x (d = 1024); at K = N = 64
+#: and at K = 32, d = 4096 it lost (0.6-0.7x). bfloat16 data has the same boundary (1.0x at K = 128,
+#: d = 1024 and at K = 256, d = 64; 1.3x at K = 256, d = 256).
 AUTO_MIN_SAMPLES_CPU = 256
 AUTO_MIN_WIDTH_CPU = 256
+#: float64 data moves the boundary down: a dense float64 GEMM costs about twice a float32 one, while the
+#: banded sweeps are float64 for every dtype. Same run: 1.2x at K = N = 128, d = 256 and 1.9x at K = 256,
+#: d = 256; 0.9x at K = 128, d = 64 and 0.7x at K = 64, d = 64 (1.4x at K = 256, d = 64 is left to dense).
+AUTO_MIN_CPU = {torch.float64: (128, 128)}  # dtype -> (samples, width); other dtypes: the two above
 
 
 def path_setting() -> str:
@@ -48,16 +54,18 @@ def path_setting() -> str:
     return value
 
 
-def choose(backend: str, device: torch.device, num_samples: int, num_coded: int, width: int) -> str:
-    """``"dense"`` or ``"banded"`` for a DReS step's coding (``DRES_SPLINE_PATH`` forces either). On CUDA
-    ``"auto"`` stays dense until GPU measurements say otherwise (bench/RESULTS.md)."""
+def choose(backend: str, device: torch.device, num_samples: int, num_coded: int, width: int,
+           dtype: torch.dtype = torch.float32) -> str:
+    """``"dense"`` or ``"banded"`` for a DReS step's coding of data of ``dtype`` (``DRES_SPLINE_PATH`` forces
+    either). On CUDA ``"auto"`` stays dense until GPU measurements say otherwise (bench/RESULTS.md)."""
     if os.environ.get(ENV_VAR, "auto") != "auto":
         return path_setting()
-    if width < AUTO_MIN_WIDTH_CPU or device.type != "cpu" or resolve_backend(backend, device) != "torch":
+    min_samples, min_width = AUTO_MIN_CPU.get(dtype, (AUTO_MIN_SAMPLES_CPU, AUTO_MIN_WIDTH_CPU))
+    if width < min_width or device.type != "cpu" or resolve_backend(backend, device) != "torch":
         return "dense"
     if not _cpu_kernel_available():
         return "dense"
-    return "banded" if min(num_samples, num_coded) >= AUTO_MIN_SAMPLES_CPU else "dense"
+    return "banded" if min(num_samples, num_coded) >= min_samples else "dense"
 
 
 def _cpu_kernel_available() -> bool:

@@ -1,11 +1,12 @@
 """``python -m bench.banded [--quick|--smoke] [--device cpu|cuda] [--out FILE]``: the dense and banded
 spline paths side by side.
 
-One row per (K = N, d): forward + backward of both ops (``spline_mix`` of x, then ``reconstruction_loss``
-of y against the decoded y_coded; non-unit incoming gradients), float32 data, on each path, timed in
+One row per (K = N, d, dtype): forward + backward of both ops (``spline_mix`` of x, then ``reconstruction_loss``
+of y against the decoded y_coded; non-unit incoming gradients), float32 data unless the row says, on each path, timed in
 interleaved rounds (bench/timing.py), with each path's floor:
 
-* dense floor = ``max(bytes / copy bandwidth, flops / fp32 matmul rate)``, flops ``8 K N d`` (4 GEMMs);
+* dense floor = ``max(bytes / copy bandwidth, flops / matmul rate)`` (the row dtype's rate), flops ``8 K N d``
+  (4 GEMMs);
 * banded floor = ``bytes / copy bandwidth``: each tensor read or written once, ``4 (K + N) d`` elements.
 
 ``auto`` is the path :func:`dres_fast.ops.banded.choose` takes for the row's shape and dtype. Grid: K = N

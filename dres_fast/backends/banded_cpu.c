@@ -28,8 +28,9 @@
 
 /* Outputs of at least this many bytes (past a core's L2) are written with non-temporal stores where the
  * build has AVX: a pass's output is not read back while the pass runs, and streaming it skips the
- * read-for-ownership of every line (a third of a pass's memory traffic). 1.3-1.4x per fwd+bwd step at
- * K = N = 1024, d = 4096 on the development VM (bench/banded.py). Smaller outputs stay in cache. */
+ * read-for-ownership of every line (a third of a pass's memory traffic): 1.2-1.3x per fwd+bwd step at
+ * K = N = 1024, d = 4096 and 4096, 1024 on the development VM (interleaved A/B against plain stores, same
+ * build flags). Smaller outputs stay in cache. */
 #define STREAM_MIN_BYTES ((int64_t)4 << 20)
 #if defined(__AVX512F__)
 #define STREAM_ALIGN 64
@@ -218,7 +219,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
                 }                                                                                            \
                 for (int64_t i = 0; i < n; ++i) {                                                            \
                     const double *a = acc + i * CHUNK;                                                       \
-                    if (i + AHEAD < n && !stream) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);                   \
+                    if (i + AHEAD < n && !stream) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);         \
                     T *o = out + i * d + c0;                                                                 \
                     const T *b = base ? base + i * d + c0 : NULL;                                            \
                     double row[CHUNK];                                                                       \

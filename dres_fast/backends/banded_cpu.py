@@ -1,6 +1,6 @@
 """The banded spline maps on CPU tensors, compiled: ``banded_cpu.c`` (plain C with OpenMP, loaded with
 ctypes), built on first use with the system C compiler into the cache directory (about a second), for
-this machine's CPU (``-march=native``: 1.15-1.2x per step over a generic x86-64 build on the development
+this machine's CPU (``-march=native``: 1.1-1.15x per step over a generic x86-64 build on the development
 VM; AVX-512 or AVX also turns on its streaming stores) with ``-ffp-contract=off`` (no fused multiply-adds:
 the same rounding as the torch reference on every machine). A compiler that refuses a flag gets the
 build without it. The library's name carries the source, the compiler and the CPU, so a cache directory

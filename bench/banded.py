@@ -72,6 +72,10 @@ def _step(encoder, decoder, tensors):
     torch.autograd.backward([mixed, loss], [grad_mix, torch.tensor(0.7, device=loss.device)])
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def run_row(device: str, k: int, d: int, with_dense: bool, bandwidth: float, rate: float, rounds: int,
             dtype: torch.dtype = torch.float32) -> dict:
     """One row; ``rate``: the matmul rate of ``dtype`` (the dense floor's flops)."""
@@ -87,9 +91,9 @@ def run_row(device: str, k: int, d: int, with_dense: bool, bandwidth: float, rat
     for fn in measures.values():
         fn(0)  # warm-up: kernel build, allocations
     samples, errors = interleaved_rounds(measures, rounds)
-    row = {"K": k, "N": k, "d": d, "dtype": str(dtype).replace("torch.", ""),
+    row = {"K": k, "N": k, "d": d, "dtype": _name(dtype),
            "auto": banded_path.choose("auto", torch.device(device), k, k, d, dtype), "errors": errors}
-    bytes_moved = 4 * (k + k) * d * torch.empty((), dtype=dtype).element_size()
+    bytes_moved = 4 * (k + k) * d * dtype.itemsize
     row["banded_floor_ms"] = bytes_moved / bandwidth * 1e3
     row["dense_floor_ms"] = max(bytes_moved / bandwidth, 8 * k * k * d / rate) * 1e3
     for name, values in samples.items():
@@ -115,7 +119,7 @@ def run_banded(device: str = "cpu", mode: str = "quick", progress=None) -> dict:
         if progress is not None:
             progress.update(1)
     return {"copy_GBps": bandwidth / 1e9, "rows": rows, "skipped": skipped, "env": os.environ.get(banded_path.ENV_VAR, ""),
-            **{f"mm_{str(dtype).replace('torch.', '')}_TFLOPs": rate / 1e12 for dtype, rate in rates.items()}}
+            **{f"mm_{_name(dtype)}_TFLOPs": rate / 1e12 for dtype, rate in rates.items()}}
 
 
 def table(result: dict, markdown: bool = True) -> str:

@@ -3,11 +3,14 @@
  *
  * W (p x n) = P + V M^{-1} s Q^T with M = U^T U pentadiagonal. Columns are independent, so each
  * OpenMP task owns a chunk of CHUNK columns and runs the recurrences down the rows for all of them at
- * once (the inner loops run along the row: contiguous, vectorised). The chunk's float64 scratch
- * (m x CHUNK, for z and gamma) stays in cache, so the data is read about twice and written once.
- * Everything is float64 arithmetic whatever the data type (float32 recurrences miss the accuracy
- * contract at thousands of knots). Plain C, no torch headers: loaded with ctypes, built with
- * -march=native where the compiler takes it (dres_fast/backends/banded_cpu.py).
+ * once. A chunk row is NV vectors of LANES float64 (GCC/clang vector extensions sized to the build's
+ * registers: AVX-512, AVX or SSE/NEON); the recurrences carry their previous rows in registers, and the
+ * stencil runs fused with the first sweep (forward map), the second sweep with the stencil's transpose
+ * and the output (transposed map). The chunk's float64 scratch (m x CHUNK, for z and gamma) and a packed
+ * copy of its data rows stay in cache, so the data is read once and the output written once. Everything is float64 arithmetic whatever the data
+ * type (float32 recurrences miss the accuracy contract at thousands of knots). Plain C, no torch
+ * headers: loaded with ctypes, built with -march=native where the compiler takes it
+ * (dres_fast/backends/banded_cpu.py).
  *
  * Arrays (float64 unless said): factor[3][m] = 1/U_ii, U_{i-1,i}, U_{i-2,i}; stencil[3][m]: rhs_j =
  * st0_j x_j + st1_j x_{j+1} + st2_j x_{j+2}; index[p] (int64), chord[p][2], curvature[p][4],
@@ -21,10 +24,55 @@
 #endif
 
 #define CHUNK 32
+/* float64 lanes of one native vector register: wider vectors than the target has are split by the
+ * compiler at a large cost (5-6x slower on an AVX2 build with 8-lane vectors). */
+#if defined(__AVX512F__)
+#define LANES 8
+#elif defined(__AVX__)
+#define LANES 4
+#else
+#define LANES 2
+#endif
+#define NV (CHUNK / LANES)
 /* Rows ahead to prefetch: a chunk's rows are d elements apart, each in its own page, where the hardware
  * prefetcher does not follow; without it the stencil pass waits on memory latency row by row. */
 #define AHEAD 16
 #define PREFETCH_ROW(p) do { __builtin_prefetch(p); __builtin_prefetch((const char *)(p) + 64); } while (0)
+#define INLINE static inline __attribute__((always_inline))
+
+/* The build keeps -ffp-contract=off (the trace at the end must round as its Python twin does); the maps
+ * let GCC fuse their multiply-adds where the CPU has FMA: the recurrences' chains are then one fused
+ * operation per row, and a step has about half the instructions. clang builds do not fuse (still exact
+ * to the contract: every map is checked against float64 with a tolerance). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+typedef double vec __attribute__((vector_size(LANES * 8)));                           /* scratch rows */
+typedef double vec_u __attribute__((vector_size(LANES * 8), aligned(8), may_alias));   /* float64 data */
+typedef float vecf __attribute__((vector_size(LANES * 4)));
+typedef float vecf_u __attribute__((vector_size(LANES * 4), aligned(4), may_alias));   /* float32 data */
+typedef struct { vec v[NV]; } row_t;                                                   /* a chunk row */
+#define EACH(v) for (int v = 0; v < NV; ++v)
+
+/* One chunk row of data (w columns) as float64; columns past w are zero. */
+INLINE row_t load_f64(const double *src, int64_t w) {
+    row_t r;
+    if (w == CHUNK) { EACH(v) r.v[v] = *(const vec_u *)(src + v * LANES); return r; }
+    double t[CHUNK] = {0};
+    for (int64_t c = 0; c < w; ++c) t[c] = src[c];
+    memcpy(&r, t, sizeof r);
+    return r;
+}
+INLINE row_t load_f32(const float *src, int64_t w) {
+    row_t r;
+    if (w == CHUNK) { EACH(v) r.v[v] = __builtin_convertvector(*(const vecf_u *)(src + v * LANES), vec); return r; }
+    double t[CHUNK] = {0};
+    for (int64_t c = 0; c < w; ++c) t[c] = (double)src[c];
+    memcpy(&r, t, sizeof r);
+    return r;
+}
 
 /* Outputs of at least this many bytes (past a core's L2) are written with non-temporal stores where the
  * build has AVX: a pass's output is not read back while the pass runs, and streaming it skips the
@@ -34,199 +82,274 @@
 #define STREAM_MIN_BYTES ((int64_t)4 << 20)
 #if defined(__AVX512F__)
 #define STREAM_ALIGN 64
-static inline void stream_row_f32(float *o, const double *row) {
-    for (int c = 0; c < CHUNK; c += 16) {
-        const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(row + c)), hi = _mm512_cvtpd_ps(_mm512_loadu_pd(row + c + 8));
-        _mm512_stream_ps(o + c, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
-    }
-}
-static inline void stream_row_f64(double *o, const double *row) {
-    for (int c = 0; c < CHUNK; c += 8) _mm512_stream_pd(o + c, _mm512_loadu_pd(row + c));
-}
-#define STREAM_FENCE() _mm_sfence()
+#define STREAM_F32(dst, f) _mm256_stream_ps((dst), (__m256)(f))
+#define STREAM_F64(dst, x) _mm512_stream_pd((dst), (__m512d)(x))
 #elif defined(__AVX__)
 #define STREAM_ALIGN 32
-static inline void stream_row_f32(float *o, const double *row) {
-    for (int c = 0; c < CHUNK; c += 8) {
-        const __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(row + c)), hi = _mm256_cvtpd_ps(_mm256_loadu_pd(row + c + 4));
-        _mm256_stream_ps(o + c, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
-    }
-}
-static inline void stream_row_f64(double *o, const double *row) {
-    for (int c = 0; c < CHUNK; c += 4) _mm256_stream_pd(o + c, _mm256_loadu_pd(row + c));
-}
-#define STREAM_FENCE() _mm_sfence()
+#define STREAM_F32(dst, f) _mm_stream_ps((dst), (__m128)(f))
+#define STREAM_F64(dst, x) _mm256_stream_pd((dst), (__m256d)(x))
 #else
 #define STREAM_ALIGN 0
-static inline void stream_row_f32(float *o, const double *row) { (void)o; (void)row; }
-static inline void stream_row_f64(double *o, const double *row) { (void)o; (void)row; }
+#endif
+#if STREAM_ALIGN
+#define STREAM_FENCE() _mm_sfence()
+#else
 #define STREAM_FENCE() ((void)0)
 #endif
-/* Whether rows of `out` (contiguous, d per row) are streamed: a full chunk of each row is then aligned. */
+/* Whether rows of `out` (contiguous, d per row) are streamed: every full chunk of a row is then aligned. */
 #define STREAMS(out, rows, d, T) (STREAM_ALIGN && (rows) * (d) * (int64_t)sizeof(T) >= STREAM_MIN_BYTES     \
                                   && ((uintptr_t)(out) % (STREAM_ALIGN ? STREAM_ALIGN : 1)) == 0               \
                                   && ((d) * (int64_t)sizeof(T)) % (STREAM_ALIGN ? STREAM_ALIGN : 1) == 0)
-/* One chunk row (w float64 values in `row`) to `o` as T: streamed when `stream` and the chunk is full. */
-#define STORE_ROW(T, o, row, w, stream) do {                                                                  \
-    if ((stream) && (w) == CHUNK && sizeof(T) == 4) stream_row_f32((float *)(void *)(o), (row));             \
-    else if ((stream) && (w) == CHUNK) stream_row_f64((double *)(void *)(o), (row));                          \
-    else for (int64_t c_ = 0; c_ < (w); ++c_) (o)[c_] = (T)(row)[c_];                                        \
-} while (0)
 
-/* M^{-1} in place on z (m x w, row stride CHUNK, with two zero rows above and below): U^T z' = z,
- * then U z'' = z'. factor's unused corners (U_{-1,0}, U_{-2,0}, U_{-1,1}) are zero. */
-static void solve_chunk(const double *factor, int64_t m, double *z, int64_t w) {
-    const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;
-    for (int64_t i = 0; i < m; ++i) {
-        double *row = z + i * CHUNK;
-        const double *r1 = row - CHUNK, *r2 = row - 2 * CHUNK;
-        const double a = sup1[i], b = sup2[i], f = inv[i];
-        for (int64_t c = 0; c < w; ++c) row[c] = (row[c] - a * r1[c] - b * r2[c]) * f;
+/* One chunk row to w columns of dst, streamed when `stream` and the chunk is full. */
+INLINE void store_f64(double *dst, row_t r, int64_t w, int stream) {
+    if (w == CHUNK) {
+#if STREAM_ALIGN
+        if (stream) { EACH(v) STREAM_F64(dst + v * LANES, r.v[v]); return; }
+#endif
+        EACH(v) *(vec_u *)(dst + v * LANES) = r.v[v];
+        return;
     }
-    for (int64_t i = m - 1; i >= 0; --i) {
-        double *row = z + i * CHUNK;
-        const double *r1 = row + CHUNK, *r2 = row + 2 * CHUNK;
-        const double a = i + 1 < m ? sup1[i + 1] : 0.0, b = i + 2 < m ? sup2[i + 2] : 0.0, f = inv[i];
-        for (int64_t c = 0; c < w; ++c) row[c] = (row[c] - a * r1[c] - b * r2[c]) * f;
+    (void)stream;
+    double t[CHUNK];
+    memcpy(t, &r, sizeof t);
+    for (int64_t c = 0; c < w; ++c) dst[c] = t[c];
+}
+INLINE void store_f32(float *dst, row_t r, int64_t w, int stream) {
+    if (w == CHUNK) {
+#if STREAM_ALIGN
+        if (stream) { EACH(v) STREAM_F32(dst + v * LANES, __builtin_convertvector(r.v[v], vecf)); return; }
+#endif
+        EACH(v) *(vecf_u *)(dst + v * LANES) = __builtin_convertvector(r.v[v], vecf);
+        return;
     }
+    (void)stream;
+    double t[CHUNK];
+    memcpy(t, &r, sizeof t);
+    for (int64_t c = 0; c < w; ++c) dst[c] = (float)t[c];
 }
 
-/* One step of iterative refinement of gamma (m x w), the solution of M gamma = b, with the residual in
- * factored form (dres_fast/_banded.py): gamma += M^{-1} (base + s (Q^T fit - R gamma)), fit = F - lam Q gamma.
- * Forward: b = s Q^T x, so F = x (passed through `fit` already holding x's rows as float64) and base = 0;
- * transpose: b = v, F = 0 and base = v. q_bands (3 x m) are Q's unscaled columns, r_bands (2 x m) R's
- * diagonal and off-diagonal (last entry 0). `fit` has n rows; `res` m rows with two zero rows either side. */
+/* M^{-1} in place on z (m chunk rows): U^T z' = z (sweep_down), then U z'' = z' (sweep_up). factor's unused
+ * corners (U_{-1,0}, U_{-2,0}, U_{-1,1}) are zero. Each row is scaled by 1/U_ii first and the off-diagonal
+ * weights with it, so the chain from one row to the next is a single fused multiply-add. */
+static void sweep_down(const double *factor, int64_t m, row_t *z) {  /* U^T z' = z */
+    const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;
+    vec r1[NV], r2[NV];  /* the previous two rows, in registers (arrays of vectors, not row_t copies) */
+    EACH(v) r1[v] = r2[v] = (vec){0};
+    for (int64_t i = 0; i < m; ++i) {
+        const double f = inv[i], a = sup1[i] * f, b = sup2[i] * f;
+        EACH(v) { const vec row = z[i].v[v] * f - b * r2[v] - a * r1[v]; z[i].v[v] = row; r2[v] = r1[v]; r1[v] = row; }
+    }
+}
+static void sweep_up(const double *factor, int64_t m, row_t *z) {  /* U z'' = z' */
+    const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;
+    vec r1[NV], r2[NV];
+    EACH(v) r1[v] = r2[v] = (vec){0};
+    for (int64_t i = m - 1; i >= 0; --i) {
+        const double f = inv[i], a = (i + 1 < m ? sup1[i + 1] : 0.0) * f, b = (i + 2 < m ? sup2[i + 2] : 0.0) * f;
+        EACH(v) { const vec row = z[i].v[v] * f - b * r2[v] - a * r1[v]; z[i].v[v] = row; r2[v] = r1[v]; r1[v] = row; }
+    }
+}
+static void solve_chunk(const double *factor, int64_t m, row_t *z) { sweep_down(factor, m, z); sweep_up(factor, m, z); }
+
+/* One step of iterative refinement of gamma (m rows, one zero row either side), the solution of M gamma = b,
+ * with the residual in factored form (dres_fast/_banded.py): gamma += M^{-1} (base + s (Q^T fit - R gamma)),
+ * fit = F - lam Q gamma. Forward: b = s Q^T x, so F = x (passed through `fit` already holding x's rows as
+ * float64) and base = NULL; transpose: b = v, F = 0 and base = v. q_bands (3 x m) are Q's unscaled columns,
+ * r_bands (2 x m) R's diagonal and off-diagonal (last entry 0). `fit` has n rows, `res` m rows. */
 static void refine_chunk(const double *factor, const double *q_bands, const double *r_bands, double lam,
-                         int64_t m, double *gamma, double *fit, const double *base, double *res, int64_t w) {
+                         int64_t m, row_t *gamma, row_t *fit, const row_t *base, row_t *res) {
     const double *qa = q_bands, *qb = q_bands + m, *qc = q_bands + 2 * m;
     const double *rd = r_bands, *ro = r_bands + m, s = 1.0 / (1.0 + lam);
     for (int64_t j = 0; j < m; ++j) {  /* fit -= lam Q gamma: gamma_j goes to rows j, j+1, j+2 */
-        const double *g = gamma + j * CHUNK;
-        double *f0 = fit + j * CHUNK, *f1 = f0 + CHUNK, *f2 = f1 + CHUNK;
         const double a = lam * qa[j], b = lam * qb[j], c = lam * qc[j];
-        for (int64_t k = 0; k < w; ++k) { f0[k] -= a * g[k]; f1[k] -= b * g[k]; f2[k] -= c * g[k]; }
-    }
-    for (int64_t j = 0; j < m; ++j) {
-        const double *f0 = fit + j * CHUNK, *f1 = f0 + CHUNK, *f2 = f1 + CHUNK;
-        const double *g = gamma + j * CHUNK, *gu = g - CHUNK, *gd = g + CHUNK; /* zero rows pad gamma */
-        const double *bj = base ? base + j * CHUNK : NULL;
-        const double a = qa[j], b = qb[j], c = qc[j], r0 = rd[j], r1 = ro[j], rm = j >= 1 ? ro[j - 1] : 0.0;
-        double *out = res + j * CHUNK;
-        for (int64_t k = 0; k < w; ++k) {
-            const double value = s * (a * f0[k] + b * f1[k] + c * f2[k] - r0 * g[k] - r1 * gd[k] - rm * gu[k]);
-            out[k] = bj ? bj[k] + value : value;
+        EACH(v) {
+            const vec g = gamma[j].v[v];
+            fit[j].v[v] -= a * g; fit[j + 1].v[v] -= b * g; fit[j + 2].v[v] -= c * g;
         }
     }
-    solve_chunk(factor, m, res, w);
     for (int64_t j = 0; j < m; ++j) {
-        double *g = gamma + j * CHUNK;
-        const double *r = res + j * CHUNK;
-        for (int64_t k = 0; k < w; ++k) g[k] += r[k];
+        const double a = qa[j], b = qb[j], c = qc[j], r0 = rd[j], r1 = ro[j], rm = j >= 1 ? ro[j - 1] : 0.0;
+        EACH(v) {
+            const vec value = s * (a * fit[j].v[v] + b * fit[j + 1].v[v] + c * fit[j + 2].v[v] - r0 * gamma[j].v[v]
+                                   - r1 * gamma[j + 1].v[v] - rm * gamma[j - 1].v[v]);
+            res[j].v[v] = base ? base[j].v[v] + value : value;
+        }
     }
+    solve_chunk(factor, m, res);
+    for (int64_t j = 0; j < m; ++j) EACH(v) gamma[j].v[v] += res[j].v[v];
 }
 
-#define DEFINE_BANDED(T, NAME)                                                                              \
+/* A chunk row of data (w of CHUNK columns, `size` bytes each) to dst, zero past w. */
+INLINE void pack_row(void *dst, const void *src, int64_t w, size_t size) {
+    memcpy(dst, src, (size_t)w * size);
+    if (w < CHUNK) memset((char *)dst + (size_t)w * size, 0, (size_t)(CHUNK - w) * size);
+}
+
+/* The arguments every chunk body takes: the exported function's (less threads), the scratch, the chunk. */
+#define CHUNK_PARAMS(T) const double *factor, const double *stencil, const int64_t *index, const double *chord, \
+    const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands, double lam,  \
+    int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out, const T *base, double scale,  \
+    int stream, row_t *z, int64_t c0, int64_t w
+#define CHUNK_ARGS factor, stencil, index, chord, curvature, gather, q_bands, r_bands, lam, refine, n, p, d, x, \
+    ld, out, base, scale, stream, z, c0
+
+/* Scratch rows per thread: z (m, one zero row either side), then (transpose) acc (n), then with
+ * refinement res (m), fit (n) and (transpose) v (m); then (forward) the chunk's n data rows, packed. */
+#define SCRATCH_ROWS(m, n, transpose, refine) ((size_t)((m) + 2 + ((transpose) ? (n) : 0)                     \
+                                                        + ((refine) ? (m) + (n) + ((transpose) ? (m) : 0) : 0)))
+
+#define DEFINE_BANDED(T, NAME, LOAD, STORE)                                                                 \
+/* out[:, c0:c0+w] = base + scale W x[:, c0:c0+w] */                                                         \
+INLINE void NAME##_forward_chunk(CHUNK_PARAMS(T)) {                                                          \
+    const int64_t m = n - 2;                                                                                 \
+    const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
+    /* The stencil, the last two rows carried in registers. Each data row is also copied to `packed`, where \
+     * the evaluation reads it back from cache: rows d elements apart (a power of two, often) share a few   \
+     * cache sets and are evicted before the evaluation gets to them (the residual pass 1.1x faster at      \
+     * K = N = 1024, d = 4096 on the development VM; no change measured at 4096, 1024). */                   \
+    T *packed = (T *)(z + SCRATCH_ROWS(m, n, 0, refine) - 1);                                                \
+    const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;                                  \
+    vec x0[NV], x1[NV], r1[NV], r2[NV]; /* with the first sweep of the solve (U^T z' = rhs) fused in */     \
+    { const row_t a = LOAD(x + c0, w), b = LOAD(x + ld + c0, w); EACH(v) { x0[v] = a.v[v]; x1[v] = b.v[v]; } } \
+    EACH(v) r1[v] = r2[v] = (vec){0};                                                                        \
+    pack_row(packed, x + c0, w, sizeof(T)); pack_row(packed + CHUNK, x + ld + c0, w, sizeof(T));              \
+    for (int64_t j = 0; j < m; ++j) {                                                                        \
+        const T *next = x + (j + 2) * ld + c0;                                                               \
+        if (j + 2 + AHEAD < n) PREFETCH_ROW(next + AHEAD * ld);                                              \
+        const row_t x2 = LOAD(next, w);                                                                      \
+        pack_row(packed + (j + 2) * CHUNK, next, w, sizeof(T));                                              \
+        const double f = inv[j], s0 = st0[j] * f, s1 = st1[j] * f, s2 = st2[j] * f;                          \
+        const double a = sup1[j] * f, b = sup2[j] * f;                                                       \
+        EACH(v) {                                                                                            \
+            const vec row = s0 * x0[v] + s1 * x1[v] + s2 * x2.v[v] - b * r2[v] - a * r1[v];                  \
+            z[j].v[v] = row; r2[v] = r1[v]; r1[v] = row; x0[v] = x1[v]; x1[v] = x2.v[v];                     \
+        }                                                                                                    \
+    }                                                                                                        \
+    sweep_up(factor, m, z);                                                                                  \
+    if (refine) {                                                                                            \
+        row_t *res = z + m + 1, *fit = res + m;                                                              \
+        for (int64_t i = 0; i < n; ++i) fit[i] = LOAD(packed + i * CHUNK, CHUNK);                            \
+        refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, NULL, res);                                   \
+    }                                                                                                        \
+    for (int64_t r = 0; r < p; ++r) {  /* the evaluation: 2 data rows and 4 of gamma per output row */      \
+        const T *xa = packed + index[r] * CHUNK;                                                             \
+        if (r + AHEAD < p) {                                                                                 \
+            if (base) PREFETCH_ROW(base + (r + AHEAD) * d + c0);                                             \
+            if (!stream) __builtin_prefetch(out + (r + AHEAD) * d + c0, 1);                                  \
+        }                                                                                                    \
+        const row_t a = LOAD(xa, CHUNK), b = LOAD(xa + CHUNK, CHUNK);                                        \
+        const row_t *g0 = z + gather[4 * r], *g1 = z + gather[4 * r + 1];                                    \
+        const row_t *g2 = z + gather[4 * r + 2], *g3 = z + gather[4 * r + 3];                                \
+        const double p0 = scale * chord[2 * r], p1 = scale * chord[2 * r + 1];                               \
+        const double v0 = scale * curvature[4 * r], v1 = scale * curvature[4 * r + 1];                       \
+        const double v2 = scale * curvature[4 * r + 2], v3 = scale * curvature[4 * r + 3];                   \
+        row_t o;                                                                                             \
+        EACH(v) o.v[v] = p0 * a.v[v] + p1 * b.v[v] + v0 * g0->v[v] + v1 * g1->v[v] + v2 * g2->v[v]          \
+                         + v3 * g3->v[v];                                                                    \
+        if (base) { const row_t y = LOAD(base + r * d + c0, w); EACH(v) o.v[v] += y.v[v]; }                  \
+        STORE(out + r * d + c0, o, w, stream);                                                               \
+    }                                                                                                        \
+}                                                                                                            \
+                                                                                                             \
+/* Row i of the transposed map, complete in acc: out row i = base + scale acc_i; acc_i zeroed again for the \
+ * next chunk while its line is in cache. `step`: the direction rows are written in (for the prefetch). */   \
+INLINE void NAME##_emit(row_t *acc, int64_t i, int64_t n, int64_t d, T *out, const T *base, double scale,    \
+                        int stream, int64_t c0, int64_t w, int64_t step) {                                   \
+    const int64_t ahead = i + step * AHEAD;                                                                  \
+    if (ahead >= 0 && ahead < n) {                                                                           \
+        if (base) PREFETCH_ROW(base + ahead * d + c0);                                                       \
+        if (!stream) __builtin_prefetch(out + ahead * d + c0, 1);                                            \
+    }                                                                                                        \
+    row_t o;                                                                                                 \
+    if (base) { const row_t y = LOAD(base + i * d + c0, w); EACH(v) o.v[v] = y.v[v] + scale * acc[i].v[v]; } \
+    else EACH(v) o.v[v] = scale * acc[i].v[v];                                                               \
+    EACH(v) acc[i].v[v] = (vec){0};                                                                          \
+    STORE(out + i * d + c0, o, w, stream);                                                                   \
+}                                                                                                            \
+                                                                                                             \
+/* out[:, c0:c0+w] = base + scale W^T x[:, c0:c0+w]: the scatter to z and acc, the solve, then the          \
+ * stencil's transpose into acc, each acc row written out as soon as it is complete */                       \
+INLINE void NAME##_transpose_chunk(CHUNK_PARAMS(T)) {                                                        \
+    const int64_t m = n - 2;                                                                                 \
+    const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
+    row_t *acc = z + m + 1, *res = acc + n, *fit = res + m, *v0rows = fit + n;                               \
+    /* z and acc are zero here: zeroed with the buffer, and each chunk leaves them so (below) */           \
+    for (int64_t r = 0; r < p; ++r) {                                                                        \
+        const T *gr = x + r * ld + c0;                                                                       \
+        if (r + AHEAD < p) PREFETCH_ROW(gr + AHEAD * ld);                                                    \
+        const row_t g = LOAD(gr, w);                                                                         \
+        row_t *g0 = z + gather[4 * r], *g1 = z + gather[4 * r + 1];                                          \
+        row_t *g2 = z + gather[4 * r + 2], *g3 = z + gather[4 * r + 3];                                      \
+        row_t *oa = acc + index[r], *ob = oa + 1;                                                            \
+        const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                               \
+        const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                                       \
+        const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                                   \
+        /* statement by statement: rows clipped at the ends may repeat (with weight zero) */                 \
+        EACH(v) g0->v[v] += v0 * g.v[v];                                                                     \
+        EACH(v) g1->v[v] += v1 * g.v[v];                                                                     \
+        EACH(v) g2->v[v] += v2 * g.v[v];                                                                     \
+        EACH(v) g3->v[v] += v3 * g.v[v];                                                                     \
+        EACH(v) { oa->v[v] += p0 * g.v[v]; ob->v[v] += p1 * g.v[v]; }                                        \
+    }                                                                                                        \
+    if (!refine) {  /* the second sweep with the stencil's transpose and the output fused in (rows down) */ \
+        const double *inv = factor, *sup1 = factor + m, *sup2 = factor + 2 * m;                              \
+        sweep_down(factor, m, z);                                                                            \
+        vec r1[NV], r2[NV];                                                                                  \
+        EACH(v) r1[v] = r2[v] = (vec){0};                                                                    \
+        for (int64_t i = m - 1; i >= 0; --i) {                                                               \
+            const double f = inv[i], a = (i + 1 < m ? sup1[i + 1] : 0.0) * f;                                \
+            const double b = (i + 2 < m ? sup2[i + 2] : 0.0) * f, s0 = st0[i], s1 = st1[i], s2 = st2[i];     \
+            EACH(v) {                                                                                        \
+                const vec u = z[i].v[v] * f - b * r2[v] - a * r1[v];                                         \
+                r2[v] = r1[v]; r1[v] = u; z[i].v[v] = (vec){0};                                              \
+                acc[i].v[v] += s0 * u; acc[i + 1].v[v] += s1 * u; acc[i + 2].v[v] += s2 * u;                 \
+            }                                                                                                \
+            NAME##_emit(acc, i + 2, n, d, out, base, scale, stream, c0, w, -1);                              \
+        }                                                                                                    \
+        NAME##_emit(acc, 1, n, d, out, base, scale, stream, c0, w, -1);                                      \
+        NAME##_emit(acc, 0, n, d, out, base, scale, stream, c0, w, -1);                                      \
+        return;                                                                                              \
+    }                                                                                                        \
+    memcpy(v0rows, z, sizeof(row_t) * (size_t)m);                                                            \
+    solve_chunk(factor, m, z);                                                                               \
+    memset(fit, 0, sizeof(row_t) * (size_t)n);                                                               \
+    refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, v0rows, res);                                     \
+    for (int64_t i = 0; i < n; ++i) {                                                                        \
+        if (i < m) {  /* acc rows i, i+1, i+2 get u_i; row i is then complete */                              \
+            const double s0 = st0[i], s1 = st1[i], s2 = st2[i];                                              \
+            EACH(v) {                                                                                        \
+                const vec u = z[i].v[v];                                                                     \
+                acc[i].v[v] += s0 * u; acc[i + 1].v[v] += s1 * u; acc[i + 2].v[v] += s2 * u;                 \
+                z[i].v[v] = (vec){0};                                                                        \
+            }                                                                                                \
+        }                                                                                                    \
+        NAME##_emit(acc, i, n, d, out, base, scale, stream, c0, w, 1);                                       \
+    }                                                                                                        \
+}                                                                                                            \
+                                                                                                             \
 int NAME(const double *factor, const double *stencil, const int64_t *index, const double *chord,             \
          const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands,       \
          double lam, int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out,             \
          const T *base, double scale, int transpose, int threads) {                                           \
-    const int64_t m = n - 2, chunks = (d + CHUNK - 1) / CHUNK;                                               \
-    const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
+    const int64_t chunks = (d + CHUNK - 1) / CHUNK;                                                          \
     const int stream = STREAMS(out, transpose ? n : p, d, T);                                                \
+    const size_t packed = transpose ? 0 : ((size_t)n * CHUNK * sizeof(T) + sizeof(row_t) - 1) / sizeof(row_t); \
+    const size_t bytes = (SCRATCH_ROWS(n - 2, n, transpose, refine) + packed) * sizeof(row_t);               \
     int failed = 0;                                                                                          \
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                                         \
     {                                                                                                        \
-        /* z: two zero rows, m rows, two zero rows, then (transpose) n rows of out; with refinement also   \
-         * res (the same padding), fit (n rows) and (transpose) a copy of v (m rows) */                      \
-        const size_t rows = (size_t)(m + 4 + (transpose ? n : 0) + (refine ? m + 4 + n + (transpose ? m : 0) : 0)); \
-        double *buffer = (double *)calloc(rows * CHUNK, sizeof(double));                                    \
-        double *z = buffer ? buffer + 2 * CHUNK : NULL;                                                      \
-        if (!buffer) failed = 1;                                                                             \
+        row_t *buffer = (row_t *)aligned_alloc(sizeof(vec), bytes);                                          \
+        row_t *z = buffer ? buffer + 1 : NULL; /* z[-1] and z[m] stay zero (refinement reads them) */        \
+        if (buffer) memset(buffer, 0, bytes); else failed = 1;                                               \
         _Pragma("omp for schedule(static)")                                                                  \
         for (int64_t k = 0; k < chunks; ++k) {                                                               \
             if (!z) continue;                                                                                \
             const int64_t c0 = k * CHUNK, w = d - c0 < CHUNK ? d - c0 : CHUNK;                               \
-            if (!transpose) {                                                                                \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const T *x0 = x + j * ld + c0, *x1 = x0 + ld, *x2 = x1 + ld;                             \
-                    if (j + 2 + AHEAD < n) PREFETCH_ROW(x2 + AHEAD * ld);                                    \
-                    double *row = z + j * CHUNK;                                                             \
-                    for (int64_t c = 0; c < w; ++c)                                                          \
-                        row[c] = st0[j] * (double)x0[c] + st1[j] * (double)x1[c] + st2[j] * (double)x2[c];  \
-                }                                                                                            \
-                solve_chunk(factor, m, z, w);                                                                \
-                if (refine) {                                                                                \
-                    double *res = z + (m + 4) * CHUNK, *fit = res + (m + 2) * CHUNK;                         \
-                    for (int64_t i = 0; i < n; ++i) {                                                        \
-                        if (i + AHEAD < n) PREFETCH_ROW(x + (i + AHEAD) * ld + c0);                          \
-                        for (int64_t c = 0; c < w; ++c) fit[i * CHUNK + c] = (double)x[i * ld + c0 + c];     \
-                    }                                                                                        \
-                    refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, NULL, res, w);                    \
-                }                                                                                            \
-                for (int64_t r = 0; r < p; ++r) {                                                            \
-                    const T *xa = x + index[r] * ld + c0, *xb = xa + ld;                                     \
-                    if (r + AHEAD < p) {                                                                     \
-                        PREFETCH_ROW(x + (index[r + AHEAD] + 1) * ld + c0);                                  \
-                        if (!stream) __builtin_prefetch(out + (r + AHEAD) * d + c0, 1);                      \
-                    }                                                                                        \
-                    const double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;       \
-                    const double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;   \
-                    const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                   \
-                    const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                           \
-                    const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
-                    T *o = out + r * d + c0;                                                                 \
-                    const T *b = base ? base + r * d + c0 : NULL;                                            \
-                    double row[CHUNK];                                                                       \
-                    for (int64_t c = 0; c < w; ++c) {                                                        \
-                        const double value = scale * (p0 * (double)xa[c] + p1 * (double)xb[c] + v0 * g0[c]  \
-                                                      + v1 * g1[c] + v2 * g2[c] + v3 * g3[c]);              \
-                        row[c] = b ? (double)b[c] + value : value;                                           \
-                    }                                                                                        \
-                    STORE_ROW(T, o, row, w, stream);                                                         \
-                }                                                                                            \
-            } else {                                                                                         \
-                double *acc = z + (m + 2) * CHUNK; /* out rows, n x CHUNK */                                 \
-                double *res = acc + n * CHUNK + 2 * CHUNK, *fit = res + (m + 2) * CHUNK, *v = fit + n * CHUNK;  \
-                memset(z, 0, sizeof(double) * (size_t)m * CHUNK);                                            \
-                memset(acc, 0, sizeof(double) * (size_t)n * CHUNK);                                          \
-                for (int64_t r = 0; r < p; ++r) {                                                            \
-                    const T *gr = x + r * ld + c0;                                                           \
-                    if (r + AHEAD < p) PREFETCH_ROW(gr + AHEAD * ld);                                        \
-                    double *g0 = z + gather[4 * r] * CHUNK, *g1 = z + gather[4 * r + 1] * CHUNK;             \
-                    double *g2 = z + gather[4 * r + 2] * CHUNK, *g3 = z + gather[4 * r + 3] * CHUNK;         \
-                    double *oa = acc + index[r] * CHUNK, *ob = oa + CHUNK;                                   \
-                    const double p0 = chord[2 * r], p1 = chord[2 * r + 1];                                   \
-                    const double v0 = curvature[4 * r], v1 = curvature[4 * r + 1];                           \
-                    const double v2 = curvature[4 * r + 2], v3 = curvature[4 * r + 3];                       \
-                    for (int64_t c = 0; c < w; ++c) {                                                        \
-                        const double g = (double)gr[c];                                                      \
-                        g0[c] += v0 * g; g1[c] += v1 * g; g2[c] += v2 * g; g3[c] += v3 * g;                  \
-                        oa[c] += p0 * g; ob[c] += p1 * g;                                                    \
-                    }                                                                                        \
-                }                                                                                            \
-                if (refine) memcpy(v, z, sizeof(double) * (size_t)m * CHUNK);                                \
-                solve_chunk(factor, m, z, w);                                                                \
-                if (refine) {                                                                                \
-                    memset(fit, 0, sizeof(double) * (size_t)n * CHUNK);                                      \
-                    refine_chunk(factor, q_bands, r_bands, lam, m, z, fit, v, res, w);                       \
-                }                                                                                            \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const double *u = z + j * CHUNK;                                                         \
-                    double *o0 = acc + j * CHUNK, *o1 = o0 + CHUNK, *o2 = o1 + CHUNK;                        \
-                    for (int64_t c = 0; c < w; ++c) {                                                        \
-                        o0[c] += st0[j] * u[c]; o1[c] += st1[j] * u[c]; o2[c] += st2[j] * u[c];              \
-                    }                                                                                        \
-                }                                                                                            \
-                for (int64_t i = 0; i < n; ++i) {                                                            \
-                    const double *a = acc + i * CHUNK;                                                       \
-                    if (i + AHEAD < n && !stream) __builtin_prefetch(out + (i + AHEAD) * d + c0, 1);         \
-                    T *o = out + i * d + c0;                                                                 \
-                    const T *b = base ? base + i * d + c0 : NULL;                                            \
-                    double row[CHUNK];                                                                       \
-                    for (int64_t c = 0; c < w; ++c) row[c] = b ? (double)b[c] + scale * a[c] : scale * a[c]; \
-                    STORE_ROW(T, o, row, w, stream);                                                         \
-                }                                                                                            \
-            }                                                                                                \
+            if (!transpose && w == CHUNK) NAME##_forward_chunk(CHUNK_ARGS, CHUNK);                           \
+            else if (!transpose) NAME##_forward_chunk(CHUNK_ARGS, w);                                        \
+            else if (w == CHUNK) NAME##_transpose_chunk(CHUNK_ARGS, CHUNK);                                  \
+            else NAME##_transpose_chunk(CHUNK_ARGS, w);                                                      \
         }                                                                                                    \
         if (stream) STREAM_FENCE(); /* the streamed stores are visible before the caller reads out */        \
         free(buffer);                                                                                        \
@@ -234,8 +357,12 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
     return failed;                                                                                           \
 }
 
-DEFINE_BANDED(double, dres_banded_apply_f64)
-DEFINE_BANDED(float, dres_banded_apply_f32)
+DEFINE_BANDED(double, dres_banded_apply_f64, load_f64, store_f64)
+DEFINE_BANDED(float, dres_banded_apply_f32, load_f32, store_f32)
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 /* tr(Sigma R) for Sigma = (U^T U)^{-1} from the band of Sigma, bottom up (Hutchinson & de Hoog): the loop
  * of dres_fast/_banded.py PenalizedSystem.smoother_trace, same order of operations. diag, sup1, sup2: U_ii,

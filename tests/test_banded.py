@@ -126,6 +126,31 @@ def test_cpu_kernel_matches_torch_ops(dtype, d, n, p, lam):
         assert spline.refine  # the case exercises the kernel's refinement
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [7, 32, 131])
+@pytest.mark.parametrize("n,p,lam", [(17, 64, 1e-4), (1024, 1024, 1e6)])
+def test_cpu_kernel_extras(threads, dtype, d, n, p, lam, monkeypatch):
+    """The fused loss's two extras, against torch ops on the kernel's own outputs. row_sumsq (forward):
+    the output is unchanged and each row's sum of squares comes back in float64. row_scale (transposed):
+    the scaled rows are exactly torch's product in x's dtype (one rounding), and the map is the plain
+    transposed map of those rows, bitwise. Partial chunks (d = 7, 131), several threads (per-thread row
+    sums added in thread order), the refined solve (n = 1024, lam = 1e6)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what banded_apply passes the kernel
+    spline = BandedSpline(_knots(n, "chebyshev"), _knots(p, "lobatto"), lam)
+    x, base = torch.randn(n, d, dtype=dtype), torch.randn(p, d, dtype=dtype)
+    out, sums = banded_cpu.banded_apply(spline.arrays, x, False, spline.refinement, base=base, scale=-1.0,
+                                        row_sumsq=True)
+    assert torch.equal(out, banded_cpu.banded_apply(spline.arrays, x, False, spline.refinement, base=base, scale=-1.0))
+    assert sums.dtype == torch.float64 and sums.shape == (p,)
+    torch.testing.assert_close(sums, out.double().square().sum(1), rtol=1e-13, atol=0)
+    g, row_scale = torch.randn(p, d, dtype=dtype), torch.randn(p, dtype=dtype)
+    out_t, scaled = banded_cpu.banded_apply(spline.arrays, g, True, spline.refinement, scale=-1.0, row_scale=row_scale)
+    assert torch.equal(scaled, g * row_scale[:, None])
+    assert torch.equal(out_t, banded_cpu.banded_apply(spline.arrays, scaled, True, spline.refinement, scale=-1.0))
+
+
 def _cpu_has(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -230,19 +255,23 @@ def test_auto_choice(monkeypatch):
     # the ops tests above run the fused loss where the CPU kernel builds (else the composed one)
     assert banded_path._fuses(banded_path.kernel_for("auto", cpu, torch.float32)) == banded_cpu.available()
     expect = "banded" if banded_cpu.available() else "dense"
+    assert banded_path.AUTO_CPU == ((256, 64), (128, 1024))
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
-    assert banded_path.choose("auto", cpu, 256, 256, banded_path.AUTO_MIN_WIDTH_CPU - 1) == "dense"
-    assert banded_path.choose("auto", cpu, banded_path.AUTO_MIN_SAMPLES_CPU - 1, 64, 4096) == "dense"
+    assert banded_path.choose("auto", cpu, 256, 256, 64) == expect
+    assert banded_path.choose("auto", cpu, 256, 256, 63) == "dense"
+    assert banded_path.choose("auto", cpu, 128, 128, 1024) == expect  # the second pair
+    assert banded_path.choose("auto", cpu, 128, 128, 1023) == "dense"
+    assert banded_path.choose("auto", cpu, 255, 4096, 1023) == "dense"  # the smaller batch counts
+    assert banded_path.choose("auto", cpu, 127, 64, 4096) == "dense"
     # float64 data: banded from K, N >= 128 and d >= 128 (dense float64 GEMMs cost twice float32's)
-    samples64, width64 = banded_path.AUTO_MIN_CPU[torch.float64]
-    assert (samples64, width64) == (128, 128)
+    assert banded_path.AUTO_CPU_BY_DTYPE[torch.float64] == ((256, 64), (128, 128))
     assert banded_path.choose("auto", cpu, 128, 128, 128, torch.float64) == expect
     assert banded_path.choose("auto", cpu, 128, 128, 128, torch.float32) == "dense"
     assert banded_path.choose("auto", cpu, 128, 127, 4096, torch.float64) == "dense"
-    assert banded_path.choose("auto", cpu, 4096, 4096, 127, torch.float64) == "dense"
+    assert banded_path.choose("auto", cpu, 4096, 4096, 63, torch.float64) == "dense"
     for half in (torch.float16, torch.bfloat16):  # measured with float32's boundary
-        assert banded_path.choose("auto", cpu, 255, 255, 4096, half) == "dense"
-        assert banded_path.choose("auto", cpu, 256, 256, 256, half) == expect
+        assert banded_path.choose("auto", cpu, 255, 255, 1023, half) == "dense"
+        assert banded_path.choose("auto", cpu, 256, 256, 64, half) == expect
     monkeypatch.setenv(banded_path.ENV_VAR, "auto")  # said explicitly: the same as unset
     assert banded_path.choose("auto", cpu, 256, 256, 1024) == expect
     monkeypatch.setenv(banded_path.ENV_VAR, "banded")

@@ -39,6 +39,12 @@
 #define AHEAD 16
 #define PREFETCH_ROW(p) do { __builtin_prefetch(p); __builtin_prefetch((const char *)(p) + 64); } while (0)
 #define INLINE static inline __attribute__((always_inline))
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM() omp_get_thread_num()
+#else
+#define THREAD_NUM() 0
+#endif
 
 /* The build keeps -ffp-contract=off (the trace at the end must round as its Python twin does); the maps
  * let GCC fuse their multiply-adds where the CPU has FMA: the recurrences' chains are then one fused
@@ -186,22 +192,36 @@ INLINE void pack_row(void *dst, const void *src, int64_t w, size_t size) {
     if (w < CHUNK) memset((char *)dst + (size_t)w * size, 0, (size_t)(CHUNK - w) * size);
 }
 
-/* The arguments every chunk body takes: the exported function's (less threads), the scratch, the chunk. */
+/* What a call may add to out = base + scale W x (each NULL when not asked for). Transposed map: row_scale
+ * (one per row of x) scales x's rows, rounded to the data type, before the map, and scaled_copy (rows of x,
+ * contiguous) receives those rows: the loss's backward gets grad_y = c g r and -D^T grad_y from one read
+ * of r. Forward map: row_sumsq (one per row of out, zeroed by the caller) receives each output row's sum
+ * of squares of its rounded values, in float64: the loss's forward gets its value from the pass that
+ * writes the residual. */
+typedef struct { const double *row_scale; void *scaled_copy; double *row_sumsq; } extras_t;
+
+INLINE vec round_f64(vec x) { return x; }
+INLINE vec round_f32(vec x) { return __builtin_convertvector(__builtin_convertvector(x, vecf), vec); }
+
+/* The arguments every chunk body takes: the exported function's (less threads), the extras (sumsq: this
+ * thread's row sums), the scratch, the chunk. */
 #define CHUNK_PARAMS(T) const double *factor, const double *stencil, const int64_t *index, const double *chord, \
     const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands, double lam,  \
     int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out, const T *base, double scale,  \
-    int stream, row_t *z, int64_t c0, int64_t w
+    int stream, const double *row_scale, T *scaled_copy, int stream_copy, double *sumsq, row_t *z, int64_t c0,  \
+    int64_t w
 #define CHUNK_ARGS factor, stencil, index, chord, curvature, gather, q_bands, r_bands, lam, refine, n, p, d, x, \
-    ld, out, base, scale, stream, z, c0
+    ld, out, base, scale, stream, row_scale, scaled_copy, stream_copy, sumsq, z, c0
 
 /* Scratch rows per thread: z (m, one zero row either side), then (transpose) acc (n), then with
  * refinement res (m), fit (n) and (transpose) v (m); then (forward) the chunk's n data rows, packed. */
 #define SCRATCH_ROWS(m, n, transpose, refine) ((size_t)((m) + 2 + ((transpose) ? (n) : 0)                     \
                                                         + ((refine) ? (m) + (n) + ((transpose) ? (m) : 0) : 0)))
 
-#define DEFINE_BANDED(T, NAME, LOAD, STORE)                                                                 \
+#define DEFINE_BANDED(T, NAME, LOAD, STORE, ROUND)                                                          \
 /* out[:, c0:c0+w] = base + scale W x[:, c0:c0+w] */                                                         \
 INLINE void NAME##_forward_chunk(CHUNK_PARAMS(T)) {                                                          \
+    (void)row_scale; (void)scaled_copy; (void)stream_copy; /* the transposed map's extras */                 \
     const int64_t m = n - 2;                                                                                 \
     const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
     /* The stencil, the last two rows carried in registers. Each data row is also copied to `packed`, where \
@@ -248,6 +268,13 @@ INLINE void NAME##_forward_chunk(CHUNK_PARAMS(T)) {                             
         EACH(v) o.v[v] = p0 * a.v[v] + p1 * b.v[v] + v0 * g0->v[v] + v1 * g1->v[v] + v2 * g2->v[v]          \
                          + v3 * g3->v[v];                                                                    \
         if (base) { const row_t y = LOAD(base + r * d + c0, w); EACH(v) o.v[v] += y.v[v]; }                  \
+        if (sumsq) { /* columns past w are zero in o */                                                      \
+            vec squares = (vec){0};                                                                          \
+            EACH(v) { const vec q = ROUND(o.v[v]); squares += q * q; }                                       \
+            double total = 0.0;                                                                              \
+            for (int l = 0; l < LANES; ++l) total += squares[l];                                             \
+            sumsq[r] += total;                                                                               \
+        }                                                                                                    \
         STORE(out + r * d + c0, o, w, stream);                                                               \
     }                                                                                                        \
 }                                                                                                            \
@@ -271,6 +298,7 @@ INLINE void NAME##_emit(row_t *acc, int64_t i, int64_t n, int64_t d, T *out, con
 /* out[:, c0:c0+w] = base + scale W^T x[:, c0:c0+w]: the scatter to z and acc, the solve, then the          \
  * stencil's transpose into acc, each acc row written out as soon as it is complete */                       \
 INLINE void NAME##_transpose_chunk(CHUNK_PARAMS(T)) {                                                        \
+    (void)sumsq; /* the forward map's extra */                                                               \
     const int64_t m = n - 2;                                                                                 \
     const double *st0 = stencil, *st1 = stencil + m, *st2 = stencil + 2 * m;                                 \
     row_t *acc = z + m + 1, *res = acc + n, *fit = res + m, *v0rows = fit + n;                               \
@@ -278,7 +306,12 @@ INLINE void NAME##_transpose_chunk(CHUNK_PARAMS(T)) {                           
     for (int64_t r = 0; r < p; ++r) {                                                                        \
         const T *gr = x + r * ld + c0;                                                                       \
         if (r + AHEAD < p) PREFETCH_ROW(gr + AHEAD * ld);                                                    \
-        const row_t g = LOAD(gr, w);                                                                         \
+        row_t g = LOAD(gr, w);                                                                               \
+        if (row_scale) {                                                                                     \
+            const double by = row_scale[r];                                                                  \
+            EACH(v) g.v[v] = ROUND(g.v[v] * by);                                                             \
+            if (scaled_copy) STORE(scaled_copy + r * d + c0, g, w, stream_copy);                             \
+        }                                                                                                    \
         row_t *g0 = z + gather[4 * r], *g1 = z + gather[4 * r + 1];                                          \
         row_t *g2 = z + gather[4 * r + 2], *g3 = z + gather[4 * r + 3];                                      \
         row_t *oa = acc + index[r], *ob = oa + 1;                                                            \
@@ -331,9 +364,16 @@ INLINE void NAME##_transpose_chunk(CHUNK_PARAMS(T)) {                           
 int NAME(const double *factor, const double *stencil, const int64_t *index, const double *chord,             \
          const double *curvature, const int64_t *gather, const double *q_bands, const double *r_bands,       \
          double lam, int refine, int64_t n, int64_t p, int64_t d, const T *x, int64_t ld, T *out,             \
-         const T *base, double scale, int transpose, int threads) {                                           \
+         const T *base, double scale, int transpose, const extras_t *extras, int threads) {                   \
     const int64_t chunks = (d + CHUNK - 1) / CHUNK;                                                          \
     const int stream = STREAMS(out, transpose ? n : p, d, T);                                                \
+    const double *row_scale = extras ? extras->row_scale : NULL;                                             \
+    T *scaled_copy = extras && row_scale ? (T *)extras->scaled_copy : NULL;                                  \
+    double *row_sumsq = extras && !transpose ? extras->row_sumsq : NULL;                                     \
+    const int stream_copy = scaled_copy && STREAMS(scaled_copy, p, d, T);                                    \
+    threads = threads < 1 ? 1 : threads;                                                                     \
+    double *partials = row_sumsq ? (double *)calloc((size_t)threads * (size_t)p, sizeof(double)) : NULL;     \
+    if (row_sumsq && !partials) return 1;                                                                    \
     const size_t packed = transpose ? 0 : ((size_t)n * CHUNK * sizeof(T) + sizeof(row_t) - 1) / sizeof(row_t); \
     const size_t bytes = (SCRATCH_ROWS(n - 2, n, transpose, refine) + packed) * sizeof(row_t);               \
     int failed = 0;                                                                                          \
@@ -341,6 +381,7 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
     {                                                                                                        \
         row_t *buffer = (row_t *)aligned_alloc(sizeof(vec), bytes);                                          \
         row_t *z = buffer ? buffer + 1 : NULL; /* z[-1] and z[m] stay zero (refinement reads them) */        \
+        double *sumsq = partials ? partials + (size_t)THREAD_NUM() * (size_t)p : NULL;                       \
         if (buffer) memset(buffer, 0, bytes); else failed = 1;                                               \
         _Pragma("omp for schedule(static)")                                                                  \
         for (int64_t k = 0; k < chunks; ++k) {                                                               \
@@ -351,14 +392,19 @@ int NAME(const double *factor, const double *stencil, const int64_t *index, cons
             else if (w == CHUNK) NAME##_transpose_chunk(CHUNK_ARGS, CHUNK);                                  \
             else NAME##_transpose_chunk(CHUNK_ARGS, w);                                                      \
         }                                                                                                    \
-        if (stream) STREAM_FENCE(); /* the streamed stores are visible before the caller reads out */        \
+        if (stream || stream_copy) STREAM_FENCE(); /* streamed stores visible before the caller reads */    \
         free(buffer);                                                                                        \
+    }                                                                                                        \
+    if (partials) { /* the threads' row sums, added in thread order: the same result on every run */        \
+        for (int t = 0; t < threads; ++t)                                                                    \
+            for (int64_t r = 0; r < p; ++r) row_sumsq[r] += partials[(size_t)t * (size_t)p + (size_t)r];      \
+        free(partials);                                                                                      \
     }                                                                                                        \
     return failed;                                                                                           \
 }
 
-DEFINE_BANDED(double, dres_banded_apply_f64, load_f64, store_f64)
-DEFINE_BANDED(float, dres_banded_apply_f32, load_f32, store_f32)
+DEFINE_BANDED(double, dres_banded_apply_f64, load_f64, store_f64, round_f64)
+DEFINE_BANDED(float, dres_banded_apply_f32, load_f32, store_f32, round_f32)
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options

@@ -1,9 +1,10 @@
 """The banded spline maps on CPU tensors, compiled: ``banded_cpu.c`` (plain C with OpenMP, loaded with
 ctypes), built on first use with the system C compiler into the cache directory (about a second), for
-this machine's CPU (``-march=native``: 1.1-1.15x per step over a generic x86-64 build on the development
-VM; AVX-512 or AVX also turns on its streaming stores) with ``-ffp-contract=off`` (no fused multiply-adds:
-the same rounding as the torch reference on every machine). A compiler that refuses a flag gets the
-build without it. The library's name carries the source, the compiler and the CPU, so a cache directory
+this machine's CPU (``-march=native``: the kernel's vectors take the width of its registers, its
+multiply-adds are fused where it has FMA, and AVX-512 or AVX turns on streaming stores; per fwd+bwd step on
+the development VM, 1.4-1.6x faster than an x86-64 baseline build and 1.1-1.3x than an AVX2 one) with
+``-ffp-contract=off``, which the kernel lifts only for its maps (the smoother trace rounds as its Python
+twin does). A compiler that refuses a flag gets the build without it. The library's name carries the source, the compiler and the CPU, so a cache directory
 shared by different machines never loads a build for another CPU.
 
 :func:`banded_apply` is ``W x`` (or ``W^T x``) for a :class:`dres_fast.banded.BandedSpline`'s arrays;
@@ -29,6 +30,11 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "banded_cpu.c
 _LOCK = threading.Lock()
 _LIBRARY = None  # the loaded library, or the reason it is not there (a string)
 _FUNCTIONS = {torch.float64: "dres_banded_apply_f64", torch.float32: "dres_banded_apply_f32"}
+
+
+class _Extras(ctypes.Structure):
+    """banded_cpu.c's ``extras_t``: what a call adds to ``base + scale W x`` (see :func:`banded_apply`)."""
+    _fields_ = [("row_scale", ctypes.c_void_p), ("scaled_copy", ctypes.c_void_p), ("row_sumsq", ctypes.c_void_p)]
 
 
 def _compiler():
@@ -96,7 +102,8 @@ def _load():
                 for name in _FUNCTIONS.values():
                     fn = getattr(library, name)
                     fn.argtypes = ([pointer] * 8 + [ctypes.c_double, ctypes.c_int] + [i64] * 3
-                                   + [pointer, i64, pointer, pointer, ctypes.c_double, ctypes.c_int, ctypes.c_int])
+                                   + [pointer, i64, pointer, pointer, ctypes.c_double, ctypes.c_int,
+                                      ctypes.POINTER(_Extras), ctypes.c_int])
                     fn.restype = ctypes.c_int
                 library.dres_trace_sigma_r.argtypes = [pointer] * 5 + [i64]
                 library.dres_trace_sigma_r.restype = ctypes.c_double
@@ -111,12 +118,21 @@ def available() -> bool:
     return not isinstance(_load(), str)
 
 
-def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None, base=None, scale: float = 1.0) -> torch.Tensor:
+def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None, base=None, scale: float = 1.0,
+                 row_scale=None, row_sumsq: bool = False):
     """``W x`` (``transpose``: ``W^T x``) for ``arrays = (factor, stencil, index, chord, curvature,
     gather)`` of a spline with ``p`` points and ``n`` knots, and ``x`` ``(n, d)`` (``(p, d)``), float32 or
     float64 on the CPU; returned contiguous in ``x.dtype``. ``refinement = (q_bands, r_bands, lam)``: one
     step of iterative refinement of the solve (``BandedSpline.refinement``). With ``base`` (the output's
-    shape and dtype) and ``scale`` it returns ``base + scale W x``, rounded once: ``y - D y_coded`` in one pass."""
+    shape and dtype) and ``scale`` it returns ``base + scale W x``, rounded once: ``y - D y_coded`` in one pass.
+
+    Two extras fuse the loss's other passes into these (the loss's forward and backward on one read each):
+
+    * ``row_sumsq`` (forward map): also return each output row's sum of squares of its rounded values,
+      float64 ``(p,)``: returns ``(out, sums)``;
+    * ``row_scale`` (transposed map): a float64 ``(p,)`` tensor; the map is applied to ``x`` with row ``r``
+      times ``row_scale[r]`` (rounded to ``x.dtype``), and those scaled rows are returned too:
+      ``(out, scaled_x)``."""
     library = _load()
     if isinstance(library, str):
         raise RuntimeError(library)
@@ -129,16 +145,26 @@ def banded_apply(arrays, x: torch.Tensor, transpose: bool, refinement=None, base
     if base is not None:
         base = base.to(x.dtype).contiguous()
         assert base.shape == out.shape
+    extras, extra_out = None, None
+    if row_scale is not None:
+        assert transpose and row_scale.shape == (p,), "row_scale: the transposed map's, one per row of x"
+        row_scale = row_scale.to(torch.float64).contiguous()
+        extra_out = torch.empty((p, d), dtype=x.dtype)
+        extras = _Extras(row_scale.data_ptr(), extra_out.data_ptr(), None)
+    elif row_sumsq:
+        assert not transpose, "row_sumsq: the forward map's"
+        extra_out = torch.zeros(p, dtype=torch.float64)
+        extras = _Extras(None, None, extra_out.data_ptr())
     q_bands, r_bands, lam = refinement if refinement is not None else (None, None, 0.0)
     failed = getattr(library, _FUNCTIONS[x.dtype])(
         factor.data_ptr(), stencil.data_ptr(), index.data_ptr(), chord.data_ptr(), curvature.data_ptr(),
         gather.data_ptr(), q_bands.data_ptr() if q_bands is not None else None,
         r_bands.data_ptr() if r_bands is not None else None, float(lam), int(refinement is not None),
         n, p, d, x.data_ptr(), x.stride(0), out.data_ptr(), base.data_ptr() if base is not None else None,
-        float(scale), int(transpose), torch.get_num_threads())
+        float(scale), int(transpose), ctypes.byref(extras) if extras is not None else None, torch.get_num_threads())
     if failed:
         raise MemoryError("banded_apply: could not allocate the per-thread scratch")
-    return out
+    return out if extras is None else (out, extra_out)
 
 
 def trace_sigma_r(diag, sup1, sup2, r_diag, r_off):

@@ -33,18 +33,17 @@ __all__ = ["PATHS", "ENV_VAR", "choose", "spline_mix", "reconstruction_loss", "k
 
 PATHS = ("auto", "dense", "banded")
 ENV_VAR = "DRES_SPLINE_PATH"
-#: ``"auto"`` takes the banded path on the CPU (compiled kernel) when both batches have at least this many
-#: samples and the data is at least this wide. From ``python -m bench.banded`` on the 2-core CPU VM, one
-#: thread (docs/bench_cpu/banded.json), float32: at K = N = 256 the banded path was 0.9x dense at d = 64,
-#: 1.3x at d = 256 and 1.4x at d = 1024; at K = N = 128 0.9x (d = 256) and 1.0x (d = 1024); at K = N = 64
-#: and at K = 32, d = 4096 it lost (0.6-0.7x). bfloat16 data has the same boundary (1.0x at K = 128,
-#: d = 1024 and at K = 256, d = 64; 1.3x at K = 256, d = 256).
-AUTO_MIN_SAMPLES_CPU = 256
-AUTO_MIN_WIDTH_CPU = 256
-#: float64 data moves the boundary down: a dense float64 GEMM costs about twice a float32 one, while the
-#: banded sweeps are float64 for every dtype. Same run: 1.2x at K = N = 128, d = 256 and 1.9x at K = 256,
-#: d = 256; 0.9x at K = 128, d = 64 and 0.7x at K = 64, d = 64 (1.4x at K = 256, d = 64 is left to dense).
-AUTO_MIN_CPU = {torch.float64: (128, 128)}  # dtype -> (samples, width); other dtypes: the two above
+#: ``"auto"`` takes the banded path on the CPU (compiled kernel) when both batches have at least ``samples``
+#: samples and the data is at least ``width`` wide, for one of these ``(samples, width)`` pairs. From
+#: ``python -m bench.banded`` on the 2-core CPU VM, one thread (docs/bench_cpu/banded.json), where both
+#: paths cost well under a millisecond and the per-call host cost decides: float32 at K = N = 256 lost at
+#: d = 16 and 32 and won from d = 64; at K = N = 128 it lost at d = 64 and won at d = 1024 (d = 256 was
+#: within 10% either way across runs); at K = N = 64 and at K = 32, d = 4096 it lost. bfloat16 and float16
+#: data take float32's pairs (measured the same: the CPU kernel reads them as float32).
+AUTO_CPU = ((256, 64), (128, 1024))
+#: float64 data moves the boundary down at K = 128: a dense float64 GEMM costs about twice a float32 one,
+#: while the banded sweeps are float64 for every dtype (won from d = 128 there, lost at d = 64).
+AUTO_CPU_BY_DTYPE = {torch.float64: ((256, 64), (128, 128))}
 
 
 def path_setting() -> str:
@@ -60,12 +59,15 @@ def choose(backend: str, device: torch.device, num_samples: int, num_coded: int,
     either). On CUDA ``"auto"`` stays dense until GPU measurements say otherwise (bench/RESULTS.md)."""
     if os.environ.get(ENV_VAR, "auto") != "auto":
         return path_setting()
-    min_samples, min_width = AUTO_MIN_CPU.get(dtype, (AUTO_MIN_SAMPLES_CPU, AUTO_MIN_WIDTH_CPU))
-    if width < min_width or device.type != "cpu" or resolve_backend(backend, device) != "torch":
+    samples = min(num_samples, num_coded)
+    for min_samples, min_width in AUTO_CPU_BY_DTYPE.get(dtype, AUTO_CPU):  # a loop, not any(): no generator frames
+        if samples >= min_samples and width >= min_width:
+            break
+    else:
         return "dense"
-    if not _cpu_kernel_available():
+    if device.type != "cpu" or resolve_backend(backend, device) != "torch":
         return "dense"
-    return "banded" if min(num_samples, num_coded) >= min_samples else "dense"
+    return "banded" if _cpu_kernel_available() else "dense"
 
 
 def _cpu_kernel_available() -> bool:
@@ -156,17 +158,19 @@ def _grad_residual(residual: torch.Tensor, grad: torch.Tensor, reduction: str) -
 
 @functools.lru_cache(maxsize=None)
 def _fuses(kernel) -> bool:
-    """Whether ``kernel`` takes ``base=`` and ``scale=`` (returns ``base + scale W x``)."""
+    """Whether ``kernel`` takes ``base=`` and ``scale=`` (returns ``base + scale W x``), ``row_sumsq=`` and
+    ``row_scale=`` (the CPU kernel's extras: :func:`dres_fast.backends.banded_cpu.banded_apply`)."""
     if kernel is None:
         return False
     parameters = inspect.signature(kernel).parameters
-    return "base" in parameters and "scale" in parameters
+    return all(name in parameters for name in ("base", "scale", "row_sumsq", "row_scale"))
 
 
 class _FusedLoss(torch.autograd.Function):
-    """The loss with the residual ``r = y - D y_coded`` written by the kernel in one pass (no ``D y_coded``
-    tensor), the reduction by ``vector_norm`` (no ``r^2`` tensor), and a backward that writes ``grad_y = c g r``
-    and ``grad_y_coded = -D^T grad_y`` directly. Under ``create_graph`` the backward recomputes with
+    """The loss on two kernel passes. Forward: the kernel writes the residual ``r = y - D y_coded`` (no
+    ``D y_coded`` tensor) and, in the same pass, each row's sum of squares in float64 (no ``r^2`` tensor, no
+    second read of ``r``). Backward: one transposed pass reads ``r`` once and writes ``grad_y = c g r`` and
+    ``grad_y_coded = -D^T grad_y``. Under ``create_graph`` the backward recomputes with
     :func:`_composed_loss`'s differentiable ops, so higher derivatives stay exact."""
 
     @staticmethod
@@ -174,12 +178,12 @@ class _FusedLoss(torch.autograd.Function):
         compute = compute_dtype(y.dtype)
         data = torch.float32 if compute == torch.float32 and y.dtype != torch.float32 else y.dtype
         extra = {} if decoder.refinement is None else {"refinement": decoder.refinement}
-        residual = kernel(decoder.arrays, y_coded.to(data), False, base=y.to(data), scale=-1.0, **extra)
+        residual, row_sums = kernel(decoder.arrays, y_coded.to(data), False, base=y.to(data), scale=-1.0,
+                                    row_sumsq=True, **extra)
         if reduction == "none":
-            value = torch.linalg.vector_norm(residual, dim=1, dtype=compute).square()
+            value = row_sums
         else:
-            value = torch.linalg.vector_norm(residual, dtype=compute).square()
-            value = value * (gradient_scale(reduction, residual.numel()) / 2.0)
+            value = row_sums.sum() * (gradient_scale(reduction, residual.numel()) / 2.0)
         ctx.decoder, ctx.kernel, ctx.reduction, ctx.extra = decoder, kernel, reduction, extra
         ctx.save_for_backward(residual, y, y_coded)
         return value.to(loss_dtype(y.dtype))
@@ -191,8 +195,11 @@ class _FusedLoss(torch.autograd.Function):
             grad_r = _grad_residual(_residual(y, y_coded, ctx.decoder, ctx.kernel), grad, ctx.reduction)
             grad_y_coded = _BandedMap.apply(ctx.decoder, True, ctx.kernel, grad_r.to(y_coded.dtype)).neg()
             return None, None, None, grad_r.to(y.dtype), grad_y_coded
-        grad_y = _grad_residual(residual, grad, ctx.reduction)
-        grad_y_coded = ctx.kernel(ctx.decoder.arrays, grad_y, True, scale=-1.0, **ctx.extra)
+        # c g per row, in the residual's dtype (as _grad_residual multiplies): the kernel rounds r c g to it
+        scale = grad.to(residual.dtype) * gradient_scale(ctx.reduction, residual.numel())
+        row_scale = scale if ctx.reduction == "none" else scale.expand(residual.shape[0])
+        grad_y_coded, grad_y = ctx.kernel(ctx.decoder.arrays, residual, True, scale=-1.0, row_scale=row_scale,
+                                          **ctx.extra)
         return None, None, None, grad_y.to(y.dtype), grad_y_coded.to(y_coded.dtype)
 
 

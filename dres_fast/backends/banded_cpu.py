@@ -1,8 +1,9 @@
 """The banded spline maps on CPU tensors, compiled: ``banded_cpu.c`` (plain C with OpenMP, loaded with
 ctypes), built on first use with the system C compiler into the cache directory (about a second), for
 this machine's CPU (``-march=native``: the kernel's vectors take the width of its registers, its
-multiply-adds are fused where it has FMA, and AVX-512 or AVX turns on streaming stores; per fwd+bwd step on
-the development VM, 1.4-1.6x faster than an x86-64 baseline build and 1.1-1.3x than an AVX2 one) with
+multiply-adds are fused where it has FMA, and AVX-512 or AVX turns on streaming stores; per fwd+bwd step at
+K = N = 1024, d = 4096 and 4096, 1024 on the development VM, 2.4-3.8x faster than an x86-64 baseline build,
+and an AVX2 build within 0.8-1.5x of it, in interleaved A/Bs on a noisy shared machine) with
 ``-ffp-contract=off``, which the kernel lifts only for its maps (the smoother trace rounds as its Python
 twin does). A compiler that refuses a flag gets the build without it. The library's name carries the source, the compiler and the CPU, so a cache directory
 shared by different machines never loads a build for another CPU.

@@ -149,21 +149,24 @@ def reconstruction_variants():
 
 
 def banded_variants():
-    """Every launch of banded_apply: forward and transpose, every data dtype, every warp count the launcher
-    picks (BLOCK_D = 32 warps); x contiguous (stride_xd = 1 becomes a constexpr), n = p = 4096, d = 2^16."""
+    """Every launch of banded_apply: forward and transpose, with and without the refinement step, every data
+    dtype, every warp count the launcher picks (BLOCK_D = 32 warps); x contiguous (stride_xd = 1 becomes a
+    constexpr), n = p = 4096, d = 2^16."""
     for dtype, (data_ptr, _, _) in DTYPES.items():
         for warps in (1, 2, 4):
-            config = triton.Config({}, num_warps=warps, num_stages=1)
-            common = dict(factor_ptr="*fp64", stencil_ptr="*fp64", index_ptr="*i64", chord_ptr="*fp64",
-                          curv_ptr="*fp64", gather_ptr="*i64", n=4096, p=4096, d=65536)
-            meta = dict(CHUNK=BD.CHUNK, BLOCK_R=BD.BLOCK_R, BLOCK_D=32 * warps)
-            args = dict(common, x_ptr=data_ptr, out_ptr=data_ptr, z_ptr="*fp64", stride_xr=65536, stride_xd=1)
-            yield (f"banded forward {dtype} [D{32 * warps} w{warps}]", BD._banded_forward_kernel, args, meta,
-                   config, True)
-            args = dict(common, g_ptr=data_ptr, out_ptr=data_ptr, v_ptr="*fp64", pg_ptr="*fp64", stride_gr=65536,
-                        stride_gd=1)
-            yield (f"banded transpose {dtype} [D{32 * warps} w{warps}]", BD._banded_transpose_kernel, args,
-                   dict(meta, SCATTER_CHUNK=BD.SCATTER_CHUNK), config, True)
+            for refine in (False, True):
+                config = triton.Config({}, num_warps=warps, num_stages=1)
+                common = dict(factor_ptr="*fp64", stencil_ptr="*fp64", index_ptr="*i64", chord_ptr="*fp64",
+                              curv_ptr="*fp64", gather_ptr="*i64", q_ptr="*fp64", r_ptr="*fp64", lam_ptr="*fp64",
+                              res_ptr="*fp64", n=4096, p=4096, d=65536)
+                meta = dict(CHUNK=BD.CHUNK, BLOCK_R=BD.BLOCK_R, BLOCK_D=32 * warps, REFINE=refine)
+                label = f"{dtype} [D{32 * warps} w{warps}]" + (" refined" if refine else "")
+                args = dict(common, x_ptr=data_ptr, out_ptr=data_ptr, z_ptr="*fp64", stride_xr=65536, stride_xd=1)
+                yield f"banded forward {label}", BD._banded_forward_kernel, args, meta, config, True
+                args = dict(common, g_ptr=data_ptr, out_ptr=data_ptr, v_ptr="*fp64", pg_ptr="*fp64", b_ptr="*fp64",
+                            stride_gr=65536, stride_gd=1)
+                yield (f"banded transpose {label}", BD._banded_transpose_kernel, args,
+                       dict(meta, SCATTER_CHUNK=BD.SCATTER_CHUNK), config, True)
 
 
 def config_label(config):

@@ -7,8 +7,10 @@ registers its two backend functions of docs/ARCHITECTURE.md as torch.library ops
 - ``reconstruction_loss(y, y_coded, decoder, reduction, compute_grads)``: the DReS discrepancy and both
   gradients in one pass (``kernels/reconstruction_loss.py``)
 
-and ``banded_apply(arrays, x, transpose)``: a smoothing spline map ``W`` or ``W^T`` applied from the O(n + p)
-coefficients of :class:`dres_fast.banded.BandedSpline` (``kernels/banded.py``; not yet registered as an op).
+and ``banded_apply(arrays, x, transpose, refinement=None)``: a smoothing spline map ``W`` or ``W^T`` applied from
+the O(n + p) coefficients of :class:`dres_fast.banded.BandedSpline`, with its step of iterative refinement where
+the spline asks for one (``kernels/banded.py``, the recurrences in ``kernels/banded_solve.py``; not yet
+registered as an op).
 
 ``OP_FACTORY`` is ``torch.library.triton_op`` where torch has it (torch >= 2.6) and the kernels are
 compiled for a GPU: the launchers use only fake-tensor-safe torch ops plus ``wrap_triton`` launches, so

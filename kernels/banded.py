@@ -50,9 +50,8 @@ Every recurrence, product and sum runs in float64 whatever the data dtype; data 
 own dtype. The scratch is float64: a float32 scratch for ``z`` / ``gamma`` (``scratch_dtype``, kept only for
 that measurement) gave fp32-data relative errors of 4.5e-4 (W) and 1.1e-3 (W^T) at 1024 Chebyshev knots and
 dof 2.5, 1.4e-2 at 4096 and 7.7e-2 at 8192, against 2.6e-8 with the float64 scratch (vs float64 math).
-No refinement step: where ``BandedSpline.refine`` is set, the torch path refines, and it matters for every
-dtype (8192 Chebyshev knots, dof 2.5: the unrefined float64 solve, here or in torch, is 9.4e-5 from the
-refined one), so such splines must take the torch path.
+Refinement (``REFINE``, where ``BandedSpline.refine`` is set): one step of iterative refinement of the solve,
+in ``banded_solve.py`` with the sweeps.
 """
 
 import torch
@@ -60,6 +59,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, check_device, device_guard, launch, multiprocessors
+from .banded_solve import _both, _columns, _lower_sweep, _refine, _store_rows, _upper_sweep
 
 CHUNK = 8  # rows per step of a sweep (loaded a step ahead)
 SCATTER_CHUNK = 4  # rows of g per step of the transpose's scatter (their coefficients loaded together)
@@ -67,115 +67,11 @@ BLOCK_R = 4  # rows per step of the parallel phases (loads of the step's rows to
 
 
 @triton.jit
-def _columns(BLOCK_D: tl.constexpr):
-    """The program's columns (int64), declared non-contiguous: memory ops then get no per-thread vectors, so
-    every ``(BLOCK_D,)`` row keeps the one-column-per-thread layout of the arithmetic (no conversions)."""
-    return tl.max_contiguous(tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D), 1)
-
-
-@triton.jit
-def _both(mask, cond):
-    """``mask & cond`` for a ``(BLOCK_D,)`` mask and a scalar condition, as a boolean mask also in the
-    interpreter (there ``&`` with a scalar or a Python bool gives int32, which it refuses as a mask)."""
-    return tl.where(cond, mask, False)
-
-
-@triton.jit
-def _rows(ptr, c0, stride_r, cols_s, col_ok, m, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
-    """Rows ``c0 + SHIFT + j`` (``j < CHUNK``) of a ``(rows, d)`` operand in its own dtype, a tuple of
-    ``(BLOCK_D,)`` rows; rows whose ``c0 + j`` is outside ``0 .. m-1`` as 0."""
-    tile = ()
-    for j in tl.static_range(CHUNK):
-        i = c0 + j
-        ok = _both(_both(col_ok, i >= 0), i < m)
-        tile = tile + (tl.load(ptr + tl.cast(i + SHIFT, tl.int64) * stride_r + cols_s, mask=ok, other=0.0),)
-    return tile
-
-
-@triton.jit
-def _store_rows(ptr, r0, rows, stride_r, cols, col_ok, limit, R: tl.constexpr):
-    """Rows ``r0 .. r0 + R - 1`` (those below ``limit``) of ``ptr`` from the tuple ``rows`` (float64)."""
-    for j in tl.static_range(R):
-        r = r0 + j
-        tl.store(ptr + tl.cast(r, tl.int64) * stride_r + cols, rows[j].to(ptr.dtype.element_ty),
-                 mask=_both(col_ok, r < limit))
-
-
-@triton.jit
-def _lower_sweep(src_ptr, stride_sr, stride_sd, z_ptr, stride_z, factor_ptr, stencil_ptr, m, cols, col_ok,
-                 FROM_STENCIL: tl.constexpr, SHIFT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``z = U^{-T} rhs`` into ``z_ptr`` (rows 0..m-1). ``FROM_STENCIL``: ``rhs = s Q^T x`` from ``x`` at
-    ``src_ptr`` (``n`` rows, data dtype); else ``rhs`` is the scratch at ``src_ptr`` (may be ``z_ptr``: the
-    chunk loaded ahead is never one being written). Each step loads the next chunk before working through its
-    own, so the load's latency overlaps the recurrence; its results are stored after its last row, so no store
-    sits between its coefficient loads. ``SHIFT``: 2 with ``FROM_STENCIL`` (the chunk's rows of ``x`` are
-    ``x_{i+2}``), else 0."""
-    cols_s = cols * stride_sd
-    z1 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # z_{i-1}
-    z2 = z1  # z_{i-2}
-    xa = z1  # x_i, x_{i+1} (FROM_STENCIL)
-    xb = z1
-    if FROM_STENCIL:
-        xa = tl.load(src_ptr + cols_s, mask=col_ok, other=0.0).to(tl.float64)
-        xb = tl.load(src_ptr + stride_sr + cols_s, mask=col_ok, other=0.0).to(tl.float64)
-    tile = _rows(src_ptr, 0, stride_sr, cols_s, col_ok, m, SHIFT, CHUNK)
-    for c0 in range(0, m, CHUNK):
-        ahead = _rows(src_ptr, c0 + CHUNK, stride_sr, cols_s, col_ok, m, SHIFT, CHUNK)
-        zs = ()
-        for j in tl.static_range(CHUNK):
-            i = c0 + j
-            inside = i < m
-            f0 = tl.load(factor_ptr + i, mask=inside, other=0.0)  # 0 past the end: z = 0 there
-            f1 = tl.load(factor_ptr + m + i, mask=inside, other=0.0)
-            f2 = tl.load(factor_ptr + 2 * m + i, mask=inside, other=0.0)
-            if FROM_STENCIL:
-                s0 = tl.load(stencil_ptr + i, mask=inside, other=0.0)
-                s1 = tl.load(stencil_ptr + m + i, mask=inside, other=0.0)
-                s2 = tl.load(stencil_ptr + 2 * m + i, mask=inside, other=0.0)
-                xc = tile[j].to(tl.float64)
-                rhs = s0 * xa + s1 * xb + s2 * xc
-                xa = xb
-                xb = xc
-            else:
-                rhs = tile[j].to(tl.float64)
-            z = (rhs - f1 * z1 - f2 * z2) * f0
-            zs = zs + (z,)
-            z2 = z1
-            z1 = z
-        _store_rows(z_ptr, c0, zs, stride_z, cols, col_ok, m, CHUNK)
-        tile = ahead
-
-
-@triton.jit
-def _upper_sweep(z_ptr, stride_z, factor_ptr, m, cols, col_ok, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``gamma = U^{-1} z`` in place (rows m-1 .. 0), chunks from the last, the next one loaded ahead."""
-    g1 = tl.zeros((BLOCK_D,), dtype=tl.float64)  # gamma_{i+1}
-    g2 = g1  # gamma_{i+2}
-    num_chunks = tl.cdiv(m, CHUNK)
-    tile = _rows(z_ptr, (num_chunks - 1) * CHUNK, stride_z, cols, col_ok, m, 0, CHUNK)
-    for c in range(0, num_chunks):
-        c0 = (num_chunks - 1 - c) * CHUNK
-        ahead = _rows(z_ptr, c0 - CHUNK, stride_z, cols, col_ok, m, 0, CHUNK)
-        gs = ()
-        for j in tl.static_range(CHUNK - 1, -1, -1):
-            i = c0 + j
-            f0 = tl.load(factor_ptr + i, mask=i < m, other=0.0)  # 0 past the end: gamma = 0 there
-            f1 = tl.load(factor_ptr + m + i + 1, mask=i + 1 < m, other=0.0)
-            f2 = tl.load(factor_ptr + 2 * m + i + 2, mask=i + 2 < m, other=0.0)
-            g = (tile[j].to(tl.float64) - f1 * g1 - f2 * g2) * f0
-            gs = (g,) + gs  # gs[j]: row c0 + j
-            g2 = g1
-            g1 = g
-        _store_rows(z_ptr, c0, gs, stride_z, cols, col_ok, m, CHUNK)
-        tile = ahead
-
-
-@triton.jit
 def _banded_forward_kernel(
-    x_ptr, out_ptr, z_ptr,
-    factor_ptr, stencil_ptr, index_ptr, chord_ptr, curv_ptr, gather_ptr,
+    x_ptr, out_ptr, z_ptr, res_ptr,
+    factor_ptr, stencil_ptr, index_ptr, chord_ptr, curv_ptr, gather_ptr, q_ptr, r_ptr, lam_ptr,
     n, p, d, stride_xr, stride_xd,
-    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, REFINE: tl.constexpr,
 ):
     cols = _columns(BLOCK_D)
     col_ok = cols < d
@@ -186,6 +82,9 @@ def _banded_forward_kernel(
     tl.debug_barrier()
     _upper_sweep(z_ptr, stride_z, factor_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
     tl.debug_barrier()
+    if REFINE:
+        _refine(z_ptr, res_ptr, x_ptr, stride_xr, stride_xd, q_ptr, r_ptr, lam_ptr, factor_ptr, stencil_ptr, m, cols,
+                col_ok, stride_z, True, CHUNK, BLOCK_R, BLOCK_D)
     cols_x = cols * stride_xd
     for r0 in range(0, p, BLOCK_R):
         accs = ()
@@ -250,10 +149,11 @@ def _scatter_row(g_ptr, r, p, stride_gr, cols_g, col_ok, index_ptr, chord_ptr, c
 
 @triton.jit
 def _banded_transpose_kernel(
-    g_ptr, out_ptr, v_ptr, pg_ptr,
-    factor_ptr, stencil_ptr, index_ptr, chord_ptr, curv_ptr, gather_ptr,
+    g_ptr, out_ptr, v_ptr, pg_ptr, b_ptr, res_ptr,
+    factor_ptr, stencil_ptr, index_ptr, chord_ptr, curv_ptr, gather_ptr, q_ptr, r_ptr, lam_ptr,
     n, p, d, stride_gr, stride_gd,
     CHUNK: tl.constexpr, SCATTER_CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    REFINE: tl.constexpr,
 ):
     cols = _columns(BLOCK_D)
     col_ok = cols < d
@@ -299,11 +199,22 @@ def _banded_transpose_kernel(
         _flush(v_ptr, pg_ptr, stride, cols, col_ok, cur, ck0, ck1, ck2, ck3, a0, a1, a2, a3, q0, q1)
     tl.debug_barrier()
 
-    # 2. u = M^{-1} v, in place
+    # 2. u = M^{-1} v, in place (with REFINE: v kept in b first, then one refinement step)
+    if REFINE:
+        for j0 in range(0, m, BLOCK_R):
+            rows = ()
+            for jj in tl.static_range(BLOCK_R):
+                rows = rows + (tl.load(v_ptr + tl.cast(j0 + jj, tl.int64) * stride + cols,
+                                       mask=_both(col_ok, j0 + jj < m), other=0.0).to(tl.float64),)
+            _store_rows(b_ptr, j0, rows, stride, cols, col_ok, m, BLOCK_R)
+        tl.debug_barrier()
     _lower_sweep(v_ptr, stride, 1, v_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, False, 0, CHUNK, BLOCK_D)
     tl.debug_barrier()
     _upper_sweep(v_ptr, stride, factor_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
     tl.debug_barrier()
+    if REFINE:
+        _refine(v_ptr, res_ptr, b_ptr, stride, 1, q_ptr, r_ptr, lam_ptr, factor_ptr, stencil_ptr, m, cols, col_ok,
+                stride, False, CHUNK, BLOCK_R, BLOCK_D)
 
     # 3. out_j = pg_j + stencil[0,j] u_j + stencil[1,j-1] u_{j-1} + stencil[2,j-2] u_{j-2}
     for j0 in range(0, n, BLOCK_R):
@@ -337,11 +248,12 @@ def launch_num_warps(d, device):
     return 1
 
 
-def banded_apply(arrays, x, transpose: bool, scratch_dtype=torch.float64):
+def banded_apply(arrays, x, transpose: bool, refinement=None, scratch_dtype=torch.float64):
     """``W @ x`` (``x`` ``(n, d)`` -> ``(p, d)``) or, with ``transpose``, ``W^T @ x`` (``(p, d)`` -> ``(n, d)``),
     in ``x``'s dtype, computed in float64. ``arrays = (factor, stencil, index, chord, curvature, gather)`` of a
     ``BandedSpline`` with finite ``lam`` (contiguous, on ``x``'s device). ``x`` may have any strides.
-    ``scratch_dtype``: of the intermediate rows (float64; float32 only for measurements)."""
+    ``refinement = (q_bands, r_bands, lam)`` (``BandedSpline.refinement``): one step of iterative refinement
+    of the solve. ``scratch_dtype``: of the intermediate rows (float64; float32 only for measurements)."""
     factor, stencil, index, chord, curvature, gather = arrays
     check_device(x, factor)
     # validated where the spline is built: asserted here, not checked again
@@ -360,16 +272,27 @@ def banded_apply(arrays, x, transpose: bool, scratch_dtype=torch.float64):
     warps = 1 if INTERPRET else launch_num_warps(d, x.device)
     block_d = 32 * warps
     grid = (triton.cdiv(d, block_d),)
+    refine = refinement is not None
+    if refine:
+        q_bands, r_bands, lam = refinement
+        assert q_bands.shape == (3, m) and r_bands.shape == (2, m), (q_bands.shape, r_bands.shape)
+        assert q_bands.is_contiguous() and r_bands.is_contiguous() and q_bands.dtype == r_bands.dtype == torch.float64
+    else:
+        q_bands, r_bands, lam = factor, factor, 0.0  # not read
+    lam = torch.tensor([float(lam)], dtype=torch.float64, device=x.device)  # read by the kernel in float64
+    scratch = lambda: torch.empty((m, d), dtype=torch.float64, device=x.device)  # noqa: E731
+    res = scratch() if refine else factor
     with device_guard(x):
         if transpose:
             v = torch.zeros((m, d), dtype=scratch_dtype, device=x.device)
             pg = torch.zeros((n, d), dtype=torch.float64, device=x.device)
-            launch(_banded_transpose_kernel, grid, x, out, v, pg, factor, stencil, index, chord, curvature,
-                   gather, n, p, d, x.stride(0), x.stride(1), CHUNK=CHUNK, SCATTER_CHUNK=SCATTER_CHUNK,
-                   BLOCK_R=BLOCK_R, BLOCK_D=block_d, num_warps=warps, num_stages=1)
+            launch(_banded_transpose_kernel, grid, x, out, v, pg, scratch() if refine else factor, res, factor,
+                   stencil, index, chord, curvature, gather, q_bands, r_bands, lam, n, p, d, x.stride(0),
+                   x.stride(1), CHUNK=CHUNK, SCATTER_CHUNK=SCATTER_CHUNK, BLOCK_R=BLOCK_R, BLOCK_D=block_d,
+                   REFINE=refine, num_warps=warps, num_stages=1)
         else:
             z = torch.empty((m, d), dtype=scratch_dtype, device=x.device)
-            launch(_banded_forward_kernel, grid, x, out, z, factor, stencil, index, chord, curvature, gather,
-                   n, p, d, x.stride(0), x.stride(1), CHUNK=CHUNK, BLOCK_R=BLOCK_R, BLOCK_D=block_d,
-                   num_warps=warps, num_stages=1)
+            launch(_banded_forward_kernel, grid, x, out, z, res, factor, stencil, index, chord, curvature, gather,
+                   q_bands, r_bands, lam, n, p, d, x.stride(0), x.stride(1), CHUNK=CHUNK, BLOCK_R=BLOCK_R,
+                   BLOCK_D=block_d, REFINE=refine, num_warps=warps, num_stages=1)
     return out

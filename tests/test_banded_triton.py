@@ -2,9 +2,10 @@
 coefficients against its float64 torch path (``forward64`` / ``transpose64``).
 
 Contract: relative error against float64 math on the same (rounded) inputs below 1e-12 for float64 data, 2e-6
-for fp32, 2e-3 for fp16 (bf16 on a GPU: the interpreter has no bf16). float64 comparisons use configurations
-whose spline has ``refine`` False: with refinement the caller uses the torch path. Triton runs on CPU through its
-interpreter here (tests/conftest.py), with 32 columns per program, so d = 131 spans five programs.
+for fp32, 2e-3 for fp16 (bf16 on a GPU: the interpreter has no bf16). Configurations whose spline has
+``refine`` set get the kernels' refinement step (``refinement=``), checked against the refined float64 path.
+Triton runs on CPU through its interpreter here (tests/conftest.py), with 32 columns per program, so d = 131
+spans five programs.
 """
 
 import numpy as np
@@ -66,9 +67,28 @@ def test_matches_float64(case, dtype):
     ref.skip_if_interpreter_lacks("triton", dtype)
     n, p, knots, points, lam, d, shuffle = case
     sp = spline(n, p, knots, points, lam, shuffle)
-    assert not sp.refine  # float64 data would be refined by the torch path
+    assert not sp.refine  # the plain solve (refined splines: test_refined_solve)
     check(sp, ref.randn((n, d), dtype, DEVICE, seed=1), False, TOL[dtype])
     check(sp, ref.randn((p, d), dtype, DEVICE, seed=2), True, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=lambda t: str(t)[6:])
+def test_refined_solve(dtype):
+    """A spline whose probe asks for refinement (97 Chebyshev knots, 60 Lobatto points, lam = 1e6): the kernels'
+    refinement step against the refined float64 path, both directions, d = 33 over two programs. Without the
+    step float64 data is 6e-12 off here (2e-8 at 1024 knots), above the 1e-12 contract; the transposed step
+    cancels to ~1e-11 of its terms, which a float32 lam (a Python float argument) breaks: 1.3e-7."""
+    ref.skip_if_interpreter_lacks("triton", dtype)
+    sp = spline(97, 60, "chebyshev", "lobatto", 1e6)
+    assert sp.refine
+    from dres_fast.ops import banded as banded_path
+    assert banded_path._refines(ref.backend_module("triton").banded_apply)  # the op path passes refinement=
+    for transpose, rows, seed in ((False, 97, 11), (True, 60, 12)):
+        x = ref.randn((rows, 33), dtype, DEVICE, seed=seed)
+        out = banded_apply(arrays(sp), x, transpose, sp.refinement)
+        want = (sp.transpose64 if transpose else sp.forward64)(x.double())
+        err = ref.rel_err(out.cpu(), want.cpu())
+        assert err < TOL[dtype], f"{'W^T' if transpose else 'W'}: rel err {err:.2e} >= {TOL[dtype]:.0e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -102,7 +122,7 @@ def test_empty_columns():
 def test_fp32_at_8192_chebyshev_knots():
     """Where fp32 recurrences (or a float32 scratch: 1.4e-2 at 4096 knots) fail, the float64 sweeps keep the fp32
     contract. Against the float64 path without its refinement step (``refine`` is True at this lam), so this
-    checks the kernels' arithmetic; the refinement step itself is the caller's (torch path)."""
+    checks the sweeps' arithmetic at this size; the refinement step is test_refined_solve's."""
     n = 8192
     t = ref.points64(n, "chebyshev")
     sp = BandedSpline(t, ref.points64(1024, "lobatto"), lam_for_dof(t, 2.5), device=DEVICE)

@@ -90,9 +90,10 @@ def kernel_for(backend: str, device: torch.device, dtype: torch.dtype):
 
 
 def _apply(spline: BandedSpline, transpose: bool, kernel, x: torch.Tensor) -> torch.Tensor:
-    """``W x`` or ``W^T x`` in ``x.dtype``, by ``kernel`` where it applies: every kernel runs the plain
-    solve; one without ``refinement=`` leaves the configurations that need a refinement step (most at a
-    few thousand knots: without it, 6e-5 off at 4096 Chebyshev knots and lam = 1e6) to the torch ops."""
+    """``W x`` or ``W^T x`` in ``x.dtype``, by ``kernel`` where it applies: the CPU, Triton and CUDA kernels
+    run the plain solve and, with ``refinement=``, its refinement step; a kernel without that parameter would
+    leave the configurations that need the step (most at a few thousand knots: without it, 6e-5 off at 4096
+    Chebyshev knots and lam = 1e6) to the torch ops."""
     refinement = spline.refinement
     if kernel is None or spline.line is not None or (refinement is not None and not _refines(kernel)):
         exact = spline.transpose64 if transpose else spline.forward64

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, check_device, device_guard, launch, multiprocessors
-from .banded_solve import _both, _columns, _lower_sweep, _refine, _store_rows, _upper_sweep
+from .banded_solve import _both, _columns, _lower_sweep, _refine, _solve_in_place, _store_rows, _upper_sweep
 
 CHUNK = 8  # rows per step of a sweep (loaded a step ahead)
 SCATTER_CHUNK = 4  # rows of g per step of the transpose's scatter (their coefficients loaded together)
@@ -208,10 +208,7 @@ def _banded_transpose_kernel(
                                        mask=_both(col_ok, j0 + jj < m), other=0.0).to(tl.float64),)
             _store_rows(b_ptr, j0, rows, stride, cols, col_ok, m, BLOCK_R)
         tl.debug_barrier()
-    _lower_sweep(v_ptr, stride, 1, v_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, False, 0, CHUNK, BLOCK_D)
-    tl.debug_barrier()
-    _upper_sweep(v_ptr, stride, factor_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
-    tl.debug_barrier()
+    _solve_in_place(v_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
     if REFINE:
         _refine(v_ptr, res_ptr, b_ptr, stride, 1, q_ptr, r_ptr, lam_ptr, factor_ptr, stencil_ptr, m, cols, col_ok,
                 stride, False, CHUNK, BLOCK_R, BLOCK_D)

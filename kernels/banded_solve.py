@@ -125,6 +125,16 @@ def _upper_sweep(z_ptr, stride_z, factor_ptr, m, cols, col_ok, CHUNK: tl.constex
 
 
 @triton.jit
+def _solve_in_place(z_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, CHUNK: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """``z = M^{-1} z`` for the scratch at ``z_ptr``: both sweeps, a barrier after each."""
+    _lower_sweep(z_ptr, stride, 1, z_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, False, 0, CHUNK, BLOCK_D)
+    tl.debug_barrier()
+    _upper_sweep(z_ptr, stride, factor_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _refine(gamma_ptr, res_ptr, src_ptr, stride_sr, stride_sd, q_ptr, r_ptr, lam_ptr, factor_ptr, stencil_ptr, m,
             cols, col_ok, stride, SRC_IS_DATA: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
             BLOCK_D: tl.constexpr):
@@ -167,10 +177,7 @@ def _refine(gamma_ptr, res_ptr, src_ptr, stride_sr, stride_sd, q_ptr, r_ptr, lam
             res_rows = res_rows + (res,)
         _store_rows(res_ptr, j0, res_rows, stride, cols, col_ok, m, BLOCK_R)
     tl.debug_barrier()
-    _lower_sweep(res_ptr, stride, 1, res_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, False, 0, CHUNK, BLOCK_D)
-    tl.debug_barrier()
-    _upper_sweep(res_ptr, stride, factor_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
-    tl.debug_barrier()
+    _solve_in_place(res_ptr, stride, factor_ptr, stencil_ptr, m, cols, col_ok, CHUNK, BLOCK_D)
     for j0 in range(0, m, BLOCK_R):  # gamma += the correction
         rows = ()
         for jj in tl.static_range(BLOCK_R):

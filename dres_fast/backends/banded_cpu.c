@@ -7,10 +7,10 @@
  * registers: AVX-512, AVX or SSE/NEON); the recurrences carry their previous rows in registers, and the
  * stencil runs fused with the first sweep (forward map), the second sweep with the stencil's transpose
  * and the output (transposed map). The chunk's float64 scratch (m x CHUNK, for z and gamma) and a packed
- * copy of its data rows stay in cache, so the data is read once and the output written once. Everything is float64 arithmetic whatever the data
- * type (float32 recurrences miss the accuracy contract at thousands of knots). Plain C, no torch
- * headers: loaded with ctypes, built with -march=native where the compiler takes it
- * (dres_fast/backends/banded_cpu.py).
+ * copy of its data rows stay in cache, so the data is read once and the output written once. Everything
+ * is float64 arithmetic whatever the data type (float32 recurrences miss the accuracy contract at
+ * thousands of knots). Plain C, no torch headers: loaded with ctypes, built with -march=native where the
+ * compiler takes it (dres_fast/backends/banded_cpu.py).
  *
  * Arrays (float64 unless said): factor[3][m] = 1/U_ii, U_{i-1,i}, U_{i-2,i}; stencil[3][m]: rhs_j =
  * st0_j x_j + st1_j x_{j+1} + st2_j x_{j+2}; index[p] (int64), chord[p][2], curvature[p][4],

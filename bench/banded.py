@@ -36,7 +36,7 @@ SMALL_D = ([(256, d) for d in (16, 32, 64, 256)] + [(128, d) for d in (64, 256, 
 #: per mode: largest K * d (elements per tensor) and the largest dense flop count run on the CPU
 CPU_LIMITS = {"smoke": (2**14, 1e9), "quick": (2**22, 6e10), "full": (2**24, 3e11)}
 ISSUE_ROWS = [(1024, 4096), (4096, 1024)]  # issue 20's CPU targets: 5x and 20x
-#: CPU rows in other dtypes, around auto's boundary for them (dres_fast/ops/banded.py AUTO_MIN_CPU)
+#: CPU rows in other dtypes, around auto's boundary for them (dres_fast/ops/banded.py AUTO_CPU_BY_DTYPE)
 DTYPE_ROWS = {torch.float64: [(64, 64), (128, 64), (128, 128), (128, 256), (256, 32), (256, 64), (256, 256), (1024, 1024)],
               torch.bfloat16: [(128, 256), (128, 1024), (256, 32), (256, 64), (256, 256), (1024, 1024)]}
 

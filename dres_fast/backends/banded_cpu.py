@@ -5,8 +5,9 @@ multiply-adds are fused where it has FMA, and AVX-512 or AVX turns on streaming 
 K = N = 1024, d = 4096 and 4096, 1024 on the development VM, 2.4-3.8x faster than an x86-64 baseline build,
 and an AVX2 build within 0.8-1.5x of it, in interleaved A/Bs on a noisy shared machine) with
 ``-ffp-contract=off``, which the kernel lifts only for its maps (the smoother trace rounds as its Python
-twin does). A compiler that refuses a flag gets the build without it. The library's name carries the source, the compiler and the CPU, so a cache directory
-shared by different machines never loads a build for another CPU.
+twin does). A compiler that refuses a flag gets the build without it. The library's name carries the
+source, the compiler and the CPU, so a cache directory shared by different machines never loads a build
+for another CPU.
 
 :func:`banded_apply` is ``W x`` (or ``W^T x``) for a :class:`dres_fast.banded.BandedSpline`'s arrays;
 :func:`available` says whether the library could be built and loaded. Without a C compiler the callers

@@ -42,7 +42,7 @@ arithmetic nor its order: results do not depend on it. (2-D ``(rows, BLOCK_D)`` 
 row depend on the compiler's choice of layout: Triton 3.6 puts such a tile's rows on threads (its order for
 equal contiguity), so every row pick became a cross-thread reduction and every vector 8 registers per thread;
 the transpose spilled at 255 registers. Now: no spills, at most 128 registers on Triton 3.6 (sm_90), 161 on
-Triton 3.9 (sm_80), .ci/triton_compile.py.)
+Triton 3.9 (sm_80), .ci/triton_compile.py; with the refinement step 196 and 168.)
 
 Precision
 ---------

@@ -274,9 +274,9 @@ def banded_apply(arrays, x, transpose: bool, refinement=None, scratch_dtype=torc
         q_bands, r_bands, lam = refinement
         assert q_bands.shape == (3, m) and r_bands.shape == (2, m), (q_bands.shape, r_bands.shape)
         assert q_bands.is_contiguous() and r_bands.is_contiguous() and q_bands.dtype == r_bands.dtype == torch.float64
+        lam = torch.tensor([float(lam)], dtype=torch.float64, device=x.device)  # read by the kernel in float64
     else:
-        q_bands, r_bands, lam = factor, factor, 0.0  # not read
-    lam = torch.tensor([float(lam)], dtype=torch.float64, device=x.device)  # read by the kernel in float64
+        q_bands = r_bands = lam = factor  # not read: no tensor made for them on the plain solve's calls
     scratch = lambda: torch.empty((m, d), dtype=torch.float64, device=x.device)  # noqa: E731
     res = scratch() if refine else factor
     with device_guard(x):

@@ -151,9 +151,14 @@ def _residual(y, y_coded, decoder, kernel) -> torch.Tensor:
     return y.to(compute) - _BandedMap.apply(decoder, False, kernel, y_coded).to(compute)
 
 
+def _grad_scale(residual: torch.Tensor, grad: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``c g`` in the residual's dtype: one per sample (row) for ``"none"``, else a scalar."""
+    return grad.to(residual.dtype) * gradient_scale(reduction, residual.numel())
+
+
 def _grad_residual(residual: torch.Tensor, grad: torch.Tensor, reduction: str) -> torch.Tensor:
     """``dL/dr = g c r`` for the incoming gradient ``g`` (one per sample for ``"none"``)."""
-    scale = grad.to(residual.dtype) * gradient_scale(reduction, residual.numel())
+    scale = _grad_scale(residual, grad, reduction)
     return residual * (scale[:, None] if reduction == "none" else scale)
 
 
@@ -196,8 +201,8 @@ class _FusedLoss(torch.autograd.Function):
             grad_r = _grad_residual(_residual(y, y_coded, ctx.decoder, ctx.kernel), grad, ctx.reduction)
             grad_y_coded = _BandedMap.apply(ctx.decoder, True, ctx.kernel, grad_r.to(y_coded.dtype)).neg()
             return None, None, None, grad_r.to(y.dtype), grad_y_coded
-        # c g per row, in the residual's dtype (as _grad_residual multiplies): the kernel rounds r c g to it
-        scale = grad.to(residual.dtype) * gradient_scale(ctx.reduction, residual.numel())
+        # c g per row, as _grad_residual multiplies: the kernel rounds r c g to the residual's dtype
+        scale = _grad_scale(residual, grad, ctx.reduction)
         row_scale = scale if ctx.reduction == "none" else scale.expand(residual.shape[0])
         grad_y_coded, grad_y = ctx.kernel(ctx.decoder.arrays, residual, True, scale=-1.0, row_scale=row_scale,
                                           **ctx.extra)

@@ -254,11 +254,11 @@ def test_grid_extension_past_edges(tmp_path):
     import shutil
     from bench.generalization.v3 import run, smoke_v3_config
     from bench.generalization.v3_extend import beyond
-    assert beyond("sam", [0.01, 0.1, 1.0], "high") == pytest.approx(10.0)
-    assert beyond("dres", [0.03, 0.1, 0.3], "low") == pytest.approx(0.009)
-    assert beyond("dres", [1.0], "high") == pytest.approx(10.0)
-    assert beyond("label_smoothing", [0.6, 0.8], "high") == pytest.approx(0.9)
-    assert beyond("ema", [0.99, 0.999], "high") == pytest.approx(0.9999)
+    assert beyond("sam", [0.01, 0.1, 1.0]) == pytest.approx(10.0)
+    assert beyond("dres", [0.3, 0.03, 0.1]) == pytest.approx(0.9)  # sorted first: 0.3 times the ratio 3
+    assert beyond("dres", [1.0]) == pytest.approx(10.0)
+    assert beyond("label_smoothing", [0.6, 0.8]) == pytest.approx(0.9)
+    assert beyond("ema", [0.99, 0.999]) == pytest.approx(0.9999)
     torch.set_num_threads(1)
     vc = smoke_v3_config()
     first = run(vc, tmp_path / "a", "smoke")

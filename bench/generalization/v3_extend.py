@@ -30,19 +30,17 @@ from bench.generalization.v3_methods import train
 BOUNDED = {"label_smoothing": 1.0, "ema": 1.0}  # strengths that must stay below 1
 
 
-def beyond(method: str, grid: list, side: str) -> float:
-    """One step past the grid's edge on ``side`` ("low" | "high"), to 6 significant digits."""
-    return float(f"{_beyond(method, sorted(grid), side):.6g}")
-
-
-def _beyond(method: str, grid: list, side: str) -> float:
-    if side == "high" and method in BOUNDED:
+def beyond(method: str, grid: list) -> float:
+    """One step past the grid's top, to 6 significant digits: the grid's own ratio (a decade for a one-value
+    grid, which has off below it), or for label smoothing and EMA decay half-way / ten times closer to 1. Only
+    the top is ever extended: off (strength 0) closes the weak end."""
+    grid = sorted(grid)
+    if method in BOUNDED:
         top = BOUNDED[method]
-        return grid[-1] + (top - grid[-1]) / 2 if method == "label_smoothing" else top - (top - grid[-1]) / 10
-    ratio = grid[-1] / grid[-2] if len(grid) > 1 else 10.0  # a one-value grid (plus off): a decade
-    if side == "high":
-        return grid[-1] * ratio
-    return grid[0] / (grid[1] / grid[0] if len(grid) > 1 else 10.0)
+        step = grid[-1] + (top - grid[-1]) / 2 if method == "label_smoothing" else top - (top - grid[-1]) / 10
+    else:
+        step = grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 10.0)
+    return float(f"{step:.6g}")
 
 
 def high_edges(part: dict, grids: dict) -> list:
@@ -57,9 +55,9 @@ def extensions(part: dict, grids: dict, vc) -> list:
     from bench.generalization.v3 import REFERENCE
     options = set(part["variants"]) | ({REFERENCE} if part["variants"] else set())
     todo = high_edges(part, grids)
-    out = [(m, beyond(m, grids[m], "high")) for m in todo if m not in options]
+    out = [(m, beyond(m, grids[m])) for m in todo if m not in options]
     if options & set(todo):
-        w = beyond("dres", grids[REFERENCE], "high")
+        w = beyond("dres", grids[REFERENCE])
         base = vc.grids[REFERENCE][0]
         out += [(REFERENCE, w)] + [(v, float(f"{w * vc.grids[v][0] / base:.6g}")) for v in part["variants"]]
     return out

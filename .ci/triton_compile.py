@@ -37,6 +37,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is the default
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
@@ -56,11 +57,15 @@ def load_kernels():
 
 SM, RL, BD = load_kernels()
 
+
+def torch_dtype(name):
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+
 # data dtype -> (Triton pointer type of the data, of the compute-dtype operands, default dot mode)
 DTYPES = {
     "fp32": ("*fp32", "*fp32", "ieee"),
-    "fp16": ("*fp16", "*fp32", "split3"),
-    "bf16": ("*bf16", "*fp32", "split3"),
+    "fp16": ("*fp16", "*fp32", "split"),
+    "bf16": ("*bf16", "*fp32", "split"),
     "fp64": ("*fp64", "*fp64", "fp64"),
 }
 OPT_IN_MODES = {"fp32": ["tf32x3"]}  # DRES_TRITON_FP32_DOT=tf32x3
@@ -118,10 +123,12 @@ def spline_mix_variants():
     for dtype, (data_ptr, acc_ptr, default_mode) in DTYPES.items():
         for mode in [default_mode] + OPT_IN_MODES.get(dtype, []):
             for i, config in enumerate(SM.configs_for(mode)):
-                meta = dict(config.kwargs, BLOCK_K=SM.mix_block_k(mode), DOT_MODE=mode)
-                args = dict(w_ptr=acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr, M=256, K=256, D=65536,
-                            stride_wm=256, stride_wk=1, stride_xk=65536, stride_xd=1, stride_om=65536,
-                            scale="fp32")
+                # "split": W read as pre-split parts of the data dtype (as many as the output needs)
+                parts = SM.split_parts(torch_dtype(dtype)) if mode == "split" else 0
+                meta = dict(config.kwargs, BLOCK_K=SM.mix_block_k(mode), DOT_MODE=mode, W_PARTS=parts)
+                args = dict(w_ptr=data_ptr if parts else acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr, M=256, K=256,
+                            D=65536, stride_wm=256, stride_wk=1, stride_wp=65536 if parts else 0, stride_xk=65536,
+                            stride_xd=1, stride_om=65536, scale="fp32")
                 args.update({key: 256 for key in SM.AUTOTUNE_KEY_ARGS})
                 # the gradient dot modes are launched by default too (tf32x3: fp16/bf16 grad_y_coded)
                 default = mode == default_mode or mode in GRAD_MODES
@@ -136,11 +143,13 @@ def reconstruction_variants():
         for mode in [default_mode] + OPT_IN_MODES.get(dtype, []):
             for label, kernel, configs, constexprs, fp32_grad in RL.launch_plans(mode):
                 for i, config in enumerate(configs):
-                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=acc_ptr,
+                    parts = constexprs.get("DEC_PARTS", 0)  # the rows path's pre-split decoder
+                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=data_ptr if parts else acc_ptr,
                                 grad_y_ptr=data_ptr, grad_r_ptr=acc_ptr if fp32_grad else data_ptr,
                                 grad_yc_ptr=data_ptr,
                                 partial_ptr="*fp64", K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,
-                                stride_ck=65536, stride_cd=1, stride_dk=256, stride_dn=1, grad_scale="fp32",
+                                stride_ck=65536, stride_cd=1, stride_dk=256, stride_dn=1,
+                                stride_dp=65536 if parts else 0, grad_scale="fp32",
                                 grad_scale_lo="fp32")
                     args.update({key: 256 for key in RL.AUTOTUNE_KEY_ARGS})
                     meta = dict(config.kwargs, **constexprs)
@@ -177,8 +186,30 @@ def config_label(config):
 VARIANTS = list(spline_mix_variants()) + list(reconstruction_variants()) + list(banded_variants())
 
 
+def mma_family(ptx):
+    """The matrix instruction families a kernel's dots compiled to: "wgmma" (Hopper's warpgroup MMA), "mma"
+    (``mma.sync``), both ("mma+wgmma": a kernel with two dots of different tile shapes), or "fma" (no
+    tensor-core instruction: IEEE fp32 dots). Two families may round a k-slice's sum differently, so the
+    configs of one launch must agree (``mixed_families``)."""
+    found = [name for name, pattern in (("mma", r"\bmma\.sync\."), ("wgmma", r"\bwgmma\.mma_async\."))
+             if re.search(pattern, ptx)]
+    return "+".join(found) or "fma"
+
+
+def launch_group(name):
+    """Variants that one launch may autotune between: the name without its config part."""
+    return name.split(" cfg")[0]
+
+
+def mixed_families(families):
+    """``{(arch, launch group): {family: [variant names]}}`` -> one line per group whose configs compiled to
+    more than one MMA family (two DDP ranks picking different configs could then differ in the last bits)."""
+    return [f"sm_{arch} {group}: " + "; ".join(f"{fam} in {', '.join(names)}" for fam, names in sorted(by.items()))
+            for (arch, group), by in sorted(families.items()) if len(by) > 1]
+
+
 def compile_one(job):
-    """Compile variant ``index`` for ``arch``; returns (arch, index, regs, spill, shared, error)."""
+    """Compile variant ``index`` for ``arch``; returns (arch, index, regs, spill, shared, mma family, error)."""
     arch, index = job
     name, fn, args, meta, config, default = VARIANTS[index]
     signature, consts, attrs = signature_for(fn, args, meta)
@@ -188,9 +219,9 @@ def compile_one(job):
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         with tempfile.TemporaryDirectory() as tmpdir:
             regs, spill = resources(compiled.asm["cubin"], tmpdir)
-        return arch, index, regs, spill, compiled.metadata.shared, None
+        return arch, index, regs, spill, compiled.metadata.shared, mma_family(compiled.asm["ptx"]), None
     except Exception as exc:  # reported, then exit 1
-        return arch, index, 0, 0, 0, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        return arch, index, 0, 0, 0, "", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
 
 
 def main():
@@ -212,14 +243,14 @@ def main():
             print(VARIANTS[i][0])
         return 0
     jobs = [(arch, i) for arch in opts.arch for i in chosen]
-    failures, spills, start = [], [], time.time()
-    print(f"{'arch':>6} {'regs':>4} {'spill':>5} {'smem':>6}  variant")
+    failures, spills, families, start = [], [], {}, time.time()
+    print(f"{'arch':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':>5}  variant")
     if opts.jobs > 1:
         pool = concurrent.futures.ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("fork"))
         results = pool.map(compile_one, jobs)
     else:
         pool, results = None, map(compile_one, jobs)
-    for arch, index, regs, spill, shared, error in results:
+    for arch, index, regs, spill, shared, family, error in results:
         name, default = VARIANTS[index][0], VARIANTS[index][5]
         if error:
             failures.append(f"sm_{arch} {name}: {error}")
@@ -230,14 +261,17 @@ def main():
             flag = "  SPILLS" + ("" if default or opts.strict else " (opt-in mode)")
             if default or opts.strict:
                 spills.append(f"sm_{arch} {name}: {spill} bytes")
-        print(f"sm_{arch} {regs:4d} {spill:5d} {shared:6d}  {name}{flag}", flush=True)
+        families.setdefault((arch, launch_group(name)), {}).setdefault(family, []).append(name.split(" cfg")[-1])
+        print(f"sm_{arch} {regs:4d} {spill:5d} {shared:6d} {family:>5}  {name}{flag}", flush=True)
     if pool is not None:
         pool.shutdown()
+    mixed = mixed_families(families)
     print(f"{len(jobs)} compiles in {time.time() - start:.0f} s; "
-          f"{len(failures)} failure(s), {len(spills)} spilling default variant(s)")
-    for line in failures + spills:
+          f"{len(failures)} failure(s), {len(spills)} spilling default variant(s), "
+          f"{len(mixed)} launch(es) whose configs mix MMA families")
+    for line in failures + spills + mixed:
         print("  " + line)
-    return 1 if failures or spills else 0
+    return 1 if failures or spills or mixed else 0
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def run(K=256, N=256, d=1 << 16, out=None):
     os.environ.pop("DRES_TRITON_FP32_DOT", None)
     for dtype in (torch.bfloat16, torch.float16):
         y = torch.randn(K, d, device="cuda", generator=gen).to(dtype)
-        measure("random", str(dtype).split(".")[-1], "split3", y, y_coded64.to(dtype), decoder.float(), None)
+        measure("random", str(dtype).split(".")[-1], "split", y, y_coded64.to(dtype), decoder.float(), None)
     os.environ.pop("DRES_TRITON_RECON_PATH", None)
     return rows
 

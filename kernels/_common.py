@@ -7,9 +7,13 @@ differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accu
 
 - ``"ieee"``   fp32 inputs: IEEE fp32 products, fp32 accumulation (``input_precision="ieee"``: FMA units).
 - ``"tf32x3"`` fp32 inputs, opt-in: Triton's split-precision tensor-core dot (3 TF32 products).
-- ``"split3"`` fp16/bf16 inputs: ``x`` is exact in its own dtype, so only ``W`` needs care. ``W`` is split
-  into three parts of ``x``'s dtype, ``W = W1 + W2 + W3`` (24+ significant bits together), and three
-  half-precision tensor-core dots accumulate in fp32: every product is exact, as with fp32 FMAs.
+- ``"split"``  fp16/bf16 inputs: ``x`` is exact in its own dtype, so only ``W`` needs care. ``W`` is split
+  into parts of ``x``'s dtype, ``W = W1 + ... + WP``, and ``P`` half-precision tensor-core dots accumulate in
+  fp32: every product is exact, as with fp32 FMAs. ``P`` is what the output needs (``split_parts``): 3 (24+
+  significant bits, all of fp32 ``W``) for an fp32 result such as the loss's residual, 2 (16+ bits, whose
+  error ``2^-16 sum |W||x|`` is 1/256 of a bf16 rounding, 1/32 of an fp16 one) for an fp16/bf16 result.
+  The parts are made once per weight matrix (``split_weights``, memoized) and read from memory by the
+  kernels, so the inner loop converts nothing; only the fused loss kernel still splits in registers.
 - ``"fp64"``   float64 inputs: float64 dot.
 
 Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
@@ -47,6 +51,7 @@ the compiler picks per variant and warp count), the per-row sum of ``r^2``, is d
 ``reconstruction_loss``'s Determinism section.
 """
 
+import collections
 import contextlib
 import inspect
 import os
@@ -163,11 +168,52 @@ def dot_mode(dtype):
     if dtype == torch.float64:
         return "fp64"
     if dtype in (torch.float16, torch.bfloat16):
-        return "split3"
+        return "split"
     mode = os.environ.get("DRES_TRITON_FP32_DOT", "ieee")
     if mode not in ("ieee", "tf32x3"):
         raise ValueError(f"DRES_TRITON_FP32_DOT must be 'ieee' or 'tf32x3', got {mode!r}")
     return mode
+
+
+def split_parts(out_dtype):
+    """Parts of ``W`` a "split" dot needs for a result of ``out_dtype`` (module docstring)."""
+    return 2 if out_dtype in (torch.float16, torch.bfloat16) else 3
+
+
+def _split(weights, dtype, parts):
+    stacked = torch.empty((parts, *weights.shape), dtype=dtype, device=weights.device)
+    rest = weights.float()
+    for i in range(parts):
+        stacked[i] = rest.to(dtype)
+        rest = rest - stacked[i].float()  # exact in fp32: the part holds rest's leading bits
+    return stacked
+
+
+# (data_ptr, version, shape, strides, dtype, device, parts dtype, parts) -> (weights, parts): holding the
+# weights keeps their memory from being reused by another tensor while the entry lives
+_SPLIT_MEMO = collections.OrderedDict()
+SPLIT_MEMO_SIZE = 32
+
+
+def split_weights(weights, dtype, parts):
+    """``weights`` (fp32, any strides) as ``parts`` tensors of ``dtype`` stacked ``(parts, M, K)``: ``W1`` the
+    rounding of ``W``, each next part the rounding of what the earlier ones leave, ``W ~= W1 + ... + WP``.
+
+    Memoized by the weights' storage, layout and version counter (an in-place change is a miss), so the
+    cached coding weights are split once, not per call; while traced (``torch.compile``) the split is part
+    of the graph instead."""
+    if traced((weights,)):
+        return _split(weights, dtype, parts)
+    key = (weights.data_ptr(), weights._version, tuple(weights.shape), weights.stride(), weights.dtype,
+           weights.device, dtype, parts)
+    hit = _SPLIT_MEMO.get(key)
+    if hit is None:
+        hit = _SPLIT_MEMO[key] = (weights, _split(weights, dtype, parts))
+        while len(_SPLIT_MEMO) > SPLIT_MEMO_SIZE:
+            _SPLIT_MEMO.popitem(last=False)
+    else:
+        _SPLIT_MEMO.move_to_end(key)
+    return hit[1]
 
 
 @triton.jit
@@ -186,8 +232,8 @@ def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
         acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="ieee")
     elif DOT_MODE == "tf32x3":
         acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="tf32x3")
-    elif DOT_MODE == "split3":
-        # W = W1 + W2 + W3 in x's dtype; x is exact in its dtype, so each half-precision product is exact
+    elif DOT_MODE == "split":
+        # in registers (the fused loss kernel; tile_product reads pre-split parts): W = W1 + W2 + W3 in x's dtype; x is exact in its dtype, so each half-precision product is exact
         # in fp32. Smallest part first so the large terms are added to an accumulator that already holds
         # the small ones. W2 and W3 are rebuilt from W when needed, so at most two parts are live.
         w1 = w.to(x.dtype)
@@ -229,23 +275,39 @@ def program_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
 
 
 @triton.jit
-def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_ar, stride_ak, stride_bk, stride_bc,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_DEPTH: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 DOT_MODE: tl.constexpr, TWO_LEVEL: tl.constexpr):
+def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_ar, stride_ak, stride_ap, stride_bk,
+                 stride_bc, BLOCK_ROWS: tl.constexpr, BLOCK_DEPTH: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 DOT_MODE: tl.constexpr, TWO_LEVEL: tl.constexpr, A_PARTS: tl.constexpr):
     """``A[rows, :] @ B[:, cols]`` in the compute dtype, over the whole ``depth`` in ``BLOCK_DEPTH`` chunks
     taken in order (``BLOCK_DEPTH``, fixed by the launchers, alone decides the summation order); entries
-    outside ``rows``, ``cols`` or ``depth`` count as 0. ``A`` is in the compute dtype, ``B`` in the data
-    dtype. ``TWO_LEVEL``: each chunk summed on its own first (fp32 accumulators; module docstring)."""
+    outside ``rows``, ``cols`` or ``depth`` count as 0. ``B`` is in the data dtype; ``A`` in the compute
+    dtype, or with ``A_PARTS`` > 0 ("split") pre-split into that many parts of B's dtype ``stride_ap``
+    apart (``split_weights``). ``TWO_LEVEL``: each chunk summed on its own first (fp32 accumulators)."""
     acc = acc_zeros(BLOCK_ROWS, BLOCK_COLS, DOT_MODE)
     for k0 in range(0, depth, BLOCK_DEPTH):
         ks = k0 + tl.arange(0, BLOCK_DEPTH)
         k_ok = ks < depth
-        a = tl.load(a_ptr + rows[:, None] * stride_ar + ks[None, :] * stride_ak,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a_ptrs = a_ptr + rows[:, None] * stride_ar + ks[None, :] * stride_ak
+        a_mask = row_ok[:, None] & k_ok[None, :]
         b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bc,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if TWO_LEVEL:
-            acc = mix_dot_two_level(a, b, acc, DOT_MODE)
+        if A_PARTS > 0:
+            # exact half-precision products, smallest part first (the large terms are added last)
+            if TWO_LEVEL:
+                chunk = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+            else:
+                chunk = acc
+            for i in tl.static_range(A_PARTS):
+                a = tl.load(a_ptrs + (A_PARTS - 1 - i) * stride_ap, mask=a_mask, other=0.0)
+                chunk = tl.dot(a, b, acc=chunk)
+            if TWO_LEVEL:
+                acc = tl.fma(chunk, 1.0, acc)  # not +: see mix_dot_two_level
+            else:
+                acc = chunk
         else:
-            acc = mix_dot(a, b, acc, DOT_MODE)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if TWO_LEVEL:
+                acc = mix_dot_two_level(a, b, acc, DOT_MODE)
+            else:
+                acc = mix_dot(a, b, acc, DOT_MODE)
     return acc

@@ -15,9 +15,8 @@ Math
 Kernel layouts
 --------------
 Fused ("resident": ``N <= resident_n_max(mode)``, enough column tiles to fill the GPU, and a dot mode other
-than "ieee"; ``choose_path``): one program
-owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over the rows of ``y`` in ``BLOCK_K`` tiles.
-The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
+than "ieee"; ``choose_path``): one program owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over
+the rows of ``y`` in ``BLOCK_K`` tiles. The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
 ``grad_y_coded`` accumulator: every ``r`` tile is local, so ``D^T r`` for the column tile needs no atomics
 and no second pass. ``y`` and ``y_coded`` are read once, ``grad_y`` and ``grad_y_coded`` written once.
 Every program reads the whole decoder (from L2), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D``
@@ -25,11 +24,10 @@ is as wide as the registers allow (``resident_block_d``): 32 at N = 256 (was 16)
 that L2 traffic, at K = N = 256 and d = 2^16 from 1 GiB to 512 MiB against 256 MiB of HBM traffic.
 
 Row-split ("rows": fp32 "ieee" dots at every d, small ``d``, ``N`` above the fused limit, or fp16/bf16 at
-N > 128): a 2-D grid of
-``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to back, so ``y_coded``'s
-column tile comes from HBM once and from L2 for the other row tiles; the old chunked path re-read it per
-16-row tile); each program sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks and
-writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N``
+N > 128): a 2-D grid of ``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to
+back, so ``y_coded``'s column tile comes from HBM once and from L2 for the other row tiles); each program
+sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks (fp16/bf16: ``D`` pre-split in three
+parts, ``_common.split_weights``) and writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N``
 rows over programs too (for fp16/bf16 ``c r`` is also written in fp32, so that the gradient dot does not
 sum values already rounded to 8-11 bits). At d = 7 this is ``K / BLOCK_K`` programs instead of one.
 
@@ -37,7 +35,7 @@ Floor (per call with gradients, K = N, s = bytes per element of y; what bench/ke
 bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder),
 flops = 4 K N d (``D y_coded`` and ``D^T c r``). At K = N = 256, d = 2^16: fp32 256 MiB (89 us at
 3.0 TB/s) and 17.2 GFLOP (286 us at 60 TFLOP/s of fp32 FMA): compute-bound with "ieee" dots. bf16:
-128 MiB (45 us); one tensor-core pass is 22 us at 790 TFLOP/s, but split3 (3 bf16 passes) plus the
+128 MiB (45 us); one tensor-core pass is 22 us at 790 TFLOP/s, but "split" (3 bf16 passes) plus the
 tf32x3 gradient dot (3 passes at the TF32 rate) is ~100 us. The rows path moves more than the floor:
 fp32 ``c r`` is read back by the gradient launch (fp32: 24 instead of 16 bytes per column element;
 fp16/bf16: 16 instead of 8). Without gradients: bytes 2 K d s + 4 K N, flops 2 K N d.
@@ -48,17 +46,13 @@ Each program writes its per-row partial sums of ``r^2`` to ``partials[column til
 that small buffer over its first axis with ``torch.sum`` in float64 (a fixed layout and a fixed order).
 No atomics anywhere, so the same inputs give bit-identical results run after run.
 
-The per-row partial itself is ``tl.sum`` over the ``BLOCK_D`` columns of a tile: a tree whose order
-follows the register layout, which the compiler picks per kernel variant (``WRITE_GRAD_*``) and per
-``num_warps`` (the rows path's configs have 2 to 8 warps). In fp32 the loss with and without gradients
-differed in its last bits on an H200. So the squares are summed in float64, for every dtype (the
-partials buffer is float64): squares of fp32 (and fp16/bf16) values are exact in float64, and a sum of
-at most 64 of them differs between orders by at most ~64 x 2^-53 ~ 7e-15 relative. The loss is rounded
-to fp32 at the end, which changes a bit only when the float64 value lies that close to a rounding
-boundary of fp32 (spacing 2^-23 ~ 1.2e-7 relative): about one output value in 10^7. Layouts and configs
-thus make a difference very unlikely rather than impossible; an IEEE FMA dot of ``r^2`` with a ones vector
-(sums in column order) would make it impossible, for 16 / N more FMAs, more registers and an fp32 sum.
-The cost here: one float64 multiply-add per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
+The per-row partial itself is ``tl.sum`` over the ``BLOCK_D`` columns of a tile: a tree whose order follows
+the register layout, which the compiler picks per kernel variant (``WRITE_GRAD_*``) and ``num_warps``; in fp32
+the loss with and without gradients differed in its last bits on an H200. So the squares are summed in
+float64 for every dtype: squares of fp32 values are exact in float64, and a sum of at most 64 of them
+differs between orders by at most ~7e-15 relative; the fp32 loss then changes a bit only when the float64
+value lies that close to an fp32 rounding boundary (about one value in 10^7). Cost: one float64 multiply-add
+per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
 
 ``BLOCK_D`` (the partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are not
 autotuned; the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
@@ -82,8 +76,8 @@ import triton.language as tl
 
 from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
                       config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors, program_tile,
-                      tile_product)
-from .spline_mix import spline_mix_into
+                      split_parts, split_weights, tile_product)
+from .spline_mix import TENSOR_CORE_MODES, spline_mix_into
 
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
 # (128 for the tensor-core modes, whose split operands need more registers: see resident_n_max).
@@ -170,11 +164,11 @@ def _reconstruction_loss_kernel(
 def _reconstruction_rows_kernel(
     y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_r_ptr, partial_ptr,
     K, N, D,
-    stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
+    stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn, stride_dp,
     grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
     K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_R: tl.constexpr, DOT_MODE: tl.constexpr,
+    WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_R: tl.constexpr, DOT_MODE: tl.constexpr, DEC_PARTS: tl.constexpr,
 ):
     """Row-split path: one program per (row tile, column tile) of r; grad_y = c r in y's dtype and, for
     fp16/bf16 inputs whose grad_y_coded is computed from it afterwards, c r in fp32 (grad_r)."""
@@ -184,8 +178,8 @@ def _reconstruction_rows_kernel(
     tile_mask = k_ok[:, None] & col_ok[None, :]
 
     # D[ks, :] @ y_coded[:, cols] in BLOCK_N chunks, each summed on its own first (fp32)
-    decoded = tile_product(dec_ptr, yc_ptr, ks, cols, k_ok, col_ok, N, stride_dk, stride_dn, stride_ck, stride_cd,
-                           BLOCK_K, BLOCK_N, BLOCK_D, DOT_MODE, TWO_LEVEL=True)
+    decoded = tile_product(dec_ptr, yc_ptr, ks, cols, k_ok, col_ok, N, stride_dk, stride_dn, stride_dp, stride_ck,
+                           stride_cd, BLOCK_K, BLOCK_N, BLOCK_D, DOT_MODE, TWO_LEVEL=True, A_PARTS=DEC_PARTS)
 
     grad = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
                          stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
@@ -199,32 +193,34 @@ def _reconstruction_rows_kernel(
 # The fused path holds two BLOCK_N x BLOCK_D tiles in registers: compiled for sm_90 (.ci/triton_compile.py),
 # 16-row tiles, 8 warps and one stage is the configuration that spills in no dot mode (4 warps, 32-row
 # tiles or two stages spill 16-700 bytes per thread), so it is the only one.
-_RECON_CONFIGS = [
-    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for (bk, w, s) in [(16, 8, 1)]
-]
+_RECON_CONFIGS = [triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=1)]
 # Rows path: 16-row tiles for small d (more programs), 64-row tiles for wide d (fewer re-reads of
 # y_coded's column tile from L2). 16 rows with 4 or 8 warps spills fp64 under Triton 3.6; 2 warps does not.
-_RECON_ROWS_CONFIGS = [
-    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for (bk, w, s) in [(32, 4, 3), (16, 2, 3), (64, 4, 3), (64, 8, 2)]
-]
+# Tensor-core modes keep the 64-row tiles only: on sm_90 the 16- and 32-row tiles compile to mma.sync and
+# these to wgmma, which may round differently (spline_mix's TENSOR_CORE_MODES; .ci/triton_compile.py checks).
+_RECON_ROWS_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+                       for (bk, w, s) in [(32, 4, 3), (16, 2, 3), (64, 4, 3), (64, 8, 2)]]
+_RECON_ROWS_TENSOR_CORE_CONFIGS = _RECON_ROWS_CONFIGS[2:]
 AUTOTUNE_KEY_ARGS = ("K_BUCKET", "N_BUCKET", "D_BUCKET")
 # the rows path's reduction chunk over N: 64 spills 400-3500 bytes per thread on sm_80 with FMA dots
 ROWS_BLOCK_N = 32
 ROWS_BLOCK_D = 64
 INTERPRETER_RECON_TILE = {"BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_N_CHUNK": 32}
-FIXED_GPU_RECON_CONFIG = config_dict(_RECON_CONFIGS[0])
-FIXED_GPU_RECON_ROWS_CONFIG = config_dict(_RECON_ROWS_CONFIGS[0])
+# tests: the config DRES_TRITON_AUTOTUNE=0 launches instead of the path's first (None: the first)
+FORCED_RESIDENT_CONFIG = FORCED_ROWS_CONFIG = None
 
 # the constexpr variants are part of the key: a config tuned for the forward-only kernel (or for one dot
 # mode) is not reused for the kernel that also writes both gradients
-_reconstruction_loss_tuned = autotune(
-    _reconstruction_loss_kernel, _RECON_CONFIGS,
-    key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])
-_reconstruction_rows_tuned = autotune(
-    _reconstruction_rows_kernel, _RECON_ROWS_CONFIGS,
-    key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_R"])
+_reconstruction_loss_tuned = autotune(_reconstruction_loss_kernel, _RECON_CONFIGS,
+                                      key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])
+_rows_tuned, _rows_tuned_tc = (autotune(_reconstruction_rows_kernel, configs,
+                                        key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_R"])
+                               for configs in (_RECON_ROWS_CONFIGS, _RECON_ROWS_TENSOR_CORE_CONFIGS))
+
+
+def rows_configs(mode):
+    """The rows path's autotune configs for dot mode ``mode``: one MMA family each."""
+    return _RECON_ROWS_TENSOR_CORE_CONFIGS if mode in TENSOR_CORE_MODES else _RECON_ROWS_CONFIGS
 
 
 def resident_block_n(N):
@@ -292,17 +288,22 @@ def launch_plans(mode):
                                                WRITE_GRAD_Y=grad_y, WRITE_GRAD_YC=grad_yc, DOT_MODE=mode,
                                                GRAD_DOT_MODE=grad_mode), False))
     for grad_y, grad_r in ((False, False), (True, False), (True, True)):
-        if grad_r and mode != "split3":
+        if grad_r and mode != "split":
             continue
-        plans.append((f"rows grads={int(grad_y)}{int(grad_r)}", _reconstruction_rows_kernel, _RECON_ROWS_CONFIGS,
+        plans.append((f"rows grads={int(grad_y)}{int(grad_r)}", _reconstruction_rows_kernel, rows_configs(mode),
                       dict(BLOCK_N=ROWS_BLOCK_N, BLOCK_D=ROWS_BLOCK_D, WRITE_GRAD_Y=grad_y, WRITE_GRAD_R=grad_r,
-                           DOT_MODE=mode), grad_r))
+                           DOT_MODE=mode, DEC_PARTS=rows_decoder_parts(mode)), grad_r))
     return plans
 
 
+def rows_decoder_parts(mode):
+    """The rows path reads the decoder pre-split in "split" mode: 3 parts, as its fp32 residual needs."""
+    return split_parts(torch.float32) if mode == "split" else 0
+
+
 def grad_dot_mode(mode):
-    """The gradient dot multiplies two fp32 operands: split3's half-precision parts do not apply."""
-    return {"split3": "tf32x3"}.get(mode, mode)
+    """The gradient dot multiplies two fp32 operands: the half-precision parts of "split" do not apply."""
+    return {"split": "tf32x3"}.get(mode, mode)
 
 
 def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
@@ -351,19 +352,24 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
                         grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
                             WRITE_GRAD_YC=want_grad_yc, DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode))
-                _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel, FIXED_GPU_RECON_CONFIG,
+                _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel,
+                              FORCED_RESIDENT_CONFIG or config_dict(_RECON_CONFIGS[0]),
                               (num_col_tiles,), lambda meta_: (num_col_tiles,), args, meta)
             else:
-                args = (y, y_coded, decoder, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
-                        *strides, grad_scale_hi, grad_scale_lo, *keys)
+                parts = rows_decoder_parts(mode)
+                dec = split_weights(decoder, y.dtype, parts) if parts else decoder
+                args = (y, y_coded, dec, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
+                        *strides[:4], *dec.stride()[-2:], dec.stride(0) if parts else 0, grad_scale_hi,
+                        grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
-                            WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode)
-                fixed = (INTERPRET and {"BLOCK_K": INTERPRETER_RECON_TILE["BLOCK_K"]}) or FIXED_GPU_RECON_ROWS_CONFIG
+                            WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode, DEC_PARTS=parts)
+                fixed = ((INTERPRET and {"BLOCK_K": INTERPRETER_RECON_TILE["BLOCK_K"]}) or FORCED_ROWS_CONFIG
+                         or config_dict(rows_configs(mode)[0]))
 
                 def grid(meta_):
                     return (triton.cdiv(K, meta_["BLOCK_K"]) * num_col_tiles,)
-                _launch_tuned(_reconstruction_rows_tuned, _reconstruction_rows_kernel, fixed,
-                              grid(fixed), grid, args, meta)
+                tuned = _rows_tuned_tc if mode in TENSOR_CORE_MODES else _rows_tuned
+                _launch_tuned(tuned, _reconstruction_rows_kernel, fixed, grid(fixed), grid, args, meta)
                 if want_grad_yc:
                     # grad_y_coded = -D^T (c r): W^T by strides; spline_mix splits the N rows too. Two fp32
                     # operands: the gradient dot mode (tf32x3 for fp16/bf16 inputs, as in the fused path)

@@ -7,7 +7,8 @@ backward), ``x`` is the batch viewed as ``(K, d)``::
 
     out[m, j] = scale * sum_k W[m, k] * x[k, j]          (m < M, j < d)
 
-Backward is the same kernel with ``W^T``: ``grad_x = W^T @ grad_out`` (strides swapped, nothing copied).
+Backward is the same kernel with ``W^T``: ``grad_x = W^T @ grad_out`` (strides swapped, nothing copied; in
+the "split" mode the parts of ``W^T`` are made once, like those of ``W``: ``_common.split_weights``).
 
 Kernel layout
 -------------
@@ -18,21 +19,22 @@ from HBM once and from L2 for the other ``M`` tiles; ``W`` (at most a few MiB) s
 written once. Tiles are masked, so any ``d`` (1, primes, ...) and any strides of ``x`` and ``W`` work.
 
 Small ``d`` (logits: d = 10 .. 1000): the grid is ``cdiv(M, BLOCK_M) * cdiv(d, BLOCK_D)``, so the batch rows
-``M`` are split as well as the columns; a 16 x 32 tile config gives ``M / 16`` programs even at d = 7. No
+``M`` are split as well as the columns; a 16 x 32 tile config gives ``M / 16`` programs even at d = 7 (64 x 32,
+``M / 64``, in the tensor-core modes, whose configs must all compile to one MMA family: see the configs). No
 program sums another's output, so there is no cross-program reduction at any ``d``.
 
 Floor (per call, K = M = N): bytes = (K + M) d s + 4 M K (s = bytes per element of x; W in fp32, read
 once from HBM), flops = 2 M K d. At K = M = 256, d = 2^16: fp32 128 MiB + 256 KiB and 8.6 GFLOP, so
 ~45 us on an H100 at 3.0 TB/s against ~143 us of fp32 FMA at 60 TFLOP/s: with "ieee" dots the kernel is
 compute-bound (floor = flops / FMA rate). bf16: 64 MiB (~22 us) against one tensor-core pass of 11 us at
-790 TFLOP/s, so the floor is memory; "split3" runs three passes (~33 us), 1.5x that floor by design.
+790 TFLOP/s, so the floor is memory; "split" runs two passes (W pre-split in two bf16 parts: ~22 us).
 The benchmark's multiple of floor divides by max(bytes / bandwidth, flops / rate).
 
 Precision: see ``_common`` (``DOT_MODE``): IEEE fp32, split-precision, or fp64 dots, never plain TF32.
 For fp32 outputs the sum over ``K`` is two-level (``_common``): each ``BLOCK_K`` chunk (16 for "ieee", 32 for
 "tf32x3") is summed on its own, then added to the running total, so the rounding error grows like
 ``(16 + K / 16) u`` rather than ``K u`` (at K = 1024 the single chain was 5-10x less accurate than cuBLAS).
-fp16/bf16 outputs ("split3") keep the single chain: their final rounding dwarfs its error.
+fp16/bf16 outputs ("split") keep the single chain: their final rounding dwarfs its error.
 """
 
 import torch
@@ -40,7 +42,8 @@ import triton
 import triton.language as tl
 
 from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, autotune, autotuning, bucket, check_device,  # noqa: F401
-                      compute_dtype, config_dict, device_guard, dot_mode, launch, program_tile, tile_product)
+                      compute_dtype, config_dict, device_guard, dot_mode, launch, program_tile, split_parts,
+                      split_weights, tile_product)
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel
@@ -51,19 +54,19 @@ from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, autotune, autotuning, 
 def _spline_mix_kernel(
     w_ptr, x_ptr, out_ptr,
     M, K, D,
-    stride_wm, stride_wk, stride_xk, stride_xd, stride_om,
+    stride_wm, stride_wk, stride_wp, stride_xk, stride_xd, stride_om,
     scale,
     M_BUCKET, K_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, W_PARTS: tl.constexpr,
 ):
     # consecutive programs share one column tile of x, so it is read from HBM once and then from L2
     rows, cols, row_ok, col_ok, _ = program_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
 
-    # fp16/bf16 outputs ("split3") keep one chain: their final rounding (2^-11, 2^-8) dwarfs its error, and
+    # fp16/bf16 outputs ("split") keep one chain: their final rounding (2^-11, 2^-8) dwarfs its error, and
     # the partial-sum tile would spill (sm_80)
-    acc = tile_product(w_ptr, x_ptr, rows, cols, row_ok, col_ok, K, stride_wm, stride_wk, stride_xk, stride_xd,
-                       BLOCK_M, BLOCK_K, BLOCK_D, DOT_MODE, TWO_LEVEL=DOT_MODE != "split3")
+    acc = tile_product(w_ptr, x_ptr, rows, cols, row_ok, col_ok, K, stride_wm, stride_wk, stride_wp, stride_xk,
+                       stride_xd, BLOCK_M, BLOCK_K, BLOCK_D, DOT_MODE, TWO_LEVEL=DOT_MODE != "split", A_PARTS=W_PARTS)
 
     out = acc * scale
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
@@ -90,6 +93,12 @@ _SPLINE_MIX_CONFIGS = [
         (16, 32, 4, 2),
     ]
 ]
+# Tensor-core modes ("split", "tf32x3"): the 16 x 32 tile compiles to mma.sync on sm_90 and the others to
+# wgmma, and the two may round a k-slice's sum differently, so two processes picking different configs
+# could differ in the last bits. Their small-d tile is therefore one that compiles to wgmma as well (64 rows,
+# 4 warps: one warpgroup); .ci/triton_compile.py fails when a launch's configs mix MMA families.
+_SPLINE_MIX_TENSOR_CORE_CONFIGS = _SPLINE_MIX_CONFIGS[:3] + [
+    triton.Config({"BLOCK_M": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2)]
 # fp64 operands take twice the registers: the same tiles with two stages (three spill 8-40 bytes per
 # thread under Triton 3.6 on sm_90).
 _SPLINE_MIX_FP64_CONFIGS = [
@@ -97,25 +106,40 @@ _SPLINE_MIX_FP64_CONFIGS = [
 ]
 AUTOTUNE_KEY_ARGS = ("M_BUCKET", "K_BUCKET", "D_BUCKET")
 INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_D": 32}
-# DRES_TRITON_AUTOTUNE=0: the first tile, the small-d tile below SMALL_D columns
-FIXED_GPU_SPLINE_MIX_CONFIG = config_dict(_SPLINE_MIX_CONFIGS[0])
-FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG = config_dict(_SPLINE_MIX_CONFIGS[3])
+# DRES_TRITON_AUTOTUNE=0: the mode's first tile, its small-d tile (the last) below SMALL_D columns
 SMALL_D = 256
+TENSOR_CORE_MODES = ("split", "tf32x3")
 
 _spline_mix_tuned = autotune(_spline_mix_kernel, _SPLINE_MIX_CONFIGS, key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE"])
+_spline_mix_tuned_tc = autotune(_spline_mix_kernel, _SPLINE_MIX_TENSOR_CORE_CONFIGS,
+                                key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "W_PARTS"])
 _spline_mix_tuned_fp64 = autotune(_spline_mix_kernel, _SPLINE_MIX_FP64_CONFIGS, key=list(AUTOTUNE_KEY_ARGS))
 
 
 def configs_for(mode):
     """The autotune configs of dot mode ``mode`` (.ci/triton_compile.py compiles each)."""
-    return _SPLINE_MIX_FP64_CONFIGS if mode == "fp64" else _SPLINE_MIX_CONFIGS
+    if mode == "fp64":
+        return _SPLINE_MIX_FP64_CONFIGS
+    return _SPLINE_MIX_TENSOR_CORE_CONFIGS if mode in TENSOR_CORE_MODES else _SPLINE_MIX_CONFIGS
+
+
+def _tuned_for(mode):
+    if mode == "fp64":
+        return _spline_mix_tuned_fp64
+    return _spline_mix_tuned_tc if mode in TENSOR_CORE_MODES else _spline_mix_tuned
+
+
+# tests: the config DRES_TRITON_AUTOTUNE=0 launches instead of the mode's fixed one (None: that one)
+FORCED_CONFIG = None
 
 
 def _fixed_config(d, mode):
     if INTERPRET:
         return INTERPRETER_SPLINE_MIX_TILE
-    config = FIXED_GPU_SMALL_D_SPLINE_MIX_CONFIG if d < SMALL_D else FIXED_GPU_SPLINE_MIX_CONFIG
-    return dict(config, num_stages=2) if mode == "fp64" else config
+    if FORCED_CONFIG is not None:
+        return FORCED_CONFIG
+    configs = configs_for(mode)
+    return config_dict(configs[-1] if d < SMALL_D else configs[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,25 +150,28 @@ def _fixed_config(d, mode):
 def spline_mix_into(weights, x, out, scale=1.0, mode=None):
     """``out = scale * weights @ x``; ``out`` contiguous ``(M, d)``; strides of ``weights`` and ``x`` are
     passed to the kernel, so transposed views (backward's ``W^T``) cost nothing. ``mode``: the dot mode,
-    by default the one of ``x``'s dtype."""
+    by default the one of ``x``'s dtype; "split" reads ``weights`` pre-split (``split_weights``) into the
+    parts ``out``'s dtype needs."""
     M, K = weights.shape
     d = x.shape[1]
     if d == 0 or M == 0:
         return out
     mode = mode or dot_mode(x.dtype)
-    args = (weights, x, out, M, K, d,
-            weights.stride(0), weights.stride(1), x.stride(0), x.stride(1), out.stride(0),
+    parts = split_parts(out.dtype) if mode == "split" else 0
+    if parts:
+        weights = split_weights(weights, x.dtype, parts)
+    w_strides = weights.stride()[-2:] + (weights.stride(0) if parts else 0,)
+    args = (weights, x, out, M, K, d, *w_strides, x.stride(0), x.stride(1), out.stride(0),
             float(scale), bucket(M), bucket(K), bucket(d))
-    block_k = mix_block_k(mode)
+    meta = dict(BLOCK_K=mix_block_k(mode), DOT_MODE=mode, W_PARTS=parts)
     if autotuning():
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)
-        tuned = _spline_mix_tuned_fp64 if mode == "fp64" else _spline_mix_tuned
-        launch(tuned, grid, *args, BLOCK_K=block_k, DOT_MODE=mode)
+        launch(_tuned_for(mode), grid, *args, **meta)
     else:
         config = _fixed_config(d, mode)
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_D"]),)
-        launch(_spline_mix_kernel, grid, *args, BLOCK_K=block_k, DOT_MODE=mode, **config)
+        launch(_spline_mix_kernel, grid, *args, **meta, **config)
     return out
 
 

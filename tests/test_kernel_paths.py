@@ -127,13 +127,65 @@ def test_path_choice_follows_d_n_and_the_dot_mode(monkeypatch):
 def test_autotune_keys_are_bucketed_powers_of_two():
     assert [COMMON.bucket(n) for n in (1, 7, 16, 17, 200, 256, 257)] == [16, 16, 16, 32, 256, 256, 512]
     assert COMMON.bucket(3 << 20) == 1 << 20 and COMMON.bucket(5, low=256) == 256
-    for configs in (SM.configs_for("ieee"), SM.configs_for("fp64"), RL._RECON_CONFIGS, RL._RECON_ROWS_CONFIGS):
+    modes = ("ieee", "fp64", "split", "tf32x3")
+    mix_configs = [SM.configs_for(mode) for mode in modes]
+    rows_configs = [RL.rows_configs(mode) for mode in modes]
+    for configs in mix_configs + rows_configs + [RL._RECON_CONFIGS]:
         assert 1 <= len(configs) <= 4
     # the summation order is fixed by the launcher, never by a config
-    for config in SM.configs_for("ieee") + SM.configs_for("fp64"):
+    for config in sum(mix_configs, []):
         assert "BLOCK_K" not in config.kwargs
-    for config in RL._RECON_CONFIGS + RL._RECON_ROWS_CONFIGS:
+    for config in RL._RECON_CONFIGS + sum(rows_configs, []):
         assert set(config.kwargs) == {"BLOCK_K"}  # the row tile only: BLOCK_N and BLOCK_D are the launcher's
+    # tensor-core modes: tiles that compile to one MMA family on sm_90 (wgmma: 64+ rows, whole warpgroups;
+    # .ci/triton_compile.py checks the PTX)
+    for mode in SM.TENSOR_CORE_MODES:
+        assert all(c.kwargs["BLOCK_M"] >= 64 and c.num_warps % 4 == 0 for c in SM.configs_for(mode))
+        assert all(c.kwargs["BLOCK_K"] >= 64 and c.num_warps % 4 == 0 for c in RL.rows_configs(mode))
+
+
+# ----------------------------------------------------------------------------------------------------
+# "split" dots: W pre-split into parts of the data dtype, once per weight matrix
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_weights_parts_and_memo(dtype):
+    """Three parts hold an fp32 matrix of moderate range exactly (bf16: 3 x 8 bits; fp16: 3 x 11 bits,
+    above fp16's subnormals); two hold it to 2^-16 (bf16) / 2^-22 (fp16) of each entry. The parts are made
+    once per matrix (same tensor back), again after an in-place change, and separately for a transposed view."""
+    w = make((37, 29), seed=3) * 0.5 + 1.0  # entries away from zero: no fp16 subnormal parts
+    three = COMMON.split_weights(w, dtype, 3)
+    assert three.shape == (3, 37, 29) and three.dtype == dtype
+    assert torch.equal(three.double().sum(0), w.double())
+    two = COMMON.split_weights(w, dtype, 2)
+    bits = 16 if dtype == torch.bfloat16 else 22
+    assert ((two.double().sum(0) - w.double()).abs() <= 2.0 ** -bits * w.double().abs()).all()
+    assert (two.double().sum(0) != w.double()).any()  # two parts do drop bits
+    assert COMMON.split_weights(w, dtype, 3) is three
+    transposed = COMMON.split_weights(w.t(), dtype, 3)
+    assert torch.equal(transposed, three.transpose(1, 2))
+    w.mul_(2.0)
+    again = COMMON.split_weights(w, dtype, 3)
+    assert again is not three and torch.equal(again, 2 * three)
+
+
+def test_split_parts_follow_the_output(monkeypatch):
+    """spline_mix with fp16 output reads two parts of W; the loss's rows path (fp32 residual) three of D."""
+    calls = []
+    real = COMMON.split_weights
+
+    def spy(weights, dtype, parts):
+        calls.append((tuple(weights.shape), dtype, parts))
+        return real(weights, dtype, parts)
+    monkeypatch.setattr(SM, "split_weights", spy)
+    monkeypatch.setattr(RL, "split_weights", spy)
+    weights, x = make_decoder(17, 23), make((23, 5), torch.float16, seed=4)
+    out = K_MOD.spline_mix(weights, x)
+    torch.testing.assert_close(out.double(), weights.double() @ x.double(), rtol=2.0 ** -10, atol=2.0 ** -24)
+    force_path(monkeypatch, "rows")
+    K_MOD.reconstruction_loss(make((17, 5), torch.float16, seed=5), x, weights, "sum", True)
+    assert calls == [((17, 23), torch.float16, 2), ((17, 23), torch.float16, 3)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,14 +306,15 @@ def test_every_config_gives_the_same_bits(dtype, monkeypatch):
     monkeypatch.setenv("DRES_TRITON_AUTOTUNE", "0")
     weights = make_decoder(256, 256)
     x = make((256, 3000), dtype, seed=11)
+    mode = COMMON.dot_mode(dtype)
     outs = []
-    for config in SM._SPLINE_MIX_CONFIGS:
-        monkeypatch.setattr(SM, "FIXED_GPU_SPLINE_MIX_CONFIG", COMMON.config_dict(config))
+    for config in SM.configs_for(mode):
+        monkeypatch.setattr(SM, "FORCED_CONFIG", COMMON.config_dict(config))
         outs.append(K_MOD.spline_mix(weights, x))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     y, y_coded = make((256, 40000), dtype, seed=12), make((256, 40000), dtype, seed=13)
-    for path, name, configs in (("resident", "FIXED_GPU_RECON_CONFIG", RL._RECON_CONFIGS),
-                                ("rows", "FIXED_GPU_RECON_ROWS_CONFIG", RL._RECON_ROWS_CONFIGS)):
+    for path, name, configs in (("resident", "FORCED_RESIDENT_CONFIG", RL._RECON_CONFIGS),
+                                ("rows", "FORCED_ROWS_CONFIG", RL.rows_configs(mode))):
         force_path(monkeypatch, path)
         results = []
         for config in configs:

@@ -352,3 +352,50 @@ __global__ void __launch_bounds__(1024, 2) spilling(const float* in, float* out,
                             env={**os.environ, "CUDA_ARCHS": "90", "CSRC_DIR": str(tmp_path)}, timeout=300)
     assert result.returncode != 0, result.stdout
     assert result.stdout.startswith("SPILL") and "spill stores" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# .ci/triton_compile.py fails when one launch's configs compile to different MMA families
+# ----------------------------------------------------------------------------------------------------
+
+_FAMILY_CHECK = r"""
+import importlib.util, sys, triton
+from triton.backends.compiler import GPUTarget
+spec = importlib.util.spec_from_file_location("triton_compile", sys.argv[1])
+tc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tc)
+assert tc.mma_family("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == "wgmma"
+assert tc.mma_family("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == "mma"
+assert tc.mma_family("fma.rn.f32") == "fma"
+name, fn, args, meta, _, _ = next(v for v in tc.VARIANTS if v[0].startswith("spline_mix bf16 split cfg0"))
+families = {}
+
+
+def add(config):
+    meta_ = dict(meta, **config.kwargs)
+    sig, consts, attrs = tc.signature_for(fn, args, meta_)
+    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    by_family = families.setdefault((90, "spline_mix bf16 split"), {})
+    by_family.setdefault(tc.mma_family(compiled.asm["ptx"]), []).append(tc.config_label(config))
+
+
+for config in tc.SM.configs_for("split"):  # the shipped configs: one family
+    add(config)
+assert tc.mixed_families(families) == [], families
+add(triton.Config({"BLOCK_M": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2))  # the old small-d tile
+print("\n".join(tc.mixed_families(families)))
+"""
+
+
+@pytest.mark.slow
+def test_compile_script_flags_mixed_mma_families():
+    """The shipped tensor-core configs of spline_mix all compile to wgmma on sm_90 (no mixed-family report);
+    adding the old 16 x 32 tile, which compiles to mma.sync, makes the script report the launch."""
+    script = ROOT / ".ci" / "triton_compile.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _FAMILY_CHECK, str(script)], capture_output=True, text=True,
+                         timeout=600, env={**env, "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sm_90 spline_mix bf16 split: mma in [M16 D32 w4 s2]; wgmma in" in run.stdout, run.stdout

@@ -30,6 +30,9 @@ import pytest
 import torch
 
 import dres_fast  # noqa: F401  (a broken package must fail every test that imports this module, never skip it)
+# fp16/bf16 outputs: bounds derived from torch.finfo (u = eps/2, subnormal spacing), see tests/half_bounds.py
+from half_bounds import (assert_half_elementwise, assert_half_normwise, half_bound, half_norm_bound,  # noqa: F401
+                         half_units, mix_magnitude, reconstruction_magnitudes)
 
 BACKENDS = ("torch", "triton", "cuda")
 HAS_GPU = torch.cuda.is_available()
@@ -38,8 +41,6 @@ REDUCTIONS = ("mean", "sum", "none")
 # A few fp32 ulps: only matters for results made of a handful of numbers (a scalar loss from d = 1),
 # where torch may land within a fraction of an ulp by luck; real errors are orders of magnitude larger.
 FP32_FLOOR = 8 * 2.0 ** -24
-FP16_SUBNORMAL = 2.0 ** -24  # fp16 spacing below 2^-14: an absolute error no fp16 output avoids
-HALF_RTOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}  # one rounding to the output dtype
 # relative error of the ops through dres_fast.ops against float64 on small real spline weights
 OPS_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -31,7 +31,7 @@
 // then read as shared-memory broadcasts inside the recurrences; each tile's data values are loaded into
 // registers before the dependent chain starts, so their latency overlaps.
 #include "dres_kernels.h"
-#include "tile_gemm.cuh"  // Elem (data loads), dispatch_dtype, host emulation for the CPU test build
+#include "elem.cuh"  // Elem (data loads), dispatch_dtype, host emulation for the CPU test build
 
 namespace dres {
 namespace {

@@ -22,12 +22,16 @@
 //   needs every row group's grad_y and moves to this second launch. Both paths call the same
 //   grad_y_coded_tile, and r, grad_y and the partials are summed in the same order either way, so the
 //   split changes no bit of any output (tests/cuda_emulation/harness.cpp checks it).
+// Tiles (tile_gemm.cuh): wide (128 columns; 64 for float64) for d at least that wide, else narrow (32
+//   columns, half the rows): at d < 128 a block no longer computes 128 columns to use d of them.
 // Kernel 2: per_sample[k] = sum_b partials[b, k] in a fixed order. Kernel 3 (mean/sum): loss =
 // (fixed-order tree sum of per_sample) / divisor.
 // The order of every floating-point sum depends only on the shapes and the device's multiprocessor
-// count, so repeated calls give bitwise-identical results.
+// count (narrow tiles: on the shapes only, as d < 128 has at most 4 column tiles, each its own column
+// block), so repeated calls give bitwise-identical results.
 #include "dres_kernels.h"
 #include "tile_gemm.cuh"
+#include "loss_reductions.cuh"  // row_sum_kernel, total_kernel
 
 #include <atomic>
 #include <climits>
@@ -36,39 +40,38 @@
 namespace dres {
 namespace {
 
-constexpr int kRowSumRows = 32;    // rows of per_sample per block of the row-sum kernel
-constexpr int kRowSumGroups = 8;   // partial-block groups summed in parallel per row
-constexpr int kTotalThreads = 256;
+// Wide tiles: one block of 256 threads per multiprocessor (launch bounds (256, 1)): at two blocks ptxas
+// caps the kernels at 128 registers and the wide tile's accumulator and partial sum spill (fp32/fp16/bf16
+// 888-2628 bytes per thread, fp64 4-8 bytes; nvcc 13). Narrow tiles (d below the wide tile's width): three
+// blocks (at most 80 registers, no spills; docs/KERNEL_NOTES.md), so that one block's prologue and
+// epilogue overlap the others' multiply-adds. The persistent grid sizes itself with the occupancy API.
+template <class C>
+constexpr int kReconBlocksPerSm = C::BD == Tiles<typename C::Acc>::Wide::BD ? 1 : 3;
 
-// One block of 256 threads per multiprocessor (launch bounds (256, 1)): at two blocks ptxas caps the
-// kernel at 128 registers and spills 116 (fp32) to 300 (fp16/bf16) bytes per thread inside the GEMM
-// loops on sm_90; with the cap lifted it uses 150-207 registers and spills nothing. The persistent grid
-// sizes itself with the occupancy API, so it launches one block per multiprocessor.
 // grad_y_coded[n0:n0+BM, col0:col0+BD] = -(D^T @ grad_source)[n0:..., col0:...]: a depth-K tile GEMM
 // with negated products from 0. Shared by the fused kernel and the row-split second launch.
-template <typename T>
+template <typename T, class C>
 __device__ __forceinline__ void grad_y_coded_tile(const typename Elem<T>::Acc* decoder,
                                                   const typename Elem<T>::Acc* grad_source,
                                                   T* grad_y_coded, int64_t n0, int64_t col0, int64_t K,
                                                   int64_t N, int64_t d, bool grad_src_vec_ok, bool grad_vec_ok,
-                                                  SmemTiles<typename Elem<T>::Acc>& smem, int tx, int ty) {
+                                                  SmemTiles<C>& smem, int tx, int ty) {
   using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
-  ALoader<Acc, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
-  BLoader<Acc> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0, grad_src_vec_ok);
+  ALoader<C, true> a_loader(decoder, /*lda=*/N, /*rows=*/N, /*depth=*/K, n0);
+  BLoader<Acc, C> b_loader(grad_source, /*sk=*/d, /*sd=*/1, /*depth=*/K, /*cols=*/d, col0, grad_src_vec_ok);
   Acc acc[C::TM][C::TD];
-  zero_and_gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
-  store_tile<T>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);
+  zero_and_gemm_tile<C, /*kSubtract=*/true>(a_loader, b_loader, K, smem, tx, ty, acc);
+  store_tile<T, C>(acc, grad_y_coded, n0, N, col0, d, grad_vec_ok, tx, ty);
 }
 
 // Row tile m0 of D (a multiple of BM) belongs to row group (m0 / BM) % row_groups.
-template <typename Acc>
+template <class C>
 __device__ __forceinline__ bool owns_row_tile(int64_t m0, int64_t row_group, int64_t row_groups) {
-  return (m0 / Cfg<Acc>::BM) % row_groups == row_group;
+  return (m0 / C::BM) % row_groups == row_group;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(256, 1)
+template <typename T, class C>
+__global__ void __launch_bounds__(256, kReconBlocksPerSm<C>)
 reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const T* y_coded,
                       int64_t yc_stride_n, int64_t yc_stride_d,
                       const typename Elem<T>::Acc* decoder, int64_t K, int64_t N, int64_t d,
@@ -78,9 +81,8 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
                       int64_t row_groups, bool y_vec_ok, bool yc_vec_ok, bool grad_vec_ok,
                       bool grad_src_vec_ok) {
   using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
   constexpr int kHalf = C::TD / 2;
-  __shared__ SmemTiles<Acc> smem;
+  __shared__ SmemTiles<C> smem;
 
   const int tid = threadIdx.x;
   const int tx = tid % C::NTX, ty = tid / C::NTX;
@@ -91,7 +93,7 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
   Acc* block_partials = partials + col_block * K;
   // Each row group zeroes only the rows it owns: the other groups of this column block add to theirs.
   for (int64_t k = tid; k < K; k += C::THREADS)
-    if (owns_row_tile<Acc>(k - k % C::BM, row_group, row_groups)) block_partials[k] = Acc(0);
+    if (owns_row_tile<C>(k - k % C::BM, row_group, row_groups)) block_partials[k] = Acc(0);
   // (the barrier at the start of gemm_tile orders these stores before the owners' updates)
 
   // What the grad_y_coded GEMM reads: grad_y itself when it is stored in Acc, else the fp32 copy.
@@ -106,12 +108,12 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
       Acc acc[C::TM][C::TD];
 #pragma unroll
       for (int i = 0; i < C::TM; ++i) {
-        const int64_t row = m0 + tile_row<Acc>(ty, i);
+        const int64_t row = m0 + tile_row<C>(ty, i);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           Acc y_vals[kHalf];
           if (row < K) {
-            load_segment<T, kHalf>(y + row * y_stride_k, col0 + tile_col<Acc>(tx, h), d,
+            load_segment<T, kHalf>(y + row * y_stride_k, col0 + tile_col<C>(tx, h), d,
                                    y_stride_d, y_vec_ok, y_vals);
           } else {
 #pragma unroll
@@ -121,14 +123,14 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
           for (int v = 0; v < kHalf; ++v) acc[i][h * kHalf + v] = y_vals[v];
         }
       }
-      ALoader<Acc, false> a_loader(decoder, /*lda=*/N, /*rows=*/K, /*depth=*/N, m0);
-      BLoader<T> b_loader(y_coded, yc_stride_n, yc_stride_d, /*depth=*/N, /*cols=*/d, col0,
+      ALoader<C, false> a_loader(decoder, /*lda=*/N, /*rows=*/K, /*depth=*/N, m0);
+      BLoader<T, C> b_loader(y_coded, yc_stride_n, yc_stride_d, /*depth=*/N, /*cols=*/d, col0,
                           yc_vec_ok);
-      gemm_tile<Acc, /*kSubtract=*/true>(a_loader, b_loader, N, smem, tx, ty, acc);
+      gemm_tile<C, /*kSubtract=*/true>(a_loader, b_loader, N, smem, tx, ty, acc);
 
 #pragma unroll
       for (int i = 0; i < C::TM; ++i) {
-        const int64_t row = m0 + tile_row<Acc>(ty, i);
+        const int64_t row = m0 + tile_row<C>(ty, i);
         const bool row_inside = row < K;
         Acc row_sq = Acc(0);
 #pragma unroll
@@ -141,7 +143,7 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
             grads[v] = grad_scale * r;
           }
           if (write_grad_y && row_inside) {
-            const int64_t c = col0 + tile_col<Acc>(tx, h);
+            const int64_t c = col0 + tile_col<C>(tx, h);
             store_segment<T, kHalf>(grad_y + row * d, c, d, grad_vec_ok, grads);
             if (grad_scratch != nullptr)
               store_segment<Acc, kHalf>(grad_scratch + row * d, c, d, grad_vec_ok, grads);
@@ -161,61 +163,23 @@ reconstruction_kernel(const T* y, int64_t y_stride_k, int64_t y_stride_d, const 
     // row of grad_y's tile. gemm_tile's opening barrier makes its grad_y stores visible to all threads.
     if (write_grad_y_coded)
       for (int64_t n0 = 0; n0 < N; n0 += C::BM)
-        grad_y_coded_tile<T>(decoder, grad_source, grad_y_coded, n0, col0, K, N, d, grad_src_vec_ok,
+        grad_y_coded_tile<T, C>(decoder, grad_source, grad_y_coded, n0, col0, K, N, d, grad_src_vec_ok,
                              grad_vec_ok, smem, tx, ty);
   }
 }
 
 // Kernel 1b: one block per (row tile of D^T, column tile), row tile fastest.
-template <typename T>
-__global__ void __launch_bounds__(256, 1)
+template <typename T, class C>
+__global__ void __launch_bounds__(256, kReconBlocksPerSm<C>)
 grad_y_coded_kernel(const typename Elem<T>::Acc* decoder, const typename Elem<T>::Acc* grad_source,
                     T* grad_y_coded, int64_t K, int64_t N, int64_t d, int64_t num_row_tiles,
                     bool grad_src_vec_ok, bool grad_vec_ok) {
-  using C = Cfg<typename Elem<T>::Acc>;
-  __shared__ SmemTiles<typename Elem<T>::Acc> smem;
+  __shared__ SmemTiles<C> smem;
   const int tid = threadIdx.x;
   const int64_t block = blockIdx.x;
-  grad_y_coded_tile<T>(decoder, grad_source, grad_y_coded, (block % num_row_tiles) * C::BM,
+  grad_y_coded_tile<T, C>(decoder, grad_source, grad_y_coded, (block % num_row_tiles) * C::BM,
                        (block / num_row_tiles) * C::BD, K, N, d, grad_src_vec_ok, grad_vec_ok, smem,
                        tid % C::NTX, tid / C::NTX);
-}
-
-// per_sample[k] = sum over b < blocks of partials[b, k]: each of kRowSumGroups warps sums the
-// blocks b = group, group + kRowSumGroups, ... in order, then one thread adds the groups in order.
-template <typename Acc>
-__global__ void __launch_bounds__(kRowSumRows * kRowSumGroups)
-row_sum_kernel(const Acc* partials, int64_t blocks, int64_t K, Acc* per_sample) {
-  __shared__ Acc group_sums[kRowSumGroups][kRowSumRows];
-  const int lane = threadIdx.x % kRowSumRows, group = threadIdx.x / kRowSumRows;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowSumRows + lane;
-  Acc sum = Acc(0);
-  if (k < K)
-    for (int64_t b = group; b < blocks; b += kRowSumGroups) sum += partials[b * K + k];
-  group_sums[group][lane] = sum;
-  __syncthreads();
-  if (group == 0 && k < K) {
-    Acc total = Acc(0);
-#pragma unroll
-    for (int g = 0; g < kRowSumGroups; ++g) total += group_sums[g][lane];
-    per_sample[k] = total;
-  }
-}
-
-// loss[0] = (sum_k per_sample[k]) / divisor with a fixed-order tree; one block.
-template <typename Acc>
-__global__ void __launch_bounds__(kTotalThreads)
-total_kernel(const Acc* per_sample, int64_t K, Acc divisor, Acc* loss) {
-  __shared__ Acc sums[kTotalThreads];
-  Acc sum = Acc(0);
-  for (int64_t k = threadIdx.x; k < K; k += kTotalThreads) sum += per_sample[k];
-  sums[threadIdx.x] = sum;
-  __syncthreads();
-  for (int width = kTotalThreads / 2; width > 0; width /= 2) {
-    if (static_cast<int>(threadIdx.x) < width) sums[threadIdx.x] += sums[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) loss[0] = sums[0] / divisor;
 }
 
 #ifndef DRES_HOST_EMULATION  // launchers: nvcc only
@@ -228,7 +192,7 @@ struct GridShape {
 
 // Blocks of reconstruction_kernel<T> resident on the current device, queried once per device (the
 // answer depends on the device and the kernel only; every call of the op needs it).
-template <typename T>
+template <typename T, class C>
 cudaError_t resident_blocks(int64_t* resident) {
   constexpr int kMaxCachedDevices = 64;
   static std::atomic<int64_t> cache[kMaxCachedDevices] = {};
@@ -239,19 +203,18 @@ cudaError_t resident_blocks(int64_t* resident) {
   if (cacheable && (*resident = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reconstruction_kernel<T>,
-                                                      Cfg<typename Elem<T>::Acc>::THREADS, 0);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reconstruction_kernel<T, C>,
+                                                      C::THREADS, 0);
   if (err != cudaSuccess) return err;
   *resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   if (cacheable) cache[device].store(*resident, std::memory_order_relaxed);
   return cudaSuccess;
 }
 
-template <typename T>
+template <typename T, class C>
 cudaError_t grid_shape(int64_t num_tiles, int64_t K, GridShape* shape) {
-  using C = Cfg<typename Elem<T>::Acc>;
   int64_t resident = 0;
-  cudaError_t err = resident_blocks<T>(&resident);
+  cudaError_t err = resident_blocks<T, C>(&resident);
   if (err != cudaSuccess) return err;
   shape->col_blocks = num_tiles < resident ? num_tiles : resident;
   const int64_t row_tiles = (K + C::BM - 1) / C::BM;
@@ -261,16 +224,16 @@ cudaError_t grid_shape(int64_t num_tiles, int64_t K, GridShape* shape) {
   return cudaSuccess;
 }
 
-template <typename T>
+template <typename T, class C>
 cudaError_t workspace(int64_t K, int64_t N, int64_t d, int reduction, int compute_grads,
                       int64_t* partial_elems, int64_t* grad_scratch_elems) {
   using Acc = typename Elem<T>::Acc;
   *partial_elems = 0;
   *grad_scratch_elems = 0;
   if (K <= 0 || d <= 0) return cudaSuccess;
-  const int64_t num_tiles = (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD;
+  const int64_t num_tiles = (d + C::BD - 1) / C::BD;
   GridShape shape;
-  cudaError_t err = grid_shape<T>(num_tiles, K, &shape);
+  cudaError_t err = grid_shape<T, C>(num_tiles, K, &shape);
   if (err != cudaSuccess) return err;
   *partial_elems = (shape.col_blocks + 1) * K;  // a row of partials per column block, then per_sample
   const bool needs_copy = !std::is_same<T, Acc>::value && compute_grads &&
@@ -280,14 +243,13 @@ cudaError_t workspace(int64_t K, int64_t N, int64_t d, int reduction, int comput
   return cudaSuccess;
 }
 
-template <typename T>
+template <typename T, class C>
 cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const void* yc_,
                    int64_t yc_stride_n, int64_t yc_stride_d, const void* decoder_, int64_t K,
                    int64_t N, int64_t d, int reduction, int compute_grads, void* loss_,
                    void* grad_y_, void* grad_y_coded_, void* partials_, int64_t partial_elems,
                    void* grad_scratch_, cudaStream_t stream) {
   using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
   constexpr int kHalf = C::TD / 2;
   if (reduction != DRES_REDUCTION_MEAN && reduction != DRES_REDUCTION_SUM &&
       reduction != DRES_REDUCTION_NONE)
@@ -298,7 +260,7 @@ cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const
     return cudaErrorInvalidValue;
   const int64_t num_tiles = (d + C::BD - 1) / C::BD;
   GridShape shape;
-  cudaError_t err = grid_shape<T>(num_tiles, K, &shape);
+  cudaError_t err = grid_shape<T, C>(num_tiles, K, &shape);
   if (err != cudaSuccess) return err;
   const int64_t blocks = shape.col_blocks;  // rows of partials
   // The workspace must come from dres_reconstruction_loss_workspace for this shape and device.
@@ -339,7 +301,7 @@ cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const
   const bool grad_src_vec_ok = d % kAccVec == 0 && is_aligned(grad_source, 16);
 
   const bool split = shape.row_groups > 1;
-  reconstruction_kernel<T><<<static_cast<unsigned>(blocks * shape.row_groups), C::THREADS, 0,
+  reconstruction_kernel<T, C><<<static_cast<unsigned>(blocks * shape.row_groups), C::THREADS, 0,
                              stream>>>(
       y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, d, num_tiles,
       grad_scale, write_grad_y, write_grad_y_coded && !split, grad_y, grad_y_coded, grad_scratch,
@@ -349,7 +311,7 @@ cudaError_t launch(const void* y_, int64_t y_stride_k, int64_t y_stride_d, const
   if (split && write_grad_y_coded) {
     const int64_t n_tiles = (N + C::BM - 1) / C::BM;
     if (n_tiles * num_tiles > INT_MAX) return cudaErrorInvalidValue;
-    grad_y_coded_kernel<T><<<static_cast<unsigned>(n_tiles * num_tiles), C::THREADS, 0, stream>>>(
+    grad_y_coded_kernel<T, C><<<static_cast<unsigned>(n_tiles * num_tiles), C::THREADS, 0, stream>>>(
         decoder, static_cast<const Acc*>(grad_source), grad_y_coded, K, N, d, n_tiles,
         grad_src_vec_ok, grad_vec_ok);
     err = cudaGetLastError();
@@ -380,7 +342,10 @@ extern "C" cudaError_t dres_reconstruction_loss_workspace(int64_t K, int64_t N, 
                                                           int64_t* grad_scratch_elems) {
   return dres::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dres::workspace<T>(K, N, d, reduction, compute_grads, partial_elems, grad_scratch_elems);
+    return dres::with_tile<typename dres::Elem<T>::Acc>(d, [&](auto tile) {
+      using C = typename decltype(tile)::type;
+      return dres::workspace<T, C>(K, N, d, reduction, compute_grads, partial_elems, grad_scratch_elems);
+    });
   });
 }
 
@@ -392,9 +357,12 @@ extern "C" cudaError_t dres_reconstruction_loss(
     cudaStream_t stream) {
   return dres::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dres::launch<T>(y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K,
-                           N, d, reduction, compute_grads, loss, grad_y, grad_y_coded, partials,
-                           partial_elems, grad_scratch, stream);
+    return dres::with_tile<typename dres::Elem<T>::Acc>(d, [&](auto tile) {
+      using C = typename decltype(tile)::type;
+      return dres::launch<T, C>(y, y_stride_k, y_stride_d, y_coded, yc_stride_n, yc_stride_d, decoder, K, N, d,
+                                reduction, compute_grads, loss, grad_y, grad_y_coded, partials, partial_elems,
+                                grad_scratch, stream);
+    });
   });
 }
 #endif  // DRES_HOST_EMULATION

@@ -20,84 +20,22 @@
 // registers. float64 keeps the single chain (u = 2^-53 is accurate enough and its registers are scarce).
 #pragma once
 
-#include <cstdint>
 #include <type_traits>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include "dres_kernels.h"  // DresDType
-#ifdef DRES_HOST_EMULATION
-#include "host_emulation.h"  // CPU test build of the kernel bodies (tests/test_cuda_backend.py)
-#else
-#include <cuda_runtime.h>
-#endif
+#include "elem.cuh"  // Elem, Pack, dispatch_dtype, host emulation for the CPU test build
 
 namespace dres {
 
-// Element traits: the compute type of each input type and explicit conversions (torch extension
-// builds define __CUDA_NO_HALF_CONVERSIONS__, so nothing here relies on implicit half casts).
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float in(float v) { return v; }
-  static __device__ __forceinline__ float out(float v) { return v; }
-};
-template <> struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double in(double v) { return v; }
-  static __device__ __forceinline__ double out(double v) { return v; }
-};
-template <> struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float in(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half out(float v) { return __float2half_rn(v); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float in(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
-};
-
-// One switch from the C API's dtype tag to the element type, for every launcher (like torch's
-// AT_DISPATCH): returns f(TypeTag<T>{}), where T is float, double, __half or __nv_bfloat16.
-template <typename T> struct TypeTag { using type = T; };
-
-template <class F>
-cudaError_t dispatch_dtype(DresDType dtype, F&& f) {
-  switch (dtype) {
-    case DRES_F32: return f(TypeTag<float>{});
-    case DRES_F64: return f(TypeTag<double>{});
-    case DRES_F16: return f(TypeTag<__half>{});
-    case DRES_BF16: return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-// N consecutive elements moved as one aligned vector access (N * sizeof(T) is a power of two).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-inline bool is_aligned(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-
-// Tile shapes per compute type. THREADS = (BM / TM) * (BD / TD) = 256 in both.
-template <typename Acc> struct Tile;
-template <> struct Tile<float> {
-  static constexpr int BM = 128, BD = 128, BK = 16, TM = 8, TD = 8;
-};
-template <> struct Tile<double> {
-  static constexpr int BM = 64, BD = 64, BK = 16, TM = 4, TD = 4;
-};
-
-template <typename Acc>
-struct Cfg : Tile<Acc> {
-  using Tile<Acc>::BM;
-  using Tile<Acc>::BD;
-  using Tile<Acc>::BK;
-  using Tile<Acc>::TM;
-  using Tile<Acc>::TD;
+// Tile shapes: a block of THREADS = (BM / TM) * (BD / TD) = 256 threads computes a BM x BD tile.
+// Wide tiles serve d >= Wide::BD. Narrow ones serve smaller d (logits: d = 1..127), where a 128-column tile
+// leaves most of a block idle (d = 10: 10 of 128 computed columns are used): a quarter of the columns and
+// half the rows per block, so twice the row tiles (twice the blocks when d fits one column tile) and a
+// quarter of the register tile, which lets two blocks share a multiprocessor (launch bounds (256, 2), no
+// spills; docs/KERNEL_NOTES.md) so that one block's prologue hides behind another's multiply-adds.
+// The choice depends on d and the dtype only, so the order of every sum stays a function of the shapes.
+template <typename AccT, int BM_, int BD_, int BK_, int TM_, int TD_>
+struct TileCfg {
+  using Acc = AccT;
+  static constexpr int BM = BM_, BD = BD_, BK = BK_, TM = TM_, TD = TD_;
   static constexpr int NTX = BD / TD;  // threads along the columns of the tile
   static constexpr int NTY = BM / TM;  // threads along the rows
   static constexpr int THREADS = NTX * NTY;
@@ -110,24 +48,40 @@ struct Cfg : Tile<Acc> {
   static_assert(TM % 2 == 0 && TD % 2 == 0, "register tiles are split into two halves");
 };
 
+template <typename Acc> struct Tiles;
+template <> struct Tiles<float> {
+  using Wide = TileCfg<float, 128, 128, 16, 8, 8>;
+  using Narrow = TileCfg<float, 64, 32, 16, 4, 2>;
+};
+template <> struct Tiles<double> {
+  using Wide = TileCfg<double, 64, 64, 16, 4, 4>;
+  using Narrow = TileCfg<double, 32, 32, 16, 2, 2>;
+};
+
+// The launchers' (and the emulation harness's) choice of tile for d columns: returns f(TypeTag<config>{}).
+template <typename Acc, class F>
+decltype(auto) with_tile(int64_t d, F&& f) {
+  using W = typename Tiles<Acc>::Wide;
+  if (d < W::BD) return f(TypeTag<typename Tiles<Acc>::Narrow>{});
+  return f(TypeTag<W>{});
+}
+
 // Row of the block tile held in register row i of thread row ty (two groups BM/2 apart).
-template <typename Acc>
+template <class C>
 __device__ __forceinline__ int tile_row(int ty, int i) {
-  using C = Cfg<Acc>;
   return (i < C::TM / 2) ? ty * (C::TM / 2) + i : C::BM / 2 + ty * (C::TM / 2) + (i - C::TM / 2);
 }
 
 // First column of half h (0 or 1) of thread column tx; the half spans TD/2 consecutive columns.
-template <typename Acc>
+template <class C>
 __device__ __forceinline__ int tile_col(int tx, int h) {
-  using C = Cfg<Acc>;
   return h * (C::BD / 2) + tx * (C::TD / 2);
 }
 
-template <typename Acc>
+template <class C>
 struct alignas(16) SmemTiles {
-  Acc a[2][Cfg<Acc>::BK][Cfg<Acc>::LDA];  // A chunk, k-major: a[buf][k][m]
-  Acc b[2][Cfg<Acc>::BK][Cfg<Acc>::LDB];  // B chunk: b[buf][k][j]
+  typename C::Acc a[2][C::BK][C::LDA];  // A chunk, k-major: a[buf][k][m]
+  typename C::Acc b[2][C::BK][C::LDB];  // B chunk: b[buf][k][j]
 };
 
 // Loads A(m, k) for m in [m0, m0 + BM), k in [k0, k0 + BK) (zero outside rows x depth).
@@ -137,9 +91,9 @@ struct alignas(16) SmemTiles {
 // elements share one index along the contiguous axis and step by a constant along the other, so it
 // keeps one base offset instead of one address per element (register pressure). Offsets are 32-bit:
 // the launchers check that A has fewer than 2^31 elements.
-template <typename Acc, bool kTransposed>
+template <class C, bool kTransposed>
 struct ALoader {
-  using C = Cfg<Acc>;
+  using Acc = typename C::Acc;
   static constexpr int kPerThread = C::BM * C::BK / C::THREADS;
   // Layout of element r of a thread: fixed index along the contiguous axis, strided along the other.
   static constexpr int kFast = kTransposed ? C::BM : C::BK;   // extent along the contiguous axis
@@ -181,10 +135,10 @@ struct ALoader {
 // vector load when vec_ok (sd == 1, sk and the base pointer aligned to VEC elements) and the chunk
 // lies inside the matrix; otherwise element by element (any strides, ragged edges). A thread's
 // chunks share their columns and step down the rows by a constant.
-template <typename T>
+template <typename T, class C>
 struct BLoader {
-  using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
+  using Acc = typename C::Acc;
+  static_assert(std::is_same<Acc, typename Elem<T>::Acc>::value, "B is converted to the tile's compute type");
   static constexpr int VEC = 16 / sizeof(T);
   static constexpr int CHUNKS_PER_ROW = C::BD / VEC;
   static constexpr int CHUNKS = C::BK * CHUNKS_PER_ROW;
@@ -240,11 +194,9 @@ struct BLoader {
 };
 
 // acc += A_chunk @ B_chunk (acc -= ... when kSubtract) for one staged chunk.
-template <typename Acc, bool kSubtract>
-__device__ __forceinline__ void multiply_chunk(const Acc (*as)[Cfg<Acc>::LDA],
-                                               const Acc (*bs)[Cfg<Acc>::LDB], int tx, int ty,
-                                               Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
-  using C = Cfg<Acc>;
+template <class C, bool kSubtract, typename Acc = typename C::Acc>
+__device__ __forceinline__ void multiply_chunk(const Acc (*as)[C::LDA], const Acc (*bs)[C::LDB], int tx, int ty,
+                                               Acc (&acc)[C::TM][C::TD]) {
   using APack = Pack<Acc, C::TM / 2>;
   using BPack = Pack<Acc, C::TD / 2>;
 #pragma unroll
@@ -274,12 +226,12 @@ __device__ __forceinline__ void multiply_chunk(const Acc (*as)[Cfg<Acc>::LDA],
 
 constexpr int kFlushChunks = 2;  // staged chunks per partial sum (Acc = float; see the top)
 
-template <typename Acc>
-__device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
+template <class C, typename Acc = typename C::Acc>
+__device__ __forceinline__ void zero_tile(Acc (&acc)[C::TM][C::TD]) {
 #pragma unroll
-  for (int i = 0; i < Cfg<Acc>::TM; ++i)
+  for (int i = 0; i < C::TM; ++i)
 #pragma unroll
-    for (int j = 0; j < Cfg<Acc>::TD; ++j) acc[i][j] = Acc(0);
+    for (int j = 0; j < C::TD; ++j) acc[i][j] = Acc(0);
 }
 
 // acc += A[m0:m0+BM, 0:depth] @ B[0:depth, col0:col0+BD] for the thread's register tile
@@ -288,14 +240,12 @@ __device__ __forceinline__ void zero_tile(Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]
 // threads of the block wrote) right before calling; ends with a barrier after the last chunk.
 // Acc = float: two-level sum, the partial sum flushed into acc every kFlushChunks chunks and after
 // the last one (a fixed order: it depends on depth only).
-template <typename Acc, bool kSubtract, class AL, class BL>
-__device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t depth,
-                                          SmemTiles<Acc>& smem, int tx, int ty,
-                                          Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
-  using C = Cfg<Acc>;
+template <class C, bool kSubtract, class AL, class BL, typename Acc = typename C::Acc>
+__device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t depth, SmemTiles<C>& smem, int tx,
+                                          int ty, Acc (&acc)[C::TM][C::TD]) {
   constexpr bool kTwoLevel = std::is_same<Acc, float>::value;
   [[maybe_unused]] Acc part[C::TM][C::TD];  // the current partial sum (two-level summation only)
-  if constexpr (kTwoLevel) zero_tile<Acc>(part);
+  if constexpr (kTwoLevel) zero_tile<C>(part);
   const int chunks = static_cast<int>((depth + C::BK - 1) / C::BK);
   __syncthreads();
   if (chunks == 0) return;
@@ -312,16 +262,16 @@ __device__ __forceinline__ void gemm_tile(AL& a_loader, BL& b_loader, int64_t de
       b_loader.fetch((t + 1) * C::BK);
     }
     if constexpr (kTwoLevel) {
-      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, part);
+      multiply_chunk<C, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, part);
       if ((t + 1) % kFlushChunks == 0 || !has_next) {
 #pragma unroll
         for (int i = 0; i < C::TM; ++i)
 #pragma unroll
           for (int j = 0; j < C::TD; ++j) acc[i][j] += part[i][j];
-        zero_tile<Acc>(part);
+        zero_tile<C>(part);
       }
     } else {
-      multiply_chunk<Acc, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
+      multiply_chunk<C, kSubtract>(smem.a[buf], smem.b[buf], tx, ty, acc);
     }
     if (has_next) {  // the other buffer was last read before the previous barrier
       a_loader.put(smem.a[buf ^ 1]);
@@ -364,32 +314,29 @@ __device__ __forceinline__ void store_segment(T* row, int64_t c, int64_t cols, b
 }
 
 // acc = 0, then acc (+/-)= A-tile @ B-tile over the whole depth (see gemm_tile).
-template <typename Acc, bool kSubtract, typename ALoaderT, typename BLoaderT>
-__device__ __forceinline__ void zero_and_gemm_tile(ALoaderT& a_loader, BLoaderT& b_loader,
-                                                   int64_t depth, SmemTiles<Acc>& smem, int tx,
-                                                   int ty,
-                                                   Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD]) {
-  zero_tile<Acc>(acc);
-  gemm_tile<Acc, kSubtract>(a_loader, b_loader, depth, smem, tx, ty, acc);
+template <class C, bool kSubtract, typename ALoaderT, typename BLoaderT, typename Acc = typename C::Acc>
+__device__ __forceinline__ void zero_and_gemm_tile(ALoaderT& a_loader, BLoaderT& b_loader, int64_t depth,
+                                                   SmemTiles<C>& smem, int tx, int ty, Acc (&acc)[C::TM][C::TD]) {
+  zero_tile<C>(acc);
+  gemm_tile<C, kSubtract>(a_loader, b_loader, depth, smem, tx, ty, acc);
 }
 
 // Writes this thread's part of a BM x BD output tile at (row0, col0) of a contiguous (rows, cols)
 // matrix; rows at or past `rows` and columns past `cols` are skipped.
-template <typename T, typename Acc>
-__device__ __forceinline__ void store_tile(const Acc (&acc)[Cfg<Acc>::TM][Cfg<Acc>::TD], T* out,
-                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                           bool vec_ok, int tx, int ty) {
-  constexpr int kHalf = Cfg<Acc>::TD / 2;
+template <typename T, class C, typename Acc = typename C::Acc>
+__device__ __forceinline__ void store_tile(const Acc (&acc)[C::TM][C::TD], T* out, int64_t row0, int64_t rows,
+                                           int64_t col0, int64_t cols, bool vec_ok, int tx, int ty) {
+  constexpr int kHalf = C::TD / 2;
 #pragma unroll
-  for (int i = 0; i < Cfg<Acc>::TM; ++i) {
-    const int64_t row = row0 + tile_row<Acc>(ty, i);
+  for (int i = 0; i < C::TM; ++i) {
+    const int64_t row = row0 + tile_row<C>(ty, i);
     if (row >= rows) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       Acc vals[kHalf];
 #pragma unroll
       for (int v = 0; v < kHalf; ++v) vals[v] = acc[i][h * kHalf + v];
-      store_segment<T, kHalf>(out + row * cols, col0 + tile_col<Acc>(tx, h), cols, vec_ok, vals);
+      store_segment<T, kHalf>(out + row * cols, col0 + tile_col<C>(tx, h), cols, vec_ok, vals);
     }
   }
 }

@@ -10,7 +10,7 @@
 // outputs by the fp32 rule of tests/reference.py): contiguous float32 arrays as raw files in DIR.
 //   harness recon K N d REDUCTION DIR   reads decoder y y_coded, writes loss grad_y grad_y_coded
 //   harness mix M K d DIR               reads weights x, writes out
-// (REDUCTION: 0 mean, 1 sum, 2 none; one persistent block, as for d <= 128 on the GPU.)
+// (REDUCTION: 0 mean, 1 sum, 2 none; the launchers' tile for d, a persistent block per column tile.)
 #include "spline_mix.cu"
 #include "reconstruction_loss.cu"
 
@@ -69,6 +69,20 @@ template <typename T> constexpr double tolerance() {
 
 static int failures = 0;
 
+// The tile a check runs: kByD the launchers' choice (with_tile: narrow below the wide tile's width), or forced.
+enum TileChoice { kByD = 0, kWide = 1, kNarrow = 2 };
+
+// f(TypeTag<config>{}) for the chosen tile of compute type Acc at d columns.
+template <typename Acc, class F>
+auto with_config(int64_t d, TileChoice choice, F&& f) {
+  if (choice == kWide) return f(TypeTag<typename Tiles<Acc>::Wide>{});
+  if (choice == kNarrow) return f(TypeTag<typename Tiles<Acc>::Narrow>{});
+  return with_tile<Acc>(d, f);
+}
+
+template <class C>
+const char* tile_name() { return C::BD == Tiles<typename C::Acc>::Wide::BD ? "wide" : "narrow"; }
+
 template <typename T>
 void report(const char* what, double max_err, double max_ref, double tol, const char* name) {
   const double rel = max_err / std::max(max_ref, 1e-300);
@@ -77,23 +91,44 @@ void report(const char* what, double max_err, double max_ref, double tol, const 
   std::printf("%s %-44s %-9s rel err %.3e (tol %.1e)\n", ok ? "OK  " : "FAIL", what, name, rel, tol);
 }
 
-template <typename T, bool kTransposed = false>
-void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* name) {
-  using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
-  auto w = weights<Acc>(M, K);
-  std::vector<Acc> w_t(M * K);  // the same weights stored as a contiguous (K, M) matrix
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) w_t[k * M + m] = w[m * K + k];
-  auto x = make<T>(K, d, layout);
-  std::vector<T> out(M * d, Elem<T>::out(Acc(1e4)));  // sentinel: unwritten entries fail
+// spline_mix_kernel on tile C as its launcher runs it (grid, vector-path decisions); unwritten entries keep a
+// sentinel that fails the checks.
+template <typename T, class C, bool kTransposed>
+std::vector<T> run_spline_mix(const std::vector<typename C::Acc>& w, const std::vector<typename C::Acc>& w_t,
+                              Mat<T>& x, int64_t M, int64_t K, int64_t d) {
+  using Acc = typename C::Acc;
+  std::vector<T> out(M * d, Elem<T>::out(Acc(1e4)));
   const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
   constexpr int kVec = 16 / sizeof(T), kHalf = C::TD / 2;
   const bool x_vec_ok = x.sc == 1 && x.sr % kVec == 0 && is_aligned(x.ptr(), 16);
   const bool out_vec_ok = d % kHalf == 0 && is_aligned(out.data(), sizeof(Pack<T, kHalf>));
   dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
-    spline_mix_kernel<T, kTransposed>(kTransposed ? w_t.data() : w.data(), x.ptr(), out.data(), M, K, d, x.sr,
-                                      x.sc, row_tiles, x_vec_ok, out_vec_ok);
+    spline_mix_kernel<T, C, kTransposed>(kTransposed ? w_t.data() : w.data(), x.ptr(), out.data(), M, K, d, x.sr,
+                                         x.sc, row_tiles, x_vec_ok, out_vec_ok);
+  });
+  return out;
+}
+
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// Against float64 loops; also bit for bit against the other tile (each output is the same FMA chain over k,
+// flushed every 32 terms, whatever the tile's shape).
+template <typename T, bool kTransposed = false>
+void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* name, TileChoice choice = kByD) {
+  using Acc = typename Elem<T>::Acc;
+  auto w = weights<Acc>(M, K);
+  std::vector<Acc> w_t(M * K);  // the same weights stored as a contiguous (K, M) matrix
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) w_t[k * M + m] = w[m * K + k];
+  auto x = make<T>(K, d, layout);
+  const char* tile = "";
+  const std::vector<T> out = with_config<Acc>(d, choice, [&](auto cfg) {
+    using C = typename decltype(cfg)::type;
+    tile = tile_name<C>();
+    return run_spline_mix<T, C, kTransposed>(w, w_t, x, M, K, d);
   });
   double max_err = 0, max_ref = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -104,9 +139,17 @@ void check_spline_mix(int64_t M, int64_t K, int64_t d, int layout, const char* n
       max_ref = std::max(max_ref, std::abs(ref));
     }
   char what[128];
-  std::snprintf(what, sizeof what, "spline_mix%s M=%ld K=%ld d=%ld layout=%d", kTransposed ? " W^T" : "", (long)M,
-                (long)K, (long)d, layout);
+  std::snprintf(what, sizeof what, "spline_mix%s M=%ld K=%ld d=%ld layout=%d %s", kTransposed ? " W^T" : "", (long)M,
+                (long)K, (long)d, layout, tile);
   report<T>(what, max_err, max_ref, tolerance<T>(), name);
+  const bool narrow = std::string(tile) == "narrow";
+  const std::vector<T> other = with_config<Acc>(d, narrow ? kWide : kNarrow, [&](auto cfg) {
+    return run_spline_mix<T, typename decltype(cfg)::type, kTransposed>(w, w_t, x, M, K, d);
+  });
+  const bool same = same_bits(out, other);
+  if (!same) ++failures;
+  std::printf("%s %-44s %-9s bits equal to the %s tile\n", same ? "OK  " : "FAIL", what, name,
+              narrow ? "wide" : "narrow");
 }
 
 // The outputs of one reconstruction_loss call (what the launcher's three kernels write).
@@ -121,12 +164,11 @@ struct ReconOut {
 // The launcher's sequence (reconstruction kernel on `grid` persistent column blocks times `row_groups`,
 // the grad_y_coded kernel when row_groups > 1, row sums, total) with its vector-path decisions;
 // unwritten outputs keep a sentinel that fails the checks.
-template <typename T>
+template <typename T, class C>
 ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<T>::Acc>& D, int64_t K,
                                int64_t N, int64_t d, int reduction, bool grads, int64_t grid,
                                int64_t row_groups = 1) {
   using Acc = typename Elem<T>::Acc;
-  using C = Cfg<Acc>;
   ReconOut<T> out;
   const int64_t num_tiles = (d + C::BD - 1) / C::BD;
   const int64_t blocks = std::min(grid, num_tiles);
@@ -147,7 +189,7 @@ ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<
   const bool src_vec_ok = d % kAccVec == 0 && is_aligned(source, 16);
   const bool split = row_groups > 1;
   dres_emu::launch(static_cast<unsigned>(blocks * row_groups), C::THREADS, [&] {
-    reconstruction_kernel<T>(y.ptr(), y.sr, y.sc, yc.ptr(), yc.sr, yc.sc, D.data(), K, N, d, num_tiles,
+    reconstruction_kernel<T, C>(y.ptr(), y.sr, y.sc, yc.ptr(), yc.sr, yc.sc, D.data(), K, N, d, num_tiles,
                              scale, grads, out.write_gyc && !split, out.grad_y.data(), out.grad_yc.data(),
                              scratch_ptr, partials.data(), row_groups, y_vec_ok, yc_vec_ok, grad_vec_ok,
                              src_vec_ok);
@@ -156,7 +198,7 @@ ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<
     const int64_t n_tiles = (N + C::BM - 1) / C::BM;
     const Acc* source_acc = static_cast<const Acc*>(source);
     dres_emu::launch(static_cast<unsigned>(n_tiles * num_tiles), C::THREADS, [&] {
-      grad_y_coded_kernel<T>(D.data(), source_acc, out.grad_yc.data(), K, N, d, n_tiles, src_vec_ok,
+      grad_y_coded_kernel<T, C>(D.data(), source_acc, out.grad_yc.data(), K, N, d, n_tiles, src_vec_ok,
                              grad_vec_ok);
     });
   }
@@ -170,20 +212,28 @@ ReconOut<T> run_reconstruction(Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<
   return out;
 }
 
+// run_reconstruction on the chosen tile.
 template <typename T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+ReconOut<T> run_reconstruction_on(TileChoice choice, Mat<T>& y, Mat<T>& yc, std::vector<typename Elem<T>::Acc>& D,
+                                  int64_t K, int64_t N, int64_t d, int reduction, bool grads, int64_t grid,
+                                  int64_t row_groups = 1) {
+  return with_config<typename Elem<T>::Acc>(d, choice, [&](auto cfg) {
+    return run_reconstruction<T, typename decltype(cfg)::type>(y, yc, D, K, N, d, reduction, grads, grid, row_groups);
+  });
 }
 
 template <typename T>
 void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool grads, int layout,
-                          int64_t grid, const char* name, int64_t row_groups = 1) {
+                          int64_t grid, const char* name, int64_t row_groups = 1, TileChoice choice = kByD) {
   using Acc = typename Elem<T>::Acc;
   auto D = weights<Acc>(K, N);
   auto y = make<T>(K, d, layout);
   auto yc = make<T>(N, d, layout == 1 ? 2 : layout);
-  const int64_t blocks = std::min(grid, (d + Cfg<Acc>::BD - 1) / Cfg<Acc>::BD);
-  const ReconOut<T> out = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid, row_groups);
+  int64_t bd = 0;
+  with_config<Acc>(d, choice, [&](auto cfg) { return bd = decltype(cfg)::type::BD; });
+  const bool narrow = bd != Tiles<Acc>::Wide::BD;
+  const int64_t blocks = std::min(grid, (d + bd - 1) / bd);
+  const ReconOut<T> out = run_reconstruction_on<T>(choice, y, yc, D, K, N, d, reduction, grads, grid, row_groups);
   const std::vector<Acc>& loss = out.loss;
   const std::vector<T>& grad_y = out.grad_y;
   const std::vector<T>& grad_yc = out.grad_yc;
@@ -203,15 +253,25 @@ void check_reconstruction(int64_t K, int64_t N, int64_t d, int reduction, bool g
   const double c = reduction == DRES_REDUCTION_MEAN ? 2.0 / kd : 2.0;
   char what[160];
   const char* red = reduction == DRES_REDUCTION_MEAN ? "mean" : reduction == DRES_REDUCTION_SUM ? "sum" : "none";
-  std::snprintf(what, sizeof what, "recon K=%ld N=%ld d=%ld %s grads=%d lay=%d grid=%ldx%ld", (long)K,
-                (long)N, (long)d, red, (int)grads, layout, (long)blocks, (long)row_groups);
+  std::snprintf(what, sizeof what, "recon K=%ld N=%ld d=%ld %s grads=%d lay=%d grid=%ldx%ld %s", (long)K,
+                (long)N, (long)d, red, (int)grads, layout, (long)blocks, (long)row_groups, narrow ? "narrow" : "wide");
   if (row_groups > 1) {
     // The row split must not change a bit of any output: same run without it.
-    const ReconOut<T> plain = run_reconstruction<T>(y, yc, D, K, N, d, reduction, grads, grid, 1);
+    const ReconOut<T> plain = run_reconstruction_on<T>(choice, y, yc, D, K, N, d, reduction, grads, grid, 1);
     const bool same = same_bits(out.loss, plain.loss) && same_bits(out.grad_y, plain.grad_y) &&
                       (!out.write_gyc || same_bits(out.grad_yc, plain.grad_yc));
     if (!same) ++failures;
     std::printf("%s %-44s %-9s bits equal to the unsplit grid\n", same ? "OK  " : "FAIL", what, name);
+  }
+  if (grads) {
+    // r's entries are the same FMA chains whatever the tile: grad_y and grad_y_coded bit for bit as on the other
+    // tile (the loss is not: a row's squares are summed over the threads of a tile row, a tile-shaped order).
+    const ReconOut<T> other = run_reconstruction_on<T>(narrow ? kWide : kNarrow, y, yc, D, K, N, d, reduction, grads,
+                                                       grid, row_groups);
+    const bool same = same_bits(out.grad_y, other.grad_y) && (!out.write_gyc || same_bits(out.grad_yc, other.grad_yc));
+    if (!same) ++failures;
+    std::printf("%s %-44s %-9s gradient bits equal to the %s tile\n", same ? "OK  " : "FAIL", what, name,
+                narrow ? "wide" : "narrow");
   }
   const double loss_tol = std::is_same<Acc, double>::value ? 1e-12 : 1e-5;
   if (reduction == DRES_REDUCTION_NONE) {
@@ -273,21 +333,18 @@ static void recon_files(int64_t K, int64_t N, int64_t d, int reduction, const st
   auto D = read_floats(dir + "/decoder", K * N);
   auto y = read_matrix(dir + "/y", K, d);
   auto yc = read_matrix(dir + "/y_coded", N, d);
-  const ReconOut<float> out = run_reconstruction<float>(y, yc, D, K, N, d, reduction, true, /*grid=*/1);
+  // a persistent block per column tile, as on a GPU with at least that many resident blocks
+  const ReconOut<float> out = run_reconstruction_on<float>(kByD, y, yc, D, K, N, d, reduction, true, /*grid=*/1 << 20);
   write_floats(dir + "/loss", out.loss);
   write_floats(dir + "/grad_y", out.grad_y);
   write_floats(dir + "/grad_y_coded", out.write_gyc ? out.grad_yc : std::vector<float>());
 }
 
 static void mix_files(int64_t M, int64_t K, int64_t d, const std::string& dir) {
-  using C = Cfg<float>;
   auto w = read_floats(dir + "/weights", M * K);
-  auto x = read_floats(dir + "/x", K * d);
-  std::vector<float> out(M * d);
-  const int64_t row_tiles = (M + C::BM - 1) / C::BM, col_tiles = (d + C::BD - 1) / C::BD;
-  dres_emu::launch(static_cast<unsigned>(row_tiles * col_tiles), C::THREADS, [&] {
-    spline_mix_kernel<float, false>(w.data(), x.data(), out.data(), M, K, d, d, 1, row_tiles, d % 4 == 0,
-                                    d % (C::TD / 2) == 0);
+  auto x = read_matrix(dir + "/x", K, d);
+  const std::vector<float> out = with_tile<float>(d, [&](auto cfg) {
+    return run_spline_mix<float, typename decltype(cfg)::type, false>(w, w, x, M, K, d);
   });
   write_floats(dir + "/out", out);
 }
@@ -340,6 +397,30 @@ int main(int argc, char** argv) {
   check_reconstruction<float>(200, 20, 257, DRES_REDUCTION_SUM, false, 0, 2, "fp32", 2);
   check_reconstruction<float>(17, 20, 257, DRES_REDUCTION_MEAN, false, 0, 2, "fp32");
   check_reconstruction<float>(1, 1, 1, DRES_REDUCTION_SUM, true, 0, 1, "fp32");
+  // Narrow tiles (d below the wide tile's width) and the widths at the switch, every dtype, both weight layouts,
+  // sizes 3, 17 and 256 in turn, every layout and reduction, persistent and row-split grids.
+  const int64_t widths[] = {1, 7, 10, 13, 31, 61, 63, 64, 127, 128};
+  const int64_t sizes[] = {3, 17, 256};
+  for (int i = 0; i < 10; ++i) {
+    const int64_t d = widths[i], a = sizes[i % 3], b = sizes[(i + 1) % 3];
+    const int lay = i % 3, red = i % 3;
+    check_spline_mix<float>(a, b, d, lay, "fp32");
+    check_spline_mix<float, true>(b, a, d, (lay + 1) % 3, "fp32");
+    check_spline_mix<__half>(b, a, d, (lay + 2) % 3, "fp16");
+    check_spline_mix<__half, true>(a, b, d, lay, "fp16");
+    check_spline_mix<__nv_bfloat16>(a, b, d, (lay + 1) % 3, "bf16");
+    check_spline_mix<__nv_bfloat16, true>(b, a, d, (lay + 2) % 3, "bf16");
+    check_spline_mix<double>(b, a, d, lay, "fp64");
+    check_spline_mix<double, true>(a, b, d, (lay + 1) % 3, "fp64");
+    check_reconstruction<float>(a, b, d, red, true, lay, 1 << 20, "fp32", 1 + i % 3);
+    check_reconstruction<__half>(b, a, d, (red + 1) % 3, true, (lay + 1) % 3, 1 << 20, "fp16", 1 + (i + 1) % 3);
+    check_reconstruction<__nv_bfloat16>(a, b, d, (red + 2) % 3, true, (lay + 2) % 3, 1, "bf16", 1 + (i + 2) % 3);
+    check_reconstruction<double>(b, a, d, red, true, lay, 2, "fp64", 1 + i % 3);
+  }
+  // the narrow tile on several column tiles and 256-row weights; persistent blocks fewer than the tiles
+  check_spline_mix<float, true>(256, 256, 131, 0, "fp32", kNarrow);
+  check_reconstruction<float>(256, 256, 100, DRES_REDUCTION_MEAN, true, 0, 3, "fp32", 2);
+  check_reconstruction<double>(256, 17, 40, DRES_REDUCTION_SUM, true, 2, 1, "fp64", 3, kNarrow);
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }

@@ -144,7 +144,9 @@ def reconstruction_variants():
             for label, kernel, configs, constexprs, fp32_grad in RL.launch_plans(mode):
                 for i, config in enumerate(configs):
                     parts = constexprs.get("DEC_PARTS", 0)  # the rows path's pre-split decoder
-                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=data_ptr if parts else acc_ptr,
+                    resident = kernel is RL._reconstruction_loss_kernel  # reads both the decoder and its parts
+                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=data_ptr if parts and not resident else acc_ptr,
+                                dec_parts_ptr=data_ptr if parts else acc_ptr,
                                 grad_y_ptr=data_ptr, grad_r_ptr=acc_ptr if fp32_grad else data_ptr,
                                 grad_yc_ptr=data_ptr,
                                 partial_ptr="*fp64", K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,

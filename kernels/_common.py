@@ -13,7 +13,7 @@ differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accu
   significant bits, all of fp32 ``W``) for an fp32 result such as the loss's residual, 2 (16+ bits, whose
   error ``2^-16 sum |W||x|`` is 1/256 of a bf16 rounding, 1/32 of an fp16 one) for an fp16/bf16 result.
   The parts are made once per weight matrix (``split_weights``, memoized) and read from memory by the
-  kernels, so the inner loop converts nothing; only the fused loss kernel still splits in registers.
+  kernels (``parts_dot``), so no inner loop converts anything.
 - ``"fp64"``   float64 inputs: float64 dot.
 
 Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
@@ -227,21 +227,12 @@ def acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, DOT_MODE: tl.constexpr):
 
 @triton.jit
 def mix_dot(w, x, acc, DOT_MODE: tl.constexpr):
-    """``acc + w @ x`` with ``w`` in the compute dtype (fp32/fp64) and ``x`` in the data dtype."""
+    """``acc + w @ x`` with ``w`` in the compute dtype (fp32/fp64) and ``x`` in the data dtype; the "split"
+    mode's dots are ``parts_dot`` (its ``w`` comes pre-split from memory)."""
     if DOT_MODE == "ieee":
         acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="ieee")
     elif DOT_MODE == "tf32x3":
         acc = tl.dot(w, x.to(tl.float32), acc=acc, input_precision="tf32x3")
-    elif DOT_MODE == "split":
-        # in registers (the fused loss kernel; tile_product reads pre-split parts): W = W1 + W2 + W3 in x's dtype; x is exact in its dtype, so each half-precision product is exact
-        # in fp32. Smallest part first so the large terms are added to an accumulator that already holds
-        # the small ones. W2 and W3 are rebuilt from W when needed, so at most two parts are live.
-        w1 = w.to(x.dtype)
-        rest = w - w1.to(tl.float32)
-        w2 = rest.to(x.dtype)
-        acc = tl.dot((rest - w2.to(tl.float32)).to(x.dtype), x, acc=acc)
-        acc = tl.dot(w2, x, acc=acc)
-        acc = tl.dot(w1, x, acc=acc)
     else:  # "fp64"
         # out_dtype must be named: Triton 3.6 defaults it to fp32 and rejects the fp64 accumulator
         acc = tl.dot(w, x.to(tl.float64), acc=acc, out_dtype=tl.float64)
@@ -258,6 +249,17 @@ def mix_dot_two_level(w, x, total, DOT_MODE: tl.constexpr):
         chunk = mix_dot(w, x, tl.zeros(total.shape, dtype=tl.float32), DOT_MODE)
         # fma, not +: Triton would fold "dot(a, b, 0) + total" back into dot(a, b, total)
         return tl.fma(chunk, 1.0, total)
+
+
+@triton.jit
+def parts_dot(a_ptrs, a_mask, stride_ap, b, acc, A_PARTS: tl.constexpr):
+    """``acc + A @ b`` with ``A`` pre-split into ``A_PARTS`` parts of b's dtype ``stride_ap`` apart
+    (``split_weights``; "split" mode): exact half-precision products in fp32, smallest part first so the
+    large terms are added to an accumulator that already holds the small ones."""
+    for i in tl.static_range(A_PARTS):
+        a = tl.load(a_ptrs + (A_PARTS - 1 - i) * stride_ap, mask=a_mask, other=0.0)
+        acc = tl.dot(a, b, acc=acc)
+    return acc
 
 
 @triton.jit
@@ -292,18 +294,11 @@ def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, depth, stride_ar, str
         b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bc,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if A_PARTS > 0:
-            # exact half-precision products, smallest part first (the large terms are added last)
             if TWO_LEVEL:
-                chunk = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
-            else:
-                chunk = acc
-            for i in tl.static_range(A_PARTS):
-                a = tl.load(a_ptrs + (A_PARTS - 1 - i) * stride_ap, mask=a_mask, other=0.0)
-                chunk = tl.dot(a, b, acc=chunk)
-            if TWO_LEVEL:
+                chunk = parts_dot(a_ptrs, a_mask, stride_ap, b, tl.zeros((BLOCK_ROWS, BLOCK_COLS), tl.float32), A_PARTS)
                 acc = tl.fma(chunk, 1.0, acc)  # not +: see mix_dot_two_level
             else:
-                acc = chunk
+                acc = parts_dot(a_ptrs, a_mask, stride_ap, b, acc, A_PARTS)
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if TWO_LEVEL:

@@ -16,20 +16,21 @@ Kernel layouts
 --------------
 Fused ("resident": ``N <= resident_n_max(mode)``, enough column tiles to fill the GPU, and a dot mode other
 than "ieee"; ``choose_path``): one program owns a column tile ``cols`` (``BLOCK_D`` columns) and loops over
-the rows of ``y`` in ``BLOCK_K`` tiles. The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded once and stays on-chip, and so does the
-``grad_y_coded`` accumulator: every ``r`` tile is local, so ``D^T r`` for the column tile needs no atomics
-and no second pass. ``y`` and ``y_coded`` are read once, ``grad_y`` and ``grad_y_coded`` written once.
-Every program reads the whole decoder (from L2), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D``
-is as wide as the registers allow (``resident_block_d``): 32 at N = 256 (was 16), which halves
-that L2 traffic, at K = N = 256 and d = 2^16 from 1 GiB to 512 MiB against 256 MiB of HBM traffic.
+the rows of ``y`` in ``BLOCK_K`` tiles. The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded
+once and stays on-chip, and so does the ``grad_y_coded`` accumulator: every ``r`` tile is local, so
+``D^T r`` for the column tile needs no atomics and no second pass. ``y`` and ``y_coded`` are read once,
+``grad_y`` and ``grad_y_coded`` written once. Every program reads the whole decoder from L2 (fp16/bf16: its
+three parts too), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D`` is as wide as the registers allow
+(``resident_block_d``): 32 at N = 256, 512 MiB of L2 traffic at K = N = 256, d = 2^16 (256 MiB of HBM).
 
 Row-split ("rows": fp32 "ieee" dots at every d, small ``d``, ``N`` above the fused limit, or fp16/bf16 at
 N > 128): a 2-D grid of ``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to
 back, so ``y_coded``'s column tile comes from HBM once and from L2 for the other row tiles); each program
-sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks (fp16/bf16: ``D`` pre-split in three
-parts, ``_common.split_weights``) and writes ``c r``. Then ``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N``
-rows over programs too (for fp16/bf16 ``c r`` is also written in fp32, so that the gradient dot does not
-sum values already rounded to 8-11 bits). At d = 7 this is ``K / BLOCK_K`` programs instead of one.
+sums ``D[rows, :] @ y_coded[:, cols]`` over ``N`` in ``BLOCK_N`` chunks and writes ``c r``. Then
+``grad_y_coded = -D^T (c r)`` is one ``spline_mix`` launch, which splits the ``N`` rows over programs too
+(for fp16/bf16 ``c r`` is also written in fp32, so that the gradient dot does not sum values already
+rounded to 8-11 bits). At d = 7 this is ``K / BLOCK_K`` programs instead of one. fp16/bf16 ("split"): both
+paths read ``D`` pre-split in three parts of the data dtype (``_common.split_weights``).
 
 Floor (per call with gradients, K = N, s = bytes per element of y; what bench/kernels.py divides by):
 bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder),
@@ -75,12 +76,12 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
-                      config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors, program_tile,
-                      split_parts, split_weights, tile_product)
+                      config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors, parts_dot,
+                      program_tile, split_parts, split_weights, tile_product)
 from .spline_mix import TENSOR_CORE_MODES, spline_mix_into
 
 # y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
-# (128 for the tensor-core modes, whose split operands need more registers: see resident_n_max).
+# (128 for "tf32x3", whose split operands need more registers: see resident_n_max).
 N_RESIDENT_MAX = 256
 
 
@@ -118,14 +119,14 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
 
 @triton.jit
 def _reconstruction_loss_kernel(
-    y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
+    y_ptr, yc_ptr, dec_ptr, dec_parts_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
     K, N, D,
-    stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn,
+    stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn, stride_dp,
     grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
     K_BUCKET, N_BUCKET, D_BUCKET,  # only autotuning keys
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_GRAD_Y: tl.constexpr, WRITE_GRAD_YC: tl.constexpr,
-    DOT_MODE: tl.constexpr, GRAD_DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, GRAD_DOT_MODE: tl.constexpr, DEC_PARTS: tl.constexpr,
 ):
     """Fused path: one program per column tile, all K rows, y_coded's tile resident (N <= BLOCK_N)."""
     pid_d = tl.program_id(0)
@@ -145,9 +146,14 @@ def _reconstruction_loss_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         tile_mask = k_ok[:, None] & col_ok[None, :]
-        dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn,
-                           mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        decoded = mix_dot(dec_tile, yc_tile, acc_zero, DOT_MODE)
+        dec_mask = k_ok[:, None] & n_ok[None, :]
+        if DEC_PARTS > 0:  # "split": the decoder's parts (contiguous) for the data dot
+            decoded = parts_dot(dec_parts_ptr + ks[:, None] * N + ns[None, :], dec_mask, stride_dp, yc_tile,
+                                acc_zero, DEC_PARTS)
+        if DEC_PARTS == 0 or WRITE_GRAD_YC:  # fp32/fp64 decoder: the data dot, or the gradient's
+            dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn, mask=dec_mask, other=0.0)
+        if DEC_PARTS == 0:
+            decoded = mix_dot(dec_tile, yc_tile, acc_zero, DOT_MODE)
         grad_r = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
                                stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
         if WRITE_GRAD_Y:
@@ -240,15 +246,16 @@ def resident_block_d(block_n, mode="ieee"):
 
 
 def resident_n_max(mode):
-    """Largest N of the fused path: 256 for FMA and fp64 dots; 128 for the tensor-core split modes, whose
-    operand parts spill at N = 256 (88-280 bytes per thread on sm_90)."""
-    return N_RESIDENT_MAX if mode in ("ieee", "fp64") else N_RESIDENT_MAX // 2
+    """Largest N of the fused path: 256, except 128 for "tf32x3", whose operand parts spill at N = 256
+    (88-280 bytes per thread on sm_90). "split" spilled there too while it split D in registers; with D
+    pre-split, N = 256 compiles without spills (sm_90 164 registers, sm_80 255), but ``choose_path`` takes
+    it there only when forced until a GPU has timed it against the rows path."""
+    return N_RESIDENT_MAX // 2 if mode == "tf32x3" else N_RESIDENT_MAX
 
 
 #: ``DRES_TRITON_RECON_PATH=rows|resident`` overrides ``choose_path``, for measurements only (the GPU check
-#: times both): the fused kernel sums over N in one fp32 chain (no two-level sum), so with fp32 "ieee" dots
-#: it does not carry the rows path's accuracy fix. "resident" still falls back to "rows" where N does not
-#: fit on-chip.
+#: times both; the fused kernel's fp32 sum over N is one chain, not two-level). "resident" still falls back
+#: to "rows" where N does not fit on-chip.
 RECON_PATH_ENV = "DRES_TRITON_RECON_PATH"
 
 
@@ -258,11 +265,9 @@ def choose_path(N, d, device, mode="ieee"):
     most of the GPU idle; IEEE fp32 dots). A function of the shapes, dtype, device and ``RECON_PATH_ENV``
     only, so every process picks the same path.
 
-    Why not fused for "ieee": on the H200 (bench/RESULTS.md, run 3) the fused kernel took 1.11-1.25 ms at
-    K = N = 256, d = 2^16 and 18.7 ms at 2^20 (3.5x the FMA floor), while one ``spline_mix`` GEMM of the
-    same size took 0.22 ms and forward + backward 6.5 ms at 2^20: with FMA dots the fused kernel's 16-row
-    tiles are too small to keep the FMA units busy, and saving bytes does not help a compute-bound kernel.
-    The rows path is two GEMM-shaped launches (prediction: 0.45-0.6 ms at 2^16; not yet measured)."""
+    Why not fused for "ieee": on the H200 (bench/RESULTS.md, run 3) it took 1.11-1.25 ms at K = N = 256,
+    d = 2^16 (3.5x the FMA floor) against 0.22 ms for one ``spline_mix`` GEMM of the same size: its 16-row
+    tiles are too small to keep the FMA units busy, and saving bytes does not help a compute-bound kernel."""
     forced = os.environ.get(RECON_PATH_ENV, "auto")
     if forced not in ("auto", "rows", "resident"):
         raise ValueError(f"{RECON_PATH_ENV} must be 'auto', 'rows' or 'resident', got {forced!r}")
@@ -270,7 +275,7 @@ def choose_path(N, d, device, mode="ieee"):
         return "rows"
     if forced == "resident":
         return "resident"
-    if mode == "ieee":
+    if mode == "ieee" or (mode == "split" and N > N_RESIDENT_MAX // 2):  # the latter: unmeasured
         return "rows"
     columns = triton.cdiv(d, resident_block_d(resident_block_n(N), mode))
     return "resident" if columns >= 2 * multiprocessors(device) else "rows"
@@ -286,18 +291,18 @@ def launch_plans(mode):
             plans.append((f"resident N<={block_n} grads={int(grad_y)}{int(grad_yc)}", _reconstruction_loss_kernel,
                           _RECON_CONFIGS, dict(BLOCK_N=block_n, BLOCK_D=resident_block_d(block_n, mode),
                                                WRITE_GRAD_Y=grad_y, WRITE_GRAD_YC=grad_yc, DOT_MODE=mode,
-                                               GRAD_DOT_MODE=grad_mode), False))
+                                               GRAD_DOT_MODE=grad_mode, DEC_PARTS=decoder_parts(mode)), False))
     for grad_y, grad_r in ((False, False), (True, False), (True, True)):
         if grad_r and mode != "split":
             continue
         plans.append((f"rows grads={int(grad_y)}{int(grad_r)}", _reconstruction_rows_kernel, rows_configs(mode),
                       dict(BLOCK_N=ROWS_BLOCK_N, BLOCK_D=ROWS_BLOCK_D, WRITE_GRAD_Y=grad_y, WRITE_GRAD_R=grad_r,
-                           DOT_MODE=mode, DEC_PARTS=rows_decoder_parts(mode)), grad_r))
+                           DOT_MODE=mode, DEC_PARTS=decoder_parts(mode)), grad_r))
     return plans
 
 
-def rows_decoder_parts(mode):
-    """The rows path reads the decoder pre-split in "split" mode: 3 parts, as its fp32 residual needs."""
+def decoder_parts(mode):
+    """Both paths read the decoder pre-split in "split" mode: 3 parts, as the fp32 residual needs."""
     return split_parts(torch.float32) if mode == "split" else 0
 
 
@@ -346,21 +351,21 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         keys = (bucket(K), bucket(N), bucket(d))
         strides = (y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
                    decoder.stride(0), decoder.stride(1))
+        parts = decoder_parts(mode)
+        dec_parts = split_weights(decoder, y.dtype, parts) if parts else decoder  # contiguous when split
+        stride_dp = dec_parts.stride(0) if parts else 0
         with device_guard(y):
             if path == "resident":
-                args = (y, y_coded, decoder, grad_y, grad_yc, partials, K, N, d, *strides,
+                args = (y, y_coded, decoder, dec_parts, grad_y, grad_yc, partials, K, N, d, *strides, stride_dp,
                         grad_scale_hi, grad_scale_lo, *keys)
-                meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
-                            WRITE_GRAD_YC=want_grad_yc, DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode))
+                meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y, WRITE_GRAD_YC=want_grad_yc,
+                            DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode), DEC_PARTS=parts)
                 _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel,
                               FORCED_RESIDENT_CONFIG or config_dict(_RECON_CONFIGS[0]),
                               (num_col_tiles,), lambda meta_: (num_col_tiles,), args, meta)
             else:
-                parts = rows_decoder_parts(mode)
-                dec = split_weights(decoder, y.dtype, parts) if parts else decoder
-                args = (y, y_coded, dec, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
-                        *strides[:4], *dec.stride()[-2:], dec.stride(0) if parts else 0, grad_scale_hi,
-                        grad_scale_lo, *keys)
+                args = (y, y_coded, dec_parts, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
+                        *strides[:4], *dec_parts.stride()[-2:], stride_dp, grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
                             WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode, DEC_PARTS=parts)
                 fixed = ((INTERPRET and {"BLOCK_K": INTERPRETER_RECON_TILE["BLOCK_K"]}) or FORCED_ROWS_CONFIG
@@ -378,13 +383,10 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.
-    per_sample = partials.sum(dim=0)
-    if reduction == "none":
-        loss = per_sample
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample.sum() / (K * d)
+    # "sum" and "mean" sum the whole buffer in one reduction (one launch fewer than per-sample sums first)
+    loss = partials.sum(dim=0) if reduction == "none" else partials.sum()
+    if reduction == "mean":
+        loss = loss / (K * d)
     return loss.to(acc_dtype), grad_y, grad_yc
 
 

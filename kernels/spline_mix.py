@@ -100,9 +100,10 @@ _SPLINE_MIX_CONFIGS = [
 _SPLINE_MIX_TENSOR_CORE_CONFIGS = _SPLINE_MIX_CONFIGS[:3] + [
     triton.Config({"BLOCK_M": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2)]
 # fp64 operands take twice the registers: the same tiles with two stages (three spill 8-40 bytes per
-# thread under Triton 3.6 on sm_90).
+# thread under Triton 3.6 on sm_90), the 128 x 64 tile with one (two spill 8 bytes under 3.6 on sm_80).
 _SPLINE_MIX_FP64_CONFIGS = [
-    triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=2) for config in _SPLINE_MIX_CONFIGS
+    triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=1 if config.kwargs["BLOCK_M"] == 128 else 2)
+    for config in _SPLINE_MIX_CONFIGS
 ]
 AUTOTUNE_KEY_ARGS = ("M_BUCKET", "K_BUCKET", "D_BUCKET")
 INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_D": 32}

@@ -113,10 +113,16 @@ def test_path_choice_follows_d_n_and_the_dot_mode(monkeypatch):
     assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 1 << 20, device, "fp64") == "rows"  # y_coded does not fit
     assert RL.choose_path(256, 1 << 20, device, "ieee") == "rows"  # FMA dots: two GEMM launches are faster
     assert RL.choose_path(128, 1 << 20, device, "tf32x3") == "resident"
+    # "split" fits N = 256 on-chip (pre-split D) but takes it only when forced until a GPU has timed it
+    assert RL.choose_path(128, 1 << 20, device, "split") == "resident"
+    assert RL.choose_path(256, 1 << 20, device, "split") == "rows"
+    assert RL.choose_path(256, 1 << 20, device, "tf32x3") == "rows"
 
     monkeypatch.setenv(RL.RECON_PATH_ENV, "resident")
     assert RL.choose_path(256, 7, device, "ieee") == "resident"
     assert RL.choose_path(RL.N_RESIDENT_MAX + 1, 7, device, "ieee") == "rows"
+    assert RL.choose_path(256, 1 << 20, device, "split") == "resident"
+    assert RL.choose_path(256, 1 << 20, device, "tf32x3") == "rows"  # its parts would spill
     monkeypatch.setenv(RL.RECON_PATH_ENV, "rows")
     assert RL.choose_path(128, 1 << 20, device, "tf32x3") == "rows"
     monkeypatch.setenv(RL.RECON_PATH_ENV, "fused")

@@ -5,7 +5,7 @@ the same inputs must be at most twice the torch fp32 backend's own error. For K 
 ``reconstruction_loss`` (loss and both gradients in one pass) and ``spline_mix`` through the registered Triton ops,
 with IEEE fp32 dots (``ieee``) and 3-pass TF32 (``tf32x3``), on random data and on a nearly-smooth case where
 ``y`` is within 1e-3 of ``D y_coded`` (cancellation), and reports each error as a multiple of torch's. The
-fp16/bf16 split-weight dots are timed and checked against float64 too. With ``ieee`` both reconstruction
+fp16/bf16 split-weight dots are timed and checked against float64 too, on both paths. With ``ieee`` both reconstruction
 paths are measured (``DRES_TRITON_RECON_PATH``: the fused "resident" kernel and the two-launch "rows" path,
 the default for ``ieee`` since the fused kernel was 3.5x its floor on the H200).
 """
@@ -68,7 +68,9 @@ def run(K=256, N=256, d=1 << 16, out=None):
     os.environ.pop("DRES_TRITON_FP32_DOT", None)
     for dtype in (torch.bfloat16, torch.float16):
         y = torch.randn(K, d, device="cuda", generator=gen).to(dtype)
-        measure("random", str(dtype).split(".")[-1], "split", y, y_coded64.to(dtype), decoder.float(), None)
+        # both paths: "split" fits N = 256 on-chip (pre-split D) but auto takes "rows" there until timed
+        for path in ("rows", "resident"):
+            measure("random", str(dtype).split(".")[-1], "split", y, y_coded64.to(dtype), decoder.float(), None, path)
     os.environ.pop("DRES_TRITON_RECON_PATH", None)
     return rows
 

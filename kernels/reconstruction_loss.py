@@ -101,7 +101,7 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
                   stride_yk, stride_yd, grad_scale, grad_scale_lo,
                   WRITE_GRAD_Y: tl.constexpr, DOT_MODE: tl.constexpr):
     """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): stores each row's ``sum_j r^2``
-    in float64 into the partials (row k of column tile ``pid_d``: written by exactly one program, summed
+    (times ``1 / (K d)`` for "mean") in float64 into the partials (row k of column tile ``pid_d``: written by exactly one program, summed
     later in a fixed order; float64 for every dtype: see Determinism) and, with ``WRITE_GRAD_Y``,
     ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
     y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
@@ -109,7 +109,9 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
     # masked rows / columns / n are loaded as 0, so r is exactly 0 there
     r = y_tile - decoded
     r64 = r.to(tl.float64)  # squares of fp32 values are exact in float64
-    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r64 * r64, axis=1), mask=k_ok)
+    # times c / 2 in float64: 1 / (K d) for "mean" (the launcher's one sum is then the loss), exactly 1 else
+    half_c = (tl.cast(grad_scale, tl.float64) + tl.cast(grad_scale_lo, tl.float64)) * 0.5
+    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r64 * r64, axis=1) * half_c, mask=k_ok)
     if WRITE_GRAD_Y:
         r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
         tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
@@ -383,10 +385,8 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.
-    # "sum" and "mean" sum the whole buffer in one reduction (one launch fewer than per-sample sums first)
+    # "sum" and "mean" (whose partials the kernels divided by K d) sum the whole buffer in one reduction
     loss = partials.sum(dim=0) if reduction == "none" else partials.sum()
-    if reduction == "mean":
-        loss = loss / (K * d)
     return loss.to(acc_dtype), grad_y, grad_yc
 
 

@@ -34,12 +34,11 @@ paths read ``D`` pre-split in three parts of the data dtype (``_common.split_wei
 
 Floor (per call with gradients, K = N, s = bytes per element of y; what bench/kernels.py divides by):
 bytes = 2 K d s (read y, y_coded) + 2 K d s (write grad_y, grad_y_coded) + 4 K N (decoder),
-flops = 4 K N d (``D y_coded`` and ``D^T c r``). At K = N = 256, d = 2^16: fp32 256 MiB (89 us at
-3.0 TB/s) and 17.2 GFLOP (286 us at 60 TFLOP/s of fp32 FMA): compute-bound with "ieee" dots. bf16:
-128 MiB (45 us); one tensor-core pass is 22 us at 790 TFLOP/s, but "split" (3 bf16 passes) plus the
-tf32x3 gradient dot (3 passes at the TF32 rate) is ~100 us. The rows path moves more than the floor:
-fp32 ``c r`` is read back by the gradient launch (fp32: 24 instead of 16 bytes per column element;
-fp16/bf16: 16 instead of 8). Without gradients: bytes 2 K d s + 4 K N, flops 2 K N d.
+flops = 4 K N d (``D y_coded``, ``D^T c r``). At K = N = 256, d = 2^16: fp32 256 MiB (89 us at 3.0 TB/s),
+17.2 GFLOP (286 us of fp32 FMA): compute-bound with "ieee" dots. bf16: 128 MiB (45 us); "split" (3 bf16
+passes) plus the tf32x3 gradient dot (3 TF32 passes) is ~100 us of tensor cores. The rows path reads fp32
+``c r`` back in the gradient launch (fp32: 24 bytes per column element, not 16; fp16/bf16: 16, not 8).
+Without gradients: bytes 2 K d s + 4 K N, flops 2 K N d.
 
 Determinism
 -----------
@@ -59,13 +58,11 @@ per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
 autotuned; the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
 device's multiprocessor count only, so two processes on the same GPU model take the same path.
 
-Precision: the data dot ``D @ y_coded`` uses ``_common.mix_dot`` (IEEE fp32, or exact-product split
-dots for fp16/bf16); on the rows path its sum over ``N`` is two-level with fp32 accumulators
-(``_common.mix_dot_two_level``: each ``BLOCK_N`` = 32 chunk summed on its own, then added to the total),
-as is the gradient's sum over ``K`` in ``spline_mix``. The fused path's dot over ``N <= 256`` is one
-chain, and so is its ``grad_y_coded`` accumulation over ``K`` (a second accumulator tile would spill).
-The gradient dot ``D^T (c r)`` multiplies two fp32 operands: IEEE fp32 for fp32 inputs; for fp16/bf16
-inputs (whose gradient is rounded to 8-11 bits anyway) Triton's 3-pass TF32.
+Precision: the data dot ``D @ y_coded`` is IEEE fp32 or exact-product split dots (fp16/bf16); on the rows
+path its sum over ``N`` is two-level with fp32 accumulators (``_common``: each ``BLOCK_N`` = 32 chunk summed
+on its own, then added to the total), as is the gradient's sum over ``K`` in ``spline_mix``. The fused
+path's sums over ``N <= 256`` and ``K`` are single chains (a second accumulator tile would spill). The
+gradient dot ``D^T (c r)`` is IEEE fp32 for fp32 inputs, Triton's 3-pass TF32 for fp16/bf16.
 """
 
 import os
@@ -101,9 +98,9 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
                   stride_yk, stride_yd, grad_scale, grad_scale_lo,
                   WRITE_GRAD_Y: tl.constexpr, DOT_MODE: tl.constexpr):
     """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): stores each row's ``sum_j r^2``
-    (times ``1 / (K d)`` for "mean") in float64 into the partials (row k of column tile ``pid_d``: written by exactly one program, summed
-    later in a fixed order; float64 for every dtype: see Determinism) and, with ``WRITE_GRAD_Y``,
-    ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
+    (times ``1 / (K d)`` for "mean") in float64 into the partials (row k of column tile ``pid_d``: one
+    program writes it, the launcher sums them in a fixed order) and, with ``WRITE_GRAD_Y``, ``grad_y = c r``
+    in y's dtype. Returns ``c r`` (or ``r``)."""
     y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
                      mask=tile_mask, other=0.0).to(decoded.dtype)
     # masked rows / columns / n are loaded as 0, so r is exactly 0 there
@@ -195,24 +192,23 @@ def _reconstruction_rows_kernel(
         tl.store(grad_r_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], grad, mask=tile_mask)
 
 
-# At most four configs per path. BLOCK_D (the partials' layout) and BLOCK_N (the rows path's reduction
-# chunk) are fixed by the launcher; configs change only the row tile, warps and stages, so the summation
-# order, and the result bits, do not depend on which config a process picked.
-# The fused path holds two BLOCK_N x BLOCK_D tiles in registers: compiled for sm_90 (.ci/triton_compile.py),
-# 16-row tiles, 8 warps and one stage is the configuration that spills in no dot mode (4 warps, 32-row
-# tiles or two stages spill 16-700 bytes per thread), so it is the only one.
+# At most four configs per path. BLOCK_D (the partials' layout) and BLOCK_N (the rows path's reduction chunk)
+# are the launcher's; configs change only the row tile, warps and stages, so never the summation order. The
+# fused path holds two BLOCK_N x BLOCK_D tiles in registers: 16-row tiles, 8 warps and one stage spill in no
+# dot mode on sm_90 (4 warps, 32-row tiles or two stages spill 16-700 bytes per thread): the only config.
 _RECON_CONFIGS = [triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=1)]
-# Rows path: 16-row tiles for small d (more programs), 64-row tiles for wide d (fewer re-reads of
-# y_coded's column tile from L2). 16 rows with 4 or 8 warps spills fp64 under Triton 3.6; 2 warps does not.
-# Tensor-core modes keep the 64-row tiles only: on sm_90 the 16- and 32-row tiles compile to mma.sync and
-# these to wgmma, which may round differently (spline_mix's TENSOR_CORE_MODES; .ci/triton_compile.py checks).
+# Rows path: 16-row tiles for small d, 64-row tiles for wide d (fewer L2 re-reads of y_coded's column tile);
+# 16 rows spill fp64 under Triton 3.6 unless on 2 warps. Tensor-core modes keep the 64-row tiles, which on
+# sm_90 compile to wgmma, not mma.sync (one MMA family per launch: spline_mix's TENSOR_CORE_MODES).
 _RECON_ROWS_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
                        for (bk, w, s) in [(32, 4, 3), (16, 2, 3), (64, 4, 3), (64, 8, 2)]]
 _RECON_ROWS_TENSOR_CORE_CONFIGS = _RECON_ROWS_CONFIGS[2:]
 AUTOTUNE_KEY_ARGS = ("K_BUCKET", "N_BUCKET", "D_BUCKET")
 # the rows path's reduction chunk over N: 64 spills 400-3500 bytes per thread on sm_80 with FMA dots
 ROWS_BLOCK_N = 32
-ROWS_BLOCK_D = 64
+# the rows path's column tile (the partials' layout) per dot mode: 64; "split" (pre-split D, no conversions)
+# fits 128 without spills under Triton 3.6 and 3.9 (256 spills), half the L2 reads of D's parts per column
+ROWS_BLOCK_D = {"ieee": 64, "tf32x3": 64, "fp64": 64, "split": 128}
 INTERPRETER_RECON_TILE = {"BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_N_CHUNK": 32}
 # tests: the config DRES_TRITON_AUTOTUNE=0 launches instead of the path's first (None: the first)
 FORCED_RESIDENT_CONFIG = FORCED_ROWS_CONFIG = None
@@ -298,7 +294,7 @@ def launch_plans(mode):
         if grad_r and mode != "split":
             continue
         plans.append((f"rows grads={int(grad_y)}{int(grad_r)}", _reconstruction_rows_kernel, rows_configs(mode),
-                      dict(BLOCK_N=ROWS_BLOCK_N, BLOCK_D=ROWS_BLOCK_D, WRITE_GRAD_Y=grad_y, WRITE_GRAD_R=grad_r,
+                      dict(BLOCK_N=ROWS_BLOCK_N, BLOCK_D=ROWS_BLOCK_D[mode], WRITE_GRAD_Y=grad_y, WRITE_GRAD_R=grad_r,
                            DOT_MODE=mode, DEC_PARTS=decoder_parts(mode)), grad_r))
     return plans
 
@@ -336,7 +332,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         block_d = resident_block_d(block_n, mode)
     else:
         block_n = INTERPRETER_RECON_TILE["BLOCK_N_CHUNK"] if INTERPRET else ROWS_BLOCK_N
-        block_d = INTERPRETER_RECON_TILE["BLOCK_D"] if INTERPRET else ROWS_BLOCK_D
+        block_d = INTERPRETER_RECON_TILE["BLOCK_D"] if INTERPRET else ROWS_BLOCK_D[mode]
     num_col_tiles = triton.cdiv(d, block_d)
 
     # float64 for every dtype: the kernels sum the squares in float64 (Determinism)

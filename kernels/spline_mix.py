@@ -96,9 +96,13 @@ _SPLINE_MIX_CONFIGS = [
 # Tensor-core modes ("split", "tf32x3"): the 16 x 32 tile compiles to mma.sync on sm_90 and the others to
 # wgmma, and the two may round a k-slice's sum differently, so two processes picking different configs
 # could differ in the last bits. Their small-d tile is therefore one that compiles to wgmma as well (64 rows,
-# 4 warps: one warpgroup); .ci/triton_compile.py fails when a launch's configs mix MMA families.
-_SPLINE_MIX_TENSOR_CORE_CONFIGS = _SPLINE_MIX_CONFIGS[:3] + [
-    triton.Config({"BLOCK_M": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2)]
+# 4 warps: one warpgroup); .ci/triton_compile.py fails when a launch's configs mix MMA families. With no
+# conversions in the loop a 128 x 128 tile fits (no spills, sm_90 and sm_80, Triton 3.6 and 3.9) in place of
+# 128 x 64: W is re-read from L2 once per column tile (M K x 4 bytes per 128 columns, not per 64; at
+# M = K = 256, d = 2^16 that is 128 MiB against 64 MiB of bf16 data) and x once per row tile.
+_SPLINE_MIX_TENSOR_CORE_CONFIGS = [
+    _SPLINE_MIX_CONFIGS[0], triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+    _SPLINE_MIX_CONFIGS[2], triton.Config({"BLOCK_M": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2)]
 # fp64 operands take twice the registers: the same tiles with two stages (three spill 8-40 bytes per
 # thread under Triton 3.6 on sm_90), the 128 x 64 tile with one (two spill 8 bytes under 3.6 on sm_80).
 _SPLINE_MIX_FP64_CONFIGS = [

@@ -276,8 +276,8 @@ step_cold() {  # three cases, each a fresh process: a third of the step's time e
 step_steps() { "$PY" -m bench --device cuda --quick --skip-kernels --out "$LOG_DIR/bench"; }
 step_compile() { "$PY" -m bench.kernels --device cuda --full --compile only --out "$OUT_DIR/compile.json"; }
 export GRACE
-export -f step_probe step_deps step_install step_build step_cpp step_tests step_kernels step_dots step_overhead \
-    step_cold step_steps step_compile
+export -f step_probe step_deps step_install step_build step_cpp step_tests step_kernels step_banded step_dots \
+    step_overhead step_cold step_steps step_compile
 
 # The probe decides whether there is a GPU at all (it exits 3 when torch sees none).
 run_step probe

@@ -26,10 +26,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 DEFAULT_PLAN = ["probe", "deps", "install", "build", "tests", "kernels", "overhead", "cold", "compile"]
-ALL_PLAN = ["probe", "deps", "install", "build", "cpp", "tests", "kernels", "dots", "overhead", "cold", "steps",
-            "compile"]
+ALL_PLAN = ["probe", "deps", "install", "build", "cpp", "tests", "kernels", "banded", "dots", "overhead", "cold",
+            "steps", "compile"]
 # Files each step leaves: in $OUT itself, or in the logs archive (besides <step>.log).
-OUT_FILES = {"kernels": "kernels.json", "cold": "cold.json", "compile": "compile.json"}
+OUT_FILES = {"kernels": "kernels.json", "banded": "banded.json", "cold": "cold.json", "compile": "compile.json"}
 ARCHIVE_FILES = {"overhead": "overhead.json", "dots": "dots.json", "steps": "bench/results.json"}
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -129,7 +129,7 @@ def test_script_is_short_and_parses():
 
 @pytest.mark.parametrize("budget,extra", [
     ("480", {}), ("600", {}), ("300", {}), ("200", {}), ("120", {}),
-    ("480", {"STEPS": "+cpp dots steps"}), ("900", {"STEPS": "+cpp dots steps"}),
+    ("480", {"STEPS": "+cpp dots steps"}), ("900", {"STEPS": "+cpp banded dots steps"}),
     ("480", {"CAP_tests": "250", "CAP_compile": "60"}),
 ])
 def test_plan_fits_budget(budget, extra):
@@ -140,7 +140,8 @@ def test_plan_fits_budget(budget, extra):
     for name, value in extra.items():
         if name.startswith("CAP_") and name[4:] in names:
             assert dict(plan)[name[4:]] == int(value)
-    wanted = ALL_PLAN if extra.get("STEPS") else DEFAULT_PLAN
+    added = extra.get("STEPS", "").replace("+", " ").split()
+    wanted = [s for s in ALL_PLAN if s in DEFAULT_PLAN or s in added]
     dropped = [s for s in wanted if s not in names]
     assert (f"dropped (no room in the budget): {' '.join(dropped)}" in text) == bool(dropped), text
 
@@ -159,7 +160,7 @@ def test_bad_plan_is_refused(extra):
     assert proc.returncode == 2 and "gpu_check:" in proc.stderr
 
 
-@pytest.mark.parametrize("steps,budget,xdist", [("", "480", True), ("+cpp dots steps", "900", False)])
+@pytest.mark.parametrize("steps,budget,xdist", [("", "480", True), ("+cpp banded dots steps", "900", False)])
 def test_full_fake_run(tmp_path, steps, budget, xdist):
     extra = {"GPU_CHECK_BUDGET_S": budget, **({"STEPS": steps} if steps else {}),
              **({} if xdist else {"FAKE_NO_XDIST": "1"})}

@@ -126,7 +126,8 @@ def spline_mix_variants():
                 # "split": W read as pre-split parts of the data dtype (as many as the output needs)
                 parts = SM.split_parts(torch_dtype(dtype)) if mode == "split" else 0
                 meta = dict(config.kwargs, BLOCK_K=SM.mix_block_k(mode), DOT_MODE=mode, W_PARTS=parts)
-                args = dict(w_ptr=data_ptr if parts else acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr, M=256, K=256,
+                args = dict(w_ptr=data_ptr if parts else acc_ptr, x_ptr=data_ptr, out_ptr=data_ptr,
+                            w_unscale_ptr="*fp32" if parts else acc_ptr, M=256, K=256,
                             D=65536, stride_wm=256, stride_wk=1, stride_wp=65536 if parts else 0, stride_xk=65536,
                             stride_xd=1, stride_om=65536, scale="fp32")
                 args.update({key: 256 for key in SM.AUTOTUNE_KEY_ARGS})
@@ -145,8 +146,10 @@ def reconstruction_variants():
                 for i, config in enumerate(configs):
                     parts = constexprs.get("DEC_PARTS", 0)  # the rows path's pre-split decoder
                     resident = kernel is RL._reconstruction_loss_kernel  # reads both the decoder and its parts
-                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr, dec_ptr=data_ptr if parts and not resident else acc_ptr,
+                    args = dict(y_ptr=data_ptr, yc_ptr=data_ptr,
+                                dec_ptr=data_ptr if parts and not resident else acc_ptr,
                                 dec_parts_ptr=data_ptr if parts else acc_ptr,
+                                dec_unscale_ptr="*fp32" if parts else acc_ptr,
                                 grad_y_ptr=data_ptr, grad_r_ptr=acc_ptr if fp32_grad else data_ptr,
                                 grad_yc_ptr=data_ptr,
                                 partial_ptr="*fp64", K=256, N=256, D=65536, stride_yk=65536, stride_yd=1,

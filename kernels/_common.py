@@ -12,6 +12,8 @@ differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accu
   fp32: every product is exact, as with fp32 FMAs. ``P`` is what the output needs (``split_parts``): 3 (24+
   significant bits, all of fp32 ``W``) for an fp32 result such as the loss's residual, 2 (16+ bits, whose
   error ``2^-16 sum |W||x|`` is 1/256 of a bf16 rounding, 1/32 of an fp16 one) for an fp16/bf16 result.
+  fp16 parts are made from ``W`` times a power of two (undone on the fp32 accumulator, exactly), so that
+  small entries do not fall into fp16's subnormals.
   The parts are made once per weight matrix (``split_weights``, memoized) and read from memory by the
   kernels (``parts_dot``), so no inner loop converts anything.
 - ``"fp64"``   float64 inputs: float64 dot.
@@ -180,24 +182,37 @@ def split_parts(out_dtype):
     return 2 if out_dtype in (torch.float16, torch.bfloat16) else 3
 
 
+# fp16 parts are made from W scaled by a power of two that puts max |W| in [2^14, 2^15): the small parts
+# then stay above fp16's subnormals (spacing 2^-24), which would otherwise bound every entry's error at
+# 2^-25 (1e-7 of an O(1) entry: far from exact for the loss's fp32 residual)
+_FP16_TOP = 2.0 ** 15
+
+
 def _split(weights, dtype, parts):
-    stacked = torch.empty((parts, *weights.shape), dtype=dtype, device=weights.device)
-    rest = weights.float()
+    w = weights.float()
+    if dtype == torch.float16:  # no sync: the scale stays on the device
+        scale = torch.exp2(torch.floor(torch.log2(_FP16_TOP / w.abs().amax().clamp_min(2.0 ** -100))))
+        w, unscale = w * scale, (1.0 / scale).reshape(1)
+    else:  # bf16 has fp32's exponent range
+        unscale = torch.ones(1, dtype=torch.float32, device=w.device)
+    stacked = torch.empty((parts, *w.shape), dtype=dtype, device=w.device)
     for i in range(parts):
-        stacked[i] = rest.to(dtype)
-        rest = rest - stacked[i].float()  # exact in fp32: the part holds rest's leading bits
-    return stacked
+        stacked[i] = w.to(dtype)
+        w = w - stacked[i].float()  # exact in fp32: the part holds the rest's leading bits
+    return stacked, unscale
 
 
-# (data_ptr, version, shape, strides, dtype, device, parts dtype, parts) -> (weights, parts): holding the
-# weights keeps their memory from being reused by another tensor while the entry lives
+# (data_ptr, version, shape, strides, dtype, device, parts dtype, parts) -> (weights, parts, unscale): holding
+# the weights keeps their memory from being reused by another tensor while the entry lives
 _SPLIT_MEMO = collections.OrderedDict()
 SPLIT_MEMO_SIZE = 32
 
 
 def split_weights(weights, dtype, parts):
-    """``weights`` (fp32, any strides) as ``parts`` tensors of ``dtype`` stacked ``(parts, M, K)``: ``W1`` the
-    rounding of ``W``, each next part the rounding of what the earlier ones leave, ``W ~= W1 + ... + WP``.
+    """``weights`` (fp32, any strides) as ``(stacked, unscale)``: ``parts`` tensors of ``dtype`` stacked
+    ``(parts, M, K)`` with ``W ~= unscale * (W1 + ... + WP)``, ``W1`` the rounding of ``W / unscale``, each
+    next part the rounding of what the earlier ones leave; ``unscale`` is a power of two in a 1-element fp32
+    tensor (1 for bf16; for fp16 it keeps the parts above the subnormals), exact to multiply by.
 
     Memoized by the weights' storage, layout and version counter (an in-place change is a miss), so the
     cached coding weights are split once, not per call; while traced (``torch.compile``) the split is part
@@ -208,12 +223,12 @@ def split_weights(weights, dtype, parts):
            weights.device, dtype, parts)
     hit = _SPLIT_MEMO.get(key)
     if hit is None:
-        hit = _SPLIT_MEMO[key] = (weights, _split(weights, dtype, parts))
+        hit = _SPLIT_MEMO[key] = (weights, *_split(weights, dtype, parts))
         while len(_SPLIT_MEMO) > SPLIT_MEMO_SIZE:
             _SPLIT_MEMO.popitem(last=False)
     else:
         _SPLIT_MEMO.move_to_end(key)
-    return hit[1]
+    return hit[1], hit[2]
 
 
 @triton.jit

@@ -118,7 +118,7 @@ def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_
 
 @triton.jit
 def _reconstruction_loss_kernel(
-    y_ptr, yc_ptr, dec_ptr, dec_parts_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
+    y_ptr, yc_ptr, dec_ptr, dec_parts_ptr, dec_unscale_ptr, grad_y_ptr, grad_yc_ptr, partial_ptr,
     K, N, D,
     stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn, stride_dp,
     grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
@@ -148,7 +148,7 @@ def _reconstruction_loss_kernel(
         dec_mask = k_ok[:, None] & n_ok[None, :]
         if DEC_PARTS > 0:  # "split": the decoder's parts (contiguous) for the data dot
             decoded = parts_dot(dec_parts_ptr + ks[:, None] * N + ns[None, :], dec_mask, stride_dp, yc_tile,
-                                acc_zero, DEC_PARTS)
+                                acc_zero, DEC_PARTS) * tl.load(dec_unscale_ptr)
         if DEC_PARTS == 0 or WRITE_GRAD_YC:  # fp32/fp64 decoder: the data dot, or the gradient's
             dec_tile = tl.load(dec_ptr + ks[:, None] * stride_dk + ns[None, :] * stride_dn, mask=dec_mask, other=0.0)
         if DEC_PARTS == 0:
@@ -167,7 +167,7 @@ def _reconstruction_loss_kernel(
 
 @triton.jit
 def _reconstruction_rows_kernel(
-    y_ptr, yc_ptr, dec_ptr, grad_y_ptr, grad_r_ptr, partial_ptr,
+    y_ptr, yc_ptr, dec_ptr, dec_unscale_ptr, grad_y_ptr, grad_r_ptr, partial_ptr,
     K, N, D,
     stride_yk, stride_yd, stride_ck, stride_cd, stride_dk, stride_dn, stride_dp,
     grad_scale, grad_scale_lo,  # c = grad_scale + grad_scale_lo (two fp32 scalars: see scaled())
@@ -185,6 +185,8 @@ def _reconstruction_rows_kernel(
     # D[ks, :] @ y_coded[:, cols] in BLOCK_N chunks, each summed on its own first (fp32)
     decoded = tile_product(dec_ptr, yc_ptr, ks, cols, k_ok, col_ok, N, stride_dk, stride_dn, stride_dp, stride_ck,
                            stride_cd, BLOCK_K, BLOCK_N, BLOCK_D, DOT_MODE, TWO_LEVEL=True, A_PARTS=DEC_PARTS)
+    if DEC_PARTS > 0:  # the parts' power-of-two scale (split_weights): exact
+        decoded = decoded * tl.load(dec_unscale_ptr)
 
     grad = residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
                          stride_yk, stride_yd, grad_scale, grad_scale_lo, WRITE_GRAD_Y, DOT_MODE)
@@ -350,19 +352,20 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         strides = (y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
                    decoder.stride(0), decoder.stride(1))
         parts = decoder_parts(mode)
-        dec_parts = split_weights(decoder, y.dtype, parts) if parts else decoder  # contiguous when split
+        # contiguous when split; the unscale tensor is read only with parts
+        dec_parts, unscale = split_weights(decoder, y.dtype, parts) if parts else (decoder, decoder)
         stride_dp = dec_parts.stride(0) if parts else 0
         with device_guard(y):
             if path == "resident":
-                args = (y, y_coded, decoder, dec_parts, grad_y, grad_yc, partials, K, N, d, *strides, stride_dp,
-                        grad_scale_hi, grad_scale_lo, *keys)
+                args = (y, y_coded, decoder, dec_parts, unscale, grad_y, grad_yc, partials, K, N, d, *strides,
+                        stride_dp, grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y, WRITE_GRAD_YC=want_grad_yc,
                             DOT_MODE=mode, GRAD_DOT_MODE=grad_dot_mode(mode), DEC_PARTS=parts)
                 _launch_tuned(_reconstruction_loss_tuned, _reconstruction_loss_kernel,
                               FORCED_RESIDENT_CONFIG or config_dict(_RECON_CONFIGS[0]),
                               (num_col_tiles,), lambda meta_: (num_col_tiles,), args, meta)
             else:
-                args = (y, y_coded, dec_parts, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
+                args = (y, y_coded, dec_parts, unscale, grad_y, grad_y if grad_r is None else grad_r, partials, K, N, d,
                         *strides[:4], *dec_parts.stride()[-2:], stride_dp, grad_scale_hi, grad_scale_lo, *keys)
                 meta = dict(BLOCK_N=block_n, BLOCK_D=block_d, WRITE_GRAD_Y=write_grad_y,
                             WRITE_GRAD_R=grad_r is not None, DOT_MODE=mode, DEC_PARTS=parts)

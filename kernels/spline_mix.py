@@ -52,7 +52,7 @@ from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, autotune, autotuning, 
 
 @triton.jit
 def _spline_mix_kernel(
-    w_ptr, x_ptr, out_ptr,
+    w_ptr, x_ptr, out_ptr, w_unscale_ptr,
     M, K, D,
     stride_wm, stride_wk, stride_wp, stride_xk, stride_xd, stride_om,
     scale,
@@ -68,6 +68,8 @@ def _spline_mix_kernel(
     acc = tile_product(w_ptr, x_ptr, rows, cols, row_ok, col_ok, K, stride_wm, stride_wk, stride_wp, stride_xk,
                        stride_xd, BLOCK_M, BLOCK_K, BLOCK_D, DOT_MODE, TWO_LEVEL=DOT_MODE != "split", A_PARTS=W_PARTS)
 
+    if W_PARTS > 0:  # the parts' power-of-two scale (split_weights): exact
+        acc = acc * tl.load(w_unscale_ptr)
     out = acc * scale
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -163,10 +165,11 @@ def spline_mix_into(weights, x, out, scale=1.0, mode=None):
         return out
     mode = mode or dot_mode(x.dtype)
     parts = split_parts(out.dtype) if mode == "split" else 0
+    unscale = weights  # read only with parts
     if parts:
-        weights = split_weights(weights, x.dtype, parts)
+        weights, unscale = split_weights(weights, x.dtype, parts)
     w_strides = weights.stride()[-2:] + (weights.stride(0) if parts else 0,)
-    args = (weights, x, out, M, K, d, *w_strides, x.stride(0), x.stride(1), out.stride(0),
+    args = (weights, x, out, unscale, M, K, d, *w_strides, x.stride(0), x.stride(1), out.stride(0),
             float(scale), bucket(M), bucket(K), bucket(d))
     meta = dict(BLOCK_K=mix_block_k(mode), DOT_MODE=mode, W_PARTS=parts)
     if autotuning():

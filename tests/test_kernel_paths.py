@@ -157,23 +157,61 @@ def test_autotune_keys_are_bucketed_powers_of_two():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_split_weights_parts_and_memo(dtype):
-    """Three parts hold an fp32 matrix of moderate range exactly (bf16: 3 x 8 bits; fp16: 3 x 11 bits,
-    above fp16's subnormals); two hold it to 2^-16 (bf16) / 2^-22 (fp16) of each entry. The parts are made
-    once per matrix (same tensor back), again after an in-place change, and separately for a transposed view."""
-    w = make((37, 29), seed=3) * 0.5 + 1.0  # entries away from zero: no fp16 subnormal parts
-    three = COMMON.split_weights(w, dtype, 3)
-    assert three.shape == (3, 37, 29) and three.dtype == dtype
-    assert torch.equal(three.double().sum(0), w.double())
-    two = COMMON.split_weights(w, dtype, 2)
+    """Three parts hold an fp32 matrix exactly: bf16 every entry (3 x 8 bits, fp32's exponent range); fp16
+    (3 x 11 bits, exponents down to 2^-24) every entry within 2^-14 of the largest, since the parts are made
+    from W times a power of two that puts the largest at 2^14..2^15 (``unscale`` undoes it), and the smaller
+    ones to 2^-39 of the largest (unscaled fp16 parts: 2^-25 absolute). Two parts hold each entry to 2^-16
+    (bf16) / 2^-22 (fp16). The parts are made once per matrix (same tensors back), again after an in-place
+    change, and separately for a transposed view."""
+    w = make((37, 29), seed=3) * 0.5 + 1.0
+    w[::3, ::2] *= 1e-6  # entries far below fp16's smallest normal (6.1e-5)
+    big = w.abs() >= 2.0 ** -14 * w.abs().max()
+    three, unscale = COMMON.split_weights(w, dtype, 3)
+    assert three.shape == (3, 37, 29) and three.dtype == dtype and unscale.shape == (1,)
+    assert torch.log2(unscale).frac().item() == 0.0  # a power of two: exact to multiply by
+    err = (three.double().sum(0) * unscale.double() - w.double()).abs()
+    assert (err[big] == 0).all() and (err <= 2.0 ** -39 * w.abs().max().item()).all()
+    if dtype == torch.bfloat16:
+        assert (err == 0).all()
+    two, unscale2 = COMMON.split_weights(w, dtype, 2)
     bits = 16 if dtype == torch.bfloat16 else 22
-    assert ((two.double().sum(0) - w.double()).abs() <= 2.0 ** -bits * w.double().abs()).all()
-    assert (two.double().sum(0) != w.double()).any()  # two parts do drop bits
-    assert COMMON.split_weights(w, dtype, 3) is three
-    transposed = COMMON.split_weights(w.t(), dtype, 3)
+    err = (two.double().sum(0) * unscale2.double() - w.double()).abs()
+    assert (err[big] <= 2.0 ** -bits * w.double().abs()[big]).all() and (err > 0).any()  # two parts drop bits
+    assert COMMON.split_weights(w, dtype, 3)[0] is three
+    transposed, _ = COMMON.split_weights(w.t(), dtype, 3)
     assert torch.equal(transposed, three.transpose(1, 2))
     w.mul_(2.0)
-    again = COMMON.split_weights(w, dtype, 3)
-    assert again is not three and torch.equal(again, 2 * three)
+    again, unscale_again = COMMON.split_weights(w, dtype, 3)
+    assert again is not three and torch.equal(again.double() * unscale_again.double(), 2 * three.double() * unscale.double())
+
+
+def test_fp16_split_keeps_small_weights():
+    """The loss's fp16 residual with a decoder whose entries span 1 .. 1e-9 (a smoothing spline's far weights
+    are tiny) and ``y`` within 1e-2 of ``D y_coded`` (a nearly smooth ``f``): over five draws, both paths stay
+    within the accuracy rule (twice torch fp32's error, or 4 ulps, summed over the draws). Unscaled fp16
+    parts (entries below 6e-5 rounded to fp16's subnormal spacing, 2^-25 absolute) miss it about 2x."""
+    K, N, d = 9, 40, 33
+    ours, torch_err = {"rows": 0.0, "resident": 0.0}, 0.0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        decoder = (torch.randn(K, N, generator=g, dtype=torch.float64) / N ** 0.5
+                   * torch.logspace(0, -9, N, dtype=torch.float64)[None, :]).float()
+        y_coded = torch.randn(N, d, generator=g).half()
+        y = (decoder.double() @ y_coded.double() + 1e-2 * torch.randn(K, d, generator=g, dtype=torch.float64)).half()
+        decoder, y_coded, y = decoder.to(DEVICE), y_coded.to(DEVICE), y.to(DEVICE)
+        r64 = y.double() - decoder.double() @ y_coded.double()
+        exact = (r64 * r64).sum().item()
+        r32 = y.float() - decoder @ y_coded.float()
+        torch_err += abs((r32.double() ** 2).sum().item() - exact) / exact
+        for path in ours:
+            os.environ[RL.RECON_PATH_ENV] = path
+            try:
+                loss = K_MOD.reconstruction_loss(y, y_coded, decoder, "sum", True)[0]
+            finally:
+                os.environ.pop(RL.RECON_PATH_ENV)
+            ours[path] += abs(loss.item() - exact) / exact
+    for path, err in ours.items():
+        assert err <= max(2 * torch_err, 5 * FP32_FLOOR / 2), (path, err / 2.0 ** -24, torch_err / 2.0 ** -24)
 
 
 def test_split_parts_follow_the_output(monkeypatch):

@@ -28,9 +28,10 @@ namespace dres {
 // Tile shapes: a block of THREADS = (BM / TM) * (BD / TD) = 256 threads computes a BM x BD tile.
 // Wide tiles serve d >= Wide::BD. Narrow ones serve smaller d (logits: d = 1..127), where a 128-column tile
 // leaves most of a block idle (d = 10: 10 of 128 computed columns are used): a quarter of the columns and
-// half the rows per block, so twice the row tiles (twice the blocks when d fits one column tile) and a
-// quarter of the register tile, which lets two blocks share a multiprocessor (launch bounds (256, 2), no
-// spills; docs/KERNEL_NOTES.md) so that one block's prologue hides behind another's multiply-adds.
+// half the rows per block, so twice the row tiles (twice the blocks when d fits one column tile) and an
+// eighth of the float register tile (4 x 2 against 8 x 8), which lets three blocks share a multiprocessor
+// (launch bounds (256, 3), no spills; docs/KERNEL_NOTES.md) so that one block's prologue hides behind
+// another's multiply-adds.
 // The choice depends on d and the dtype only, so the order of every sum stays a function of the shapes.
 template <typename AccT, int BM_, int BD_, int BK_, int TM_, int TD_>
 struct TileCfg {

@@ -86,6 +86,11 @@ class WeightCache:
         return pair
 
 
+#: set on every matrix the cache hands out, which nothing changes in place: a backend may keep data derived
+#: from it on the tensor (the Triton backend's split parts for fp16/bf16 dots; kernels/_common.py)
+FROZEN_ATTR = "_dres_fast_frozen"
+
+
 def _cast_weights(weights: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Cast once and flush negligible entries to zero. Spline weights decay geometrically away from
     the diagonal, so far entries land in (or near) the subnormal range, where CPU arithmetic is
@@ -93,7 +98,9 @@ def _cast_weights(weights: torch.Tensor, device: torch.device, dtype: torch.dtyp
     weights = weights.to(dtype)
     info = torch.finfo(dtype)
     weights = torch.where(weights.abs() < info.tiny / info.eps, torch.zeros_like(weights), weights)
-    return weights.to(device).contiguous()
+    weights = weights.to(device).contiguous()
+    setattr(weights, FROZEN_ATTR, True)
+    return weights
 
 
 default_cache = WeightCache()

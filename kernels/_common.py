@@ -14,8 +14,8 @@ differences of large numbers, so TF32 is not allowed (docs/ARCHITECTURE.md, accu
   error ``2^-16 sum |W||x|`` is 1/256 of a bf16 rounding, 1/32 of an fp16 one) for an fp16/bf16 result.
   fp16 parts are made from ``W`` times a power of two (undone on the fp32 accumulator, exactly), so that
   small entries do not fall into fp16's subnormals.
-  The parts are made once per weight matrix (``split_weights``, memoized) and read from memory by the
-  kernels (``parts_dot``), so no inner loop converts anything.
+  The coding weights' parts are made once (``split_weights`` keeps them on the cached matrix) and read from
+  memory by the kernels (``parts_dot``), so no inner loop converts anything.
 - ``"fp64"``   float64 inputs: float64 dot.
 
 Both ``input_precision`` values used here are accepted by Triton 3.0 through 3.9 (``allow_tf32`` is the
@@ -53,7 +53,6 @@ the compiler picks per variant and warp count), the per-row sum of ``r^2``, is d
 ``reconstruction_loss``'s Determinism section.
 """
 
-import collections
 import contextlib
 import inspect
 import os
@@ -202,10 +201,14 @@ def _split(weights, dtype, parts):
     return stacked, unscale
 
 
-# (data_ptr, version, shape, strides, dtype, device, parts dtype, parts) -> (weights, parts, unscale): holding
-# the weights keeps their memory from being reused by another tensor while the entry lives
-_SPLIT_MEMO = collections.OrderedDict()
-SPLIT_MEMO_SIZE = 32
+#: set by dres_fast's weight cache (dres_fast/cache.py, FROZEN_ATTR there too) on the coding weights it hands
+#: out, which nothing changes in place: their split parts can then be kept on them
+FROZEN_ATTR = "_dres_fast_frozen"
+_PARTS_ATTR = "_dres_fast_split_parts"
+
+
+def _capturing(tensor):
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def split_weights(weights, dtype, parts):
@@ -214,21 +217,29 @@ def split_weights(weights, dtype, parts):
     next part the rounding of what the earlier ones leave; ``unscale`` is a power of two in a 1-element fp32
     tensor (1 for bf16; for fp16 it keeps the parts above the subnormals), exact to multiply by.
 
-    Memoized by the weights' storage, layout and version counter (an in-place change is a miss), so the
-    cached coding weights are split once, not per call; while traced (``torch.compile``) the split is part
-    of the graph instead."""
-    if traced((weights,)):
+    The coding weights (marked ``FROZEN_ATTR`` by dres_fast's weight cache) keep their parts on the tensor:
+    each cached matrix is split once, and its transpose (backward's ``W^T``) reads the same parts through
+    strides. Any other matrix is split per call (O(M K) against the dot's O(M K d)): a user's ``W`` may change
+    through ``.data``, numpy or another writer that no version counter sees. So is a traced call
+    (``torch.compile``: the split joins the graph) and, for parts not yet made, a CUDA graph capture (parts
+    made there hold data only once the graph has been replayed)."""
+    base = weights if weights._base is None else weights._base
+    if not getattr(base, FROZEN_ATTR, False) or base.dim() != 2 or traced((weights,)):
         return _split(weights, dtype, parts)
-    key = (weights.data_ptr(), weights._version, tuple(weights.shape), weights.stride(), weights.dtype,
-           weights.device, dtype, parts)
-    hit = _SPLIT_MEMO.get(key)
-    if hit is None:
-        hit = _SPLIT_MEMO[key] = (weights, *_split(weights, dtype, parts))
-        while len(_SPLIT_MEMO) > SPLIT_MEMO_SIZE:
-            _SPLIT_MEMO.popitem(last=False)
+    same = weights.storage_offset() == base.storage_offset()
+    if same and weights.shape == base.shape and weights.stride() == base.stride():
+        transposed = False
+    elif same and weights.shape == base.shape[::-1] and weights.stride() == base.stride()[::-1]:
+        transposed = True
     else:
-        _SPLIT_MEMO.move_to_end(key)
-    return hit[1], hit[2]
+        return _split(weights, dtype, parts)
+    kept = base.__dict__.setdefault(_PARTS_ATTR, {})
+    if (dtype, parts) not in kept:
+        if _capturing(base):
+            return _split(weights, dtype, parts)
+        kept[(dtype, parts)] = _split(base, dtype, parts)
+    stacked, unscale = kept[(dtype, parts)]
+    return (stacked.transpose(1, 2) if transposed else stacked), unscale
 
 
 @triton.jit
@@ -272,7 +283,8 @@ def parts_dot(a_ptrs, a_mask, stride_ap, b, acc, A_PARTS: tl.constexpr):
     (``split_weights``; "split" mode): exact half-precision products in fp32, smallest part first so the
     large terms are added to an accumulator that already holds the small ones."""
     for i in tl.static_range(A_PARTS):
-        a = tl.load(a_ptrs + (A_PARTS - 1 - i) * stride_ap, mask=a_mask, other=0.0)
+        # int64: three parts of a K x N decoder pass 2^31 elements at K N >= 2^30
+        a = tl.load(a_ptrs + tl.full([], A_PARTS - 1 - i, tl.int64) * stride_ap, mask=a_mask, other=0.0)
         acc = tl.dot(a, b, acc=acc)
     return acc
 

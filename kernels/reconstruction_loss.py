@@ -19,9 +19,9 @@ than "ieee"; ``choose_path``): one program owns a column tile ``cols`` (``BLOCK_
 the rows of ``y`` in ``BLOCK_K`` tiles. The column tile of ``y_coded`` (``BLOCK_N x BLOCK_D``) is loaded
 once and stays on-chip, and so does the ``grad_y_coded`` accumulator: every ``r`` tile is local, so
 ``D^T r`` for the column tile needs no atomics and no second pass. ``y`` and ``y_coded`` are read once,
-``grad_y`` and ``grad_y_coded`` written once. Every program reads the whole decoder from L2 (fp16/bf16: its
-three parts too), ``4 K N`` bytes per ``BLOCK_D`` columns, so ``BLOCK_D`` is as wide as the registers allow
-(``resident_block_d``): 32 at N = 256, 512 MiB of L2 traffic at K = N = 256, d = 2^16 (256 MiB of HBM).
+``grad_y`` and ``grad_y_coded`` written once. Every program reads the whole decoder from L2 (``4 K N`` bytes;
+"split": its three 2-byte parts, plus the fp32 ``D`` for ``grad_y_coded``) per ``BLOCK_D`` columns, so
+``BLOCK_D`` is as wide as the registers allow (``resident_block_d``): 32 at N = 256.
 
 Row-split ("rows": fp32 "ieee" dots at every d, small ``d``, ``N`` above the fused limit, or fp16/bf16 at
 N > 128): a 2-D grid of ``BLOCK_K x BLOCK_D`` tiles of ``r`` (the row tiles of one column tile run back to
@@ -49,10 +49,9 @@ No atomics anywhere, so the same inputs give bit-identical results run after run
 The per-row partial itself is ``tl.sum`` over the ``BLOCK_D`` columns of a tile: a tree whose order follows
 the register layout, which the compiler picks per kernel variant (``WRITE_GRAD_*``) and ``num_warps``; in fp32
 the loss with and without gradients differed in its last bits on an H200. So the squares are summed in
-float64 for every dtype: squares of fp32 values are exact in float64, and a sum of at most 64 of them
-differs between orders by at most ~7e-15 relative; the fp32 loss then changes a bit only when the float64
-value lies that close to an fp32 rounding boundary (about one value in 10^7). Cost: one float64 multiply-add
-per element of ``r`` (against N fp32 FMAs for ``D y_coded``).
+float64: squares of fp32 values are exact there, and a sum of at most 128 differs between orders by ~1e-14
+relative, which reaches the fp32 loss only near an fp32 rounding boundary (about one value in 10^7). Float64
+data's squares are rounded, so its loss's last bits may follow the config.
 
 ``BLOCK_D`` (the partials' layout) and the rows path's ``BLOCK_N`` (its reduction chunk) are not
 autotuned; the row tile ``BLOCK_K``, warps and stages are. The path depends on the shapes, the dtype and the
@@ -97,18 +96,18 @@ def scaled(r, scale_hi, scale_lo, DOT_MODE: tl.constexpr):
 def residual_tile(y_ptr, grad_y_ptr, partial_ptr, decoded, ks, cols, k_ok, tile_mask, pid_d, K, D,
                   stride_yk, stride_yd, grad_scale, grad_scale_lo,
                   WRITE_GRAD_Y: tl.constexpr, DOT_MODE: tl.constexpr):
-    """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): stores each row's ``sum_j r^2``
-    (times ``1 / (K d)`` for "mean") in float64 into the partials (row k of column tile ``pid_d``: one
-    program writes it, the launcher sums them in a fixed order) and, with ``WRITE_GRAD_Y``, ``grad_y = c r``
-    in y's dtype. Returns ``c r`` (or ``r``)."""
+    """One (row tile, column tile) of ``r = y - decoded`` (compute dtype): each row's ``sum_j r^2`` (times
+    ``1 / (K d)`` for "mean", but for float64 data) into row k of column tile ``pid_d`` of the float64
+    partials and, with ``WRITE_GRAD_Y``, ``grad_y = c r`` in y's dtype. Returns ``c r`` (or ``r``)."""
     y_tile = tl.load(y_ptr + ks[:, None].to(tl.int64) * stride_yk + cols[None, :] * stride_yd,
                      mask=tile_mask, other=0.0).to(decoded.dtype)
     # masked rows / columns / n are loaded as 0, so r is exactly 0 there
     r = y_tile - decoded
     r64 = r.to(tl.float64)  # squares of fp32 values are exact in float64
-    # times c / 2 in float64: 1 / (K d) for "mean" (the launcher's one sum is then the loss), exactly 1 else
-    half_c = (tl.cast(grad_scale, tl.float64) + tl.cast(grad_scale_lo, tl.float64)) * 0.5
-    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, tl.sum(r64 * r64, axis=1) * half_c, mask=k_ok)
+    row_sums = tl.sum(r64 * r64, axis=1)
+    if DOT_MODE != "fp64":  # times c / 2 = 1 / (K d) for "mean" (exactly 1 else): the launcher's sum is the loss
+        row_sums = row_sums * ((tl.cast(grad_scale, tl.float64) + tl.cast(grad_scale_lo, tl.float64)) * 0.5)
+    tl.store(partial_ptr + pid_d.to(tl.int64) * K + ks, row_sums, mask=k_ok)
     if WRITE_GRAD_Y:
         r = scaled(r, grad_scale, grad_scale_lo, DOT_MODE)
         tl.store(grad_y_ptr + ks[:, None].to(tl.int64) * D + cols[None, :],
@@ -236,10 +235,8 @@ def resident_block_n(N):
 
 
 def resident_block_d(block_n, mode="ieee"):
-    """Columns per program of the fused path. Not autotuned: it fixes the layout of the deterministic
-    partials buffer. Two BLOCK_N x BLOCK_D tiles live in registers; wider tiles mean fewer programs
-    re-reading the decoder. The widest that spills in no dot mode under Triton 3.6 and 3.9 (sm_90):
-    64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and 256."""
+    """Columns per program of the fused path (not autotuned: the partials' layout). The widest that spills
+    in no dot mode under Triton 3.6 and 3.9: 64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and 256."""
     if INTERPRET:
         return INTERPRETER_RECON_TILE["BLOCK_D"]
     return 64 if block_n <= 64 and mode != "fp64" else 32
@@ -261,9 +258,8 @@ RECON_PATH_ENV = "DRES_TRITON_RECON_PATH"
 
 def choose_path(N, d, device, mode="ieee"):
     """``"resident"`` when N fits on-chip, the fused path has at least two column tiles per multiprocessor
-    and the dot mode is not "ieee"; ``"rows"`` otherwise (large N; small d, where the fused path would leave
-    most of the GPU idle; IEEE fp32 dots). A function of the shapes, dtype, device and ``RECON_PATH_ENV``
-    only, so every process picks the same path.
+    and the dot mode is not "ieee"; ``"rows"`` otherwise. A function of the shapes, dtype, device and
+    ``RECON_PATH_ENV`` only, so every process picks the same path.
 
     Why not fused for "ieee": on the H200 (bench/RESULTS.md, run 3) it took 1.11-1.25 ms at K = N = 256,
     d = 2^16 (3.5x the FMA floor) against 0.22 ms for one ``spline_mix`` GEMM of the same size: its 16-row
@@ -352,8 +348,9 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
         strides = (y.stride(0), y.stride(1), y_coded.stride(0), y_coded.stride(1),
                    decoder.stride(0), decoder.stride(1))
         parts = decoder_parts(mode)
-        # contiguous when split; the unscale tensor is read only with parts
+        # the unscale tensor is read only with parts; the fused kernel reads the parts as contiguous (K, N)
         dec_parts, unscale = split_weights(decoder, y.dtype, parts) if parts else (decoder, decoder)
+        dec_parts = dec_parts.contiguous() if parts and path == "resident" else dec_parts
         stride_dp = dec_parts.stride(0) if parts else 0
         with device_guard(y):
             if path == "resident":
@@ -384,8 +381,11 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
     # fixed-order reduction of the fixed-layout partials: deterministic. In float64: the buffer is only
     # (d / BLOCK_D) x K, and the fp32 loss then carries no more than its final rounding.
-    # "sum" and "mean" (whose partials the kernels divided by K d) sum the whole buffer in one reduction
+    # "sum" and "mean" sum the whole buffer in one reduction; the kernels divided "mean"'s partials by K d,
+    # except for float64 data, where c's 48 bits (two fp32 scalars) would cost the loss its last bits
     loss = partials.sum(dim=0) if reduction == "none" else partials.sum()
+    if reduction == "mean" and mode == "fp64":
+        loss = loss / (K * d)
     return loss.to(acc_dtype), grad_y, grad_yc
 
 

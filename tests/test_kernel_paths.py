@@ -177,12 +177,43 @@ def test_split_weights_parts_and_memo(dtype):
     bits = 16 if dtype == torch.bfloat16 else 22
     err = (two.double().sum(0) * unscale2.double() - w.double()).abs()
     assert (err[big] <= 2.0 ** -bits * w.double().abs()[big]).all() and (err > 0).any()  # two parts drop bits
-    assert COMMON.split_weights(w, dtype, 3)[0] is three
-    transposed, _ = COMMON.split_weights(w.t(), dtype, 3)
-    assert torch.equal(transposed, three.transpose(1, 2))
-    w.mul_(2.0)
-    again, unscale_again = COMMON.split_weights(w, dtype, 3)
-    assert again is not three and torch.equal(again.double() * unscale_again.double(), 2 * three.double() * unscale.double())
+
+
+
+def test_split_parts_kept_only_on_frozen_weights():
+    """A matrix marked frozen (dres_fast's weight cache marks every coding matrix it hands out) keeps its parts:
+    the same tensors come back, and its transpose reads them through strides. Any other matrix is split per
+    call, so a change no version counter sees (``.data``) still shows; inference tensors work too."""
+    w = make((37, 29), seed=3)
+    setattr(w, COMMON.FROZEN_ATTR, True)
+    three, unscale = COMMON.split_weights(w, torch.float16, 3)
+    assert COMMON.split_weights(w, torch.float16, 3)[0] is three
+    transposed, unscale_t = COMMON.split_weights(w.t(), torch.float16, 3)
+    assert transposed._base is three and transposed.shape == (3, 29, 37) and unscale_t is unscale
+    assert COMMON.split_weights(w[1:], torch.float16, 3)[0].shape == (3, 36, 29)  # another view: per call
+    free = make((37, 29), seed=3)
+    first, _ = COMMON.split_weights(free, torch.float16, 3)
+    free.data.mul_(-1.0)  # no version bump
+    second, _ = COMMON.split_weights(free, torch.float16, 3)
+    assert torch.equal(second.float(), -first.float())
+    with torch.inference_mode():
+        frozen = make((5, 7), seed=4)
+        setattr(frozen, COMMON.FROZEN_ATTR, True)
+        assert COMMON.split_weights(frozen, torch.bfloat16, 2)[0] is COMMON.split_weights(frozen, torch.bfloat16, 2)[0]
+
+
+def test_cached_coding_weights_are_frozen_and_inference_mode_runs():
+    """The weight cache marks what it hands out; a half-precision DReS forward under inference_mode (whose
+    tensors have no version counter) runs on the Triton backend and matches the torch backend."""
+    import dres_fast
+    encoder, decoder = dres_fast.default_cache.get(12, device=DEVICE)
+    assert getattr(encoder, COMMON.FROZEN_ATTR) and getattr(decoder, COMMON.FROZEN_ATTR)
+    y = make((12, 9), torch.float16, seed=8)
+    with torch.inference_mode():
+        got = K_MOD.reconstruction_loss(y, K_MOD.spline_mix(encoder, y), decoder, "mean", False)[0]
+    y64 = y.double()
+    r = y64 - decoder.double() @ (encoder.double() @ y64).half().double()
+    assert abs(got.item() - (r * r).mean().item()) <= 1e-3 * (r * r).mean().item()
 
 
 def test_fp16_split_keeps_small_weights():

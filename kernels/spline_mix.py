@@ -8,7 +8,7 @@ backward), ``x`` is the batch viewed as ``(K, d)``::
     out[m, j] = scale * sum_k W[m, k] * x[k, j]          (m < M, j < d)
 
 Backward is the same kernel with ``W^T``: ``grad_x = W^T @ grad_out`` (strides swapped, nothing copied; in
-the "split" mode the parts of ``W^T`` are made once, like those of ``W``: ``_common.split_weights``).
+the "split" mode ``W^T`` of a cached coding matrix reads ``W``'s parts through strides: ``_common.split_weights``).
 
 Kernel layout
 -------------

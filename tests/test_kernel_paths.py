@@ -156,13 +156,12 @@ def test_autotune_keys_are_bucketed_powers_of_two():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_split_weights_parts_and_memo(dtype):
+def test_split_weights_parts(dtype):
     """Three parts hold an fp32 matrix exactly: bf16 every entry (3 x 8 bits, fp32's exponent range); fp16
     (3 x 11 bits, exponents down to 2^-24) every entry within 2^-14 of the largest, since the parts are made
     from W times a power of two that puts the largest at 2^14..2^15 (``unscale`` undoes it), and the smaller
     ones to 2^-39 of the largest (unscaled fp16 parts: 2^-25 absolute). Two parts hold each entry to 2^-16
-    (bf16) / 2^-22 (fp16). The parts are made once per matrix (same tensors back), again after an in-place
-    change, and separately for a transposed view."""
+    (bf16) / 2^-22 (fp16)."""
     w = make((37, 29), seed=3) * 0.5 + 1.0
     w[::3, ::2] *= 1e-6  # entries far below fp16's smallest normal (6.1e-5)
     big = w.abs() >= 2.0 ** -14 * w.abs().max()
@@ -177,7 +176,6 @@ def test_split_weights_parts_and_memo(dtype):
     bits = 16 if dtype == torch.bfloat16 else 22
     err = (two.double().sum(0) * unscale2.double() - w.double()).abs()
     assert (err[big] <= 2.0 ** -bits * w.double().abs()[big]).all() and (err > 0).any()  # two parts drop bits
-
 
 
 def test_split_parts_kept_only_on_frozen_weights():

@@ -76,8 +76,7 @@ from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_
                       program_tile, split_parts, split_weights, tile_product)
 from .spline_mix import TENSOR_CORE_MODES, spline_mix_into
 
-# y_coded's column tile and the grad_y_coded accumulator live in registers up to this many rows of N
-# (128 for "tf32x3", whose split operands need more registers: see resident_n_max).
+# rows of N up to which y_coded's column tile and the grad_y_coded accumulator live in registers (resident_n_max)
 N_RESIDENT_MAX = 256
 
 
@@ -236,10 +235,12 @@ def resident_block_n(N):
 
 def resident_block_d(block_n, mode="ieee"):
     """Columns per program of the fused path (not autotuned: the partials' layout). The widest that spills
-    in no dot mode under Triton 3.6 and 3.9: 64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and 256."""
+    in no dot mode under Triton 3.6 and 3.9 (sm_90, sm_80): 64 at BLOCK_N = 64 (32 for fp64), 32 at 128 and
+    256; "tf32x3" half that (its split fp32 operands spilled 16-24 bytes on sm_80 at the full width)."""
     if INTERPRET:
         return INTERPRETER_RECON_TILE["BLOCK_D"]
-    return 64 if block_n <= 64 and mode != "fp64" else 32
+    width = 64 if block_n <= 64 and mode != "fp64" else 32
+    return width // 2 if mode == "tf32x3" else width
 
 
 def resident_n_max(mode):

@@ -162,6 +162,9 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+DOT_MODES = ("ieee", "tf32x3", "split", "fp64")  # what dot_mode may return
+
+
 def dot_mode(dtype):
     """How the data dot runs for inputs of ``dtype`` (see the module docstring).
 

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
+from ._common import (DOT_MODES, INTERPRET, acc_zeros, autotune, autotuning, bucket, check_device, compute_dtype,
                       config_dict, device_guard, dot_mode, launch, mix_dot, multiprocessors, parts_dot,
                       program_tile, split_parts, split_weights, tile_product)
 from .spline_mix import TENSOR_CORE_MODES, spline_mix_into
@@ -217,14 +217,15 @@ FORCED_RESIDENT_CONFIG = FORCED_ROWS_CONFIG = None
 # mode) is not reused for the kernel that also writes both gradients
 _reconstruction_loss_tuned = autotune(_reconstruction_loss_kernel, _RECON_CONFIGS,
                                       key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_YC"])
-_rows_tuned, _rows_tuned_tc = (autotune(_reconstruction_rows_kernel, configs,
-                                        key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "WRITE_GRAD_Y", "WRITE_GRAD_R"])
-                               for configs in (_RECON_ROWS_CONFIGS, _RECON_ROWS_TENSOR_CORE_CONFIGS))
 
 
 def rows_configs(mode):
     """The rows path's autotune configs for dot mode ``mode``: one MMA family each."""
     return _RECON_ROWS_TENSOR_CORE_CONFIGS if mode in TENSOR_CORE_MODES else _RECON_ROWS_CONFIGS
+
+
+_rows_tuned = {mode: autotune(_reconstruction_rows_kernel, rows_configs(mode),
+                              key=[*AUTOTUNE_KEY_ARGS, "WRITE_GRAD_Y", "WRITE_GRAD_R"]) for mode in DOT_MODES}
 
 
 def resident_block_n(N):
@@ -372,8 +373,7 @@ def reconstruction_loss(y, y_coded, decoder, reduction, compute_grads):
 
                 def grid(meta_):
                     return (triton.cdiv(K, meta_["BLOCK_K"]) * num_col_tiles,)
-                tuned = _rows_tuned_tc if mode in TENSOR_CORE_MODES else _rows_tuned
-                _launch_tuned(tuned, _reconstruction_rows_kernel, fixed, grid(fixed), grid, args, meta)
+                _launch_tuned(_rows_tuned[mode], _reconstruction_rows_kernel, fixed, grid(fixed), grid, args, meta)
                 if want_grad_yc:
                     # grad_y_coded = -D^T (c r): W^T by strides; spline_mix splits the N rows too. Two fp32
                     # operands: the gradient dot mode (tf32x3 for fp16/bf16 inputs, as in the fused path)

@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CPU_WITHOUT_INTERPRETER, INTERPRET, autotune, autotuning, bucket, check_device,  # noqa: F401
-                      compute_dtype, config_dict, device_guard, dot_mode, launch, program_tile, split_parts,
-                      split_weights, tile_product)
+from ._common import (CPU_WITHOUT_INTERPRETER, DOT_MODES, INTERPRET, autotune, autotuning, bucket,  # noqa: F401
+                      check_device, compute_dtype, config_dict, device_guard, dot_mode, launch, program_tile,
+                      split_parts, split_weights, tile_product)
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel
@@ -117,11 +117,6 @@ INTERPRETER_SPLINE_MIX_TILE = {"BLOCK_M": 32, "BLOCK_D": 32}
 SMALL_D = 256
 TENSOR_CORE_MODES = ("split", "tf32x3")
 
-_spline_mix_tuned = autotune(_spline_mix_kernel, _SPLINE_MIX_CONFIGS, key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE"])
-_spline_mix_tuned_tc = autotune(_spline_mix_kernel, _SPLINE_MIX_TENSOR_CORE_CONFIGS,
-                                key=[*AUTOTUNE_KEY_ARGS, "DOT_MODE", "W_PARTS"])
-_spline_mix_tuned_fp64 = autotune(_spline_mix_kernel, _SPLINE_MIX_FP64_CONFIGS, key=list(AUTOTUNE_KEY_ARGS))
-
 
 def configs_for(mode):
     """The autotune configs of dot mode ``mode`` (.ci/triton_compile.py compiles each)."""
@@ -130,10 +125,9 @@ def configs_for(mode):
     return _SPLINE_MIX_TENSOR_CORE_CONFIGS if mode in TENSOR_CORE_MODES else _SPLINE_MIX_CONFIGS
 
 
-def _tuned_for(mode):
-    if mode == "fp64":
-        return _spline_mix_tuned_fp64
-    return _spline_mix_tuned_tc if mode in TENSOR_CORE_MODES else _spline_mix_tuned
+# one autotuner per dot mode, over that mode's configs (W_PARTS follows the output dtype)
+_spline_mix_tuned = {mode: autotune(_spline_mix_kernel, configs_for(mode), key=[*AUTOTUNE_KEY_ARGS, "W_PARTS"])
+                     for mode in DOT_MODES}
 
 
 # tests: the config DRES_TRITON_AUTOTUNE=0 launches instead of the mode's fixed one (None: that one)
@@ -175,7 +169,7 @@ def spline_mix_into(weights, x, out, scale=1.0, mode=None):
     if autotuning():
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]),)
-        launch(_tuned_for(mode), grid, *args, **meta)
+        launch(_spline_mix_tuned[mode], grid, *args, **meta)
     else:
         config = _fixed_config(d, mode)
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_D"]),)

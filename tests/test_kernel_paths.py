@@ -133,9 +133,8 @@ def test_path_choice_follows_d_n_and_the_dot_mode(monkeypatch):
 def test_autotune_keys_are_bucketed_powers_of_two():
     assert [COMMON.bucket(n) for n in (1, 7, 16, 17, 200, 256, 257)] == [16, 16, 16, 32, 256, 256, 512]
     assert COMMON.bucket(3 << 20) == 1 << 20 and COMMON.bucket(5, low=256) == 256
-    modes = ("ieee", "fp64", "split", "tf32x3")
-    mix_configs = [SM.configs_for(mode) for mode in modes]
-    rows_configs = [RL.rows_configs(mode) for mode in modes]
+    mix_configs = [SM.configs_for(mode) for mode in COMMON.DOT_MODES]
+    rows_configs = [RL.rows_configs(mode) for mode in COMMON.DOT_MODES]
     for configs in mix_configs + rows_configs + [RL._RECON_CONFIGS]:
         assert 1 <= len(configs) <= 4
     # the summation order is fixed by the launcher, never by a config
@@ -214,7 +213,7 @@ def test_cached_coding_weights_are_frozen_and_inference_mode_runs():
     assert abs(got.item() - (r * r).mean().item()) <= 1e-3 * (r * r).mean().item()
 
 
-def test_fp16_split_keeps_small_weights():
+def test_fp16_split_keeps_small_weights(monkeypatch):
     """The loss's fp16 residual with a decoder whose entries span 1 .. 1e-9 (a smoothing spline's far weights
     are tiny) and ``y`` within 1e-2 of ``D y_coded`` (a nearly smooth ``f``): over five draws, both paths stay
     within the accuracy rule (twice torch fp32's error, or 4 ulps, summed over the draws). Unscaled fp16
@@ -233,11 +232,8 @@ def test_fp16_split_keeps_small_weights():
         r32 = y.float() - decoder @ y_coded.float()
         torch_err += abs((r32.double() ** 2).sum().item() - exact) / exact
         for path in ours:
-            os.environ[RL.RECON_PATH_ENV] = path
-            try:
-                loss = K_MOD.reconstruction_loss(y, y_coded, decoder, "sum", True)[0]
-            finally:
-                os.environ.pop(RL.RECON_PATH_ENV)
+            force_path(monkeypatch, path)
+            loss = K_MOD.reconstruction_loss(y, y_coded, decoder, "sum", True)[0]
             ours[path] += abs(loss.item() - exact) / exact
     for path, err in ours.items():
         assert err <= max(2 * torch_err, 5 * FP32_FLOOR / 2), (path, err / 2.0 ** -24, torch_err / 2.0 ** -24)

@@ -46,7 +46,7 @@ namespace {
 // blocks (at most 80 registers, no spills; docs/KERNEL_NOTES.md), so that one block's prologue and
 // epilogue overlap the others' multiply-adds. The persistent grid sizes itself with the occupancy API.
 template <class C>
-constexpr int kReconBlocksPerSm = C::BD == Tiles<typename C::Acc>::Wide::BD ? 1 : 3;
+constexpr int kReconBlocksPerSm = kIsNarrow<C> ? 3 : 1;
 
 // grad_y_coded[n0:n0+BM, col0:col0+BD] = -(D^T @ grad_source)[n0:..., col0:...]: a depth-K tile GEMM
 // with negated products from 0. Shared by the fused kernel and the row-split second launch.

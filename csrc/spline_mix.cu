@@ -21,7 +21,7 @@ namespace {
 // registers, no spills), so that a block's prologue overlaps the other blocks' multiply-adds.
 template <class C>
 constexpr int kSplineMixBlocksPerSm =
-    C::BD != Tiles<typename C::Acc>::Wide::BD ? 3 : std::is_same<typename C::Acc, float>::value ? 1 : 2;
+    kIsNarrow<C> ? 3 : std::is_same<typename C::Acc, float>::value ? 1 : 2;
 
 // C: the tile (tile_gemm.cuh; wide or narrow by d). kWeightsTransposed: the weights are the transpose of a
 // contiguous (K, M) matrix (backward passes W^T as a view), read in place by the transposed loader: no copy.

@@ -59,6 +59,10 @@ template <> struct Tiles<double> {
   using Narrow = TileCfg<double, 32, 32, 16, 2, 2>;
 };
 
+// Whether tile C is its compute type's narrow tile (the kernels' launch bounds follow it).
+template <class C>
+constexpr bool kIsNarrow = std::is_same<C, typename Tiles<typename C::Acc>::Narrow>::value;
+
 // The launchers' (and the emulation harness's) choice of tile for d columns: returns f(TypeTag<config>{}).
 template <typename Acc, class F>
 decltype(auto) with_tile(int64_t d, F&& f) {

@@ -81,7 +81,7 @@ auto with_config(int64_t d, TileChoice choice, F&& f) {
 }
 
 template <class C>
-const char* tile_name() { return C::BD == Tiles<typename C::Acc>::Wide::BD ? "wide" : "narrow"; }
+const char* tile_name() { return kIsNarrow<C> ? "narrow" : "wide"; }
 
 template <typename T>
 void report(const char* what, double max_err, double max_ref, double tol, const char* name) {

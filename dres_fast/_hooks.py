@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 __all__ = ["BoundHook", "InertHook", "ForwardMark", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "compiled_code_hint",
-           "sequence_first_layers", "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats"]
+           "sequence_first_layers", "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats", "without_caches",
+           "check_fresh_caches"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")
@@ -141,12 +142,12 @@ def rewrite_extra_args(
     policy: str,
     num_samples: int,
     batch_dim: int,
-    transform: Callable[[torch.Tensor], torch.Tensor],
+    transform: Callable[[torch.Tensor, object], torch.Tensor],
     owner: str,
     skip=(),
 ) -> Tuple[tuple, Dict]:
     """The submodule's arguments with each per-sample floating-point tensor replaced by
-    ``transform(tensor)`` (``policy="mix"``), unchanged (``"pass"``), or an error that names the
+    ``transform(tensor, place)`` (``policy="mix"``; ``place``: its position or keyword), unchanged (``"pass"``), or an error that names the
     argument (``"error"``; and ``"mix"`` for per-sample tensors that are not floating point). Arguments at
     the places in ``skip`` (positions or keywords: recognised masks) are left as they are."""
     if policy == "pass":
@@ -174,9 +175,69 @@ def rewrite_extra_args(
     args, kwargs = list(args), dict(kwargs)
     for _, place, value in found:
         if isinstance(place, int):
-            args[place] = transform(value)
+            args[place] = transform(value, place)
         else:
-            kwargs[place] = transform(value)
+            kwargs[place] = transform(value, place)
+    return tuple(args), kwargs
+
+
+#: names of key/value caches passed as tuples (older Hugging Face layers); Cache objects are recognised by
+#: their methods whatever their name
+CACHE_NAMES = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _is_cache(name: str, value) -> bool:
+    if value is None or isinstance(value, (bool, torch.Tensor)):
+        return False
+    duck = callable(getattr(value, "get_seq_length", None)) and callable(getattr(value, "update", None))
+    return duck or name in CACHE_NAMES
+
+
+def _layer_index(module: nn.Module) -> Optional[int]:
+    """The ``layer_idx`` a Hugging Face layer (or its attention) indexes its cache with; None if none."""
+    for layer in module.modules():
+        index = getattr(layer, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return None
+
+
+def _cache_places(args: tuple, kwargs: Dict, names: Dict) -> list:
+    return [place for place, name in names.items()
+            if _is_cache(name, args[place] if isinstance(place, int) else kwargs.get(place))]
+
+
+def check_fresh_caches(module: nn.Module, args: tuple, kwargs: Dict, names: Dict, positions_added: int, owner: str):
+    """Raises when a key/value cache among the submodule's arguments (a Hugging Face ``Cache``, a
+    ``past_key_value`` tuple) held positions before this call (``positions_added``: what the real call
+    appended already): generation or prefix tuning, where coded samples have no past of their own."""
+    for place in _cache_places(args, kwargs, names):
+        cache = args[place] if isinstance(place, int) else kwargs[place]
+        index = _layer_index(module)
+        if index is None or not callable(getattr(cache, "get_seq_length", None)):
+            continue
+        earlier = int(cache.get_seq_length(index)) - positions_added
+        if earlier > 0:
+            raise ValueError(
+                f"{owner}: the submodule's {names[place]!r} holds {earlier} positions from before this call "
+                "(generation, prefix tuning): the coded samples are new samples with no cached past of their own, "
+                "so DReS has no meaning here. Call the model with use_cache=False and no past key values while "
+                "training with DReS, or hook a submodule that takes no cache.")
+
+
+def without_caches(args: tuple, kwargs: Dict, names: Dict):
+    """The submodule's arguments with each key/value cache replaced by None: the coded samples are not the
+    batch's samples, so they must neither attend to the batch's cached keys nor append theirs to its cache
+    (in training the cache starts empty, and the real call alone fills it; :func:`check_fresh_caches`)."""
+    places = _cache_places(args, kwargs, names)
+    if not places:
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for place in places:
+        if isinstance(place, int):
+            args[place] = None
+        else:
+            kwargs[place] = None
     return tuple(args), kwargs
 
 

@@ -1,15 +1,26 @@
 r"""Padding and attention masks among a submodule's arguments, for :class:`dres_fast.SubmoduleDReS`.
 
-A mask says, per sample ``k`` and position ``t``, whether ``t`` holds data (``valid[k, t]``). A coded
-sample mixes every sample of the batch (the encoder is dense), so its meaning is fixed as:
+A mask says, per sample ``k``, which key positions ``t`` each query position ``q`` may attend to
+(``attend[k, q, t]``; a padding mask has one query row); a position holds data where some query
+attends to it (``valid[k, t]``). A coded sample mixes every sample of the batch (the encoder is dense),
+so its meaning is fixed as:
 
-* **coded mask**: a coded position is valid where any sample it mixes is valid,
-  ``valid_coded[n, t] = OR_k valid[k, t]``, the same for every coded sample, written back in the
-  argument's own format (dtype, convention and shape);
+* **coded mask**: coded query ``q`` attends to key ``t`` where some sample it mixes does and ``t`` is
+  valid in some sample, ``attend_coded[n, q, t] = OR_k attend[k, q, t] AND OR_k valid[k, t]``, the
+  same for every coded sample, written back in the argument's own format (dtype, convention and
+  shape). A causal mask stays causal; a padding mask becomes the union of the samples' positions;
 * **coded input**: the samples are mixed with their padded positions set to zero, so what a padded
-  position holds never reaches a coded sample;
+  position holds never reaches a coded sample; with ``extra_args="mix"`` the same holds for each
+  mixed argument with as many positions (keys and values of self-attention);
 * **loss**: only each real sample's valid positions count (:meth:`dres_fast.step.DReSStep.loss` with
-  ``valid``): ``sum_{k, t valid, c} r_{ktc}^2`` over the number of such elements for ``"mean"``.
+  ``valid``): ``sum_{k, t valid, c} r_{ktc}^2`` over the number of such elements for ``"mean"``. An
+  output with fewer axes than the input and no axis of ``T`` positions after the samples is pooled:
+  every entry counts.
+
+**Cross-attention masks** (a name with ``encoder`` or ``memory``: Hugging Face's
+``encoder_attention_mask``, ``nn.TransformerDecoder``'s ``memory_key_padding_mask``) cover another
+sequence: they are coded the same way from their own positions, never mark the batch's positions, and
+zero the padded positions of a mixed argument named like them (``encoder_hidden_states``, ``memory``).
 
 Recognised masks (an argument with the batch's ``K`` samples on axis 0, or on ``batch_dim``; ``T`` the
 positions). The argument's name (keyword, or the parameter a positional argument binds to) decides the
@@ -23,12 +34,11 @@ name contains               dtype                       meaning
 ``attention_mask``          bool, integer               True / 1 = attend (Hugging Face, sdpa)
 ==========================  ==========================  ========================================
 
-Shapes ``(K, 1, 1, T)`` and ``(K, 1, T, T)`` (a key mask broadcast over queries, as ``transformers``
-passes it to a layer: a key is valid where any query may attend to it), and ``(K, T)`` for names with
-``padding_mask`` or ``attention_mask`` (a 2-D ``mask`` / ``src_mask`` / ``attn_mask`` is usually a shared
-``(T, T)`` mask, left to ``extra_args``). Any other
-per-sample mask (a bool ``attn_mask``, whose convention differs between PyTorch modules; per-head or
-causal-only masks) gets an error whose fix is to hook a mask-free submodule.
+Shapes ``(K, 1, 1, T)`` and ``(K, 1, T, T)`` (as ``transformers`` passes them to a layer, causal or
+not; ``(K, 1, Q, S)`` for a cross-attention mask), and ``(K, T)`` for names with ``padding_mask`` or
+``attention_mask`` (a 2-D ``mask`` / ``src_mask`` / ``attn_mask`` is usually a shared ``(T, T)`` mask,
+left to ``extra_args``). Any other per-sample mask (a bool ``attn_mask``, whose convention differs
+between PyTorch modules; per-head masks) gets an error whose fix is to hook a mask-free submodule.
 """
 
 from __future__ import annotations
@@ -38,28 +48,37 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["MaskArgument", "find_masks", "positions_valid"]
+__all__ = ["MaskArgument", "find_masks", "positions_valid", "argument_names", "padding_of", "zero_padded"]
 
 #: additive masks: values at or below this count as masked (older Hugging Face models use -10000)
 MASKED_BELOW = -1e4
+#: a mask or argument whose name holds one of these is about another sequence (cross-attention)
+CROSS_NAMES = ("encoder", "memory")
+
+
+def is_cross(name: str) -> bool:
+    return any(word in name.lower() for word in CROSS_NAMES)
 
 
 class MaskArgument:
-    """One recognised mask: where it is (``place``: position or keyword), its per-sample validity
-    ``valid`` (``(K, T)`` bool) and how to write a coded mask in its own format."""
+    """One recognised mask: where it is (``place``: position or keyword), whether it covers another
+    sequence (``cross``), what each sample's queries attend to (``attend``, ``(K, Q, T)`` bool, ``Q = 1``
+    for a padding mask), its per-sample validity ``valid`` (``(K, T)`` bool) and how to write a coded
+    mask in its own format."""
 
-    def __init__(self, label: str, place, tensor: torch.Tensor, axis: int, kind: str):
-        self.label, self.place, self.tensor, self.axis, self.kind = label, place, tensor, axis, kind
+    def __init__(self, label: str, place, tensor: torch.Tensor, axis: int, kind: str, cross: bool = False):
+        self.label, self.place, self.tensor, self.axis, self.kind, self.cross = label, place, tensor, axis, kind, cross
         first = tensor.movedim(axis, 0)
         if first.dim() == 2:
-            attend = self._attend(first)
-        elif first.dim() == 4 and first.shape[1] == 1 and first.shape[2] in (1, first.shape[3]):
-            attend = self._attend(first[:, 0]).any(dim=1)  # a key is valid where some query attends to it
+            attend = self._attend(first)[:, None, :]
+        elif first.dim() == 4 and first.shape[1] == 1 and (cross or first.shape[2] in (1, first.shape[3])):
+            attend = self._attend(first[:, 0])
         else:
             raise ValueError(f"{label}: a mask of shape {tuple(tensor.shape)} has no stated meaning for coded "
                              "samples (supported: (K, T), (K, 1, 1, T), (K, 1, T, T)); hook a submodule that "
                              "takes no mask (e.g. the layer's feed-forward part)")
-        self.valid = attend
+        self.attend = attend
+        self.valid = attend.any(dim=1)  # a key holds data where some query attends to it
 
     def _attend(self, values: torch.Tensor) -> torch.Tensor:
         if self.kind == "key_padding":
@@ -78,10 +97,13 @@ class MaskArgument:
             return ~masked
         return values.bool()  # attention_mask: True / 1 = attend
 
-    def coded(self, union: torch.Tensor, num_coded: int) -> torch.Tensor:
-        """This mask for ``num_coded`` coded samples, each valid at ``union`` (``(T,)`` bool)."""
+    def coded(self, num_coded: int, union: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This mask for ``num_coded`` coded samples: what some sample's query attends to, at the keys
+        valid in ``union`` (``(T,)`` bool; default: valid in some sample for this mask)."""
         first = self.tensor.movedim(self.axis, 0)
-        keys = union.view((1,) * (first.dim() - 1) + (-1,)).expand((num_coded,) + first.shape[1:])
+        union = self.valid.any(dim=0) if union is None else union
+        pattern = self.attend.any(dim=0) & union  # (Q, T): a causal mask stays causal
+        keys = pattern.reshape(first.shape[1:]).expand((num_coded,) + first.shape[1:])
         if self.kind == "key_padding":
             values = ~keys
         elif self.kind == "additive":
@@ -105,6 +127,11 @@ def _kind(name: str, tensor: torch.Tensor) -> Optional[str]:
     if "attention_mask" in name:
         return "attention"
     return "unknown"
+
+
+def argument_names(module, args: tuple, kwargs: Dict) -> Dict[object, str]:
+    """Place (position or keyword) -> name of each argument besides the batch."""
+    return {place: str(name) for name, place, _ in _names(module, args, kwargs)}
 
 
 def _names(module, args: tuple, kwargs: Dict) -> List[Tuple[str, object, object]]:
@@ -146,16 +173,46 @@ def find_masks(module, args: tuple, kwargs: Dict, num_samples: int, batch_dim: i
                              "attend, or True = masked) differs between modules; pass it as a float additive mask "
                              "(0 = attend, -inf = masked) or as key_padding_mask=, or hook a submodule that takes "
                              "no mask")
-        masks.append(MaskArgument(label, place, value, axes[0], kind))
+        masks.append(MaskArgument(label, place, value, axes[0], kind, cross=is_cross(str(name))))
     return masks
 
 
-def positions_valid(masks: List[MaskArgument]) -> Optional[torch.Tensor]:
-    """``(K, T)`` bool: valid for every mask (None without masks)."""
+def positions_valid(masks: List[MaskArgument], cross: bool = False) -> Optional[torch.Tensor]:
+    """``(K, T)`` bool: valid for every mask of the batch's positions (``cross``: of the other sequence's);
+    None without such masks."""
     valid = None
     for mask in masks:
+        if mask.cross != cross:
+            continue
         if valid is not None and valid.shape != mask.valid.shape:
             raise ValueError(f"{mask.label}: its positions {tuple(mask.valid.shape)} differ from another mask's "
                              f"{tuple(valid.shape)}")
         valid = mask.valid if valid is None else valid & mask.valid
+    return valid
+
+
+def _position_axis(axis: int) -> int:
+    return 1 if axis == 0 else 0  # the axis after the samples' (batch-first), or before it (sequence-first)
+
+
+def zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` (samples along ``axis``) with each sample's padded positions set to zero (positions: axis 1
+    for batch-first ``x``, axis 0 for sequence-first). A select, not a product: ``inf`` or NaN in a padded
+    position reaches nothing."""
+    position = _position_axis(axis)
+    if x.dim() < 2 or position == axis or x.shape[position] != valid.shape[1]:
+        raise ValueError(f"the submodule's input {tuple(x.shape)} has no axis of the mask's {valid.shape[1]} "
+                         "positions next to its samples' axis")
+    layout = valid if position > axis else valid.t()
+    return torch.where(layout.view(layout.shape + (1,) * (x.dim() - 2)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument]) -> Optional[torch.Tensor]:
+    """The ``(K, T)`` validity that applies to ``value``, a per-sample argument named ``name`` with its
+    samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``), the batch's
+    otherwise; None when ``value`` has no axis of that many positions next to its samples'."""
+    position = _position_axis(axis)
+    valid = positions_valid(masks, cross=is_cross(name))
+    if valid is None or value.dim() < 2 or position == axis or value.shape[position] != valid.shape[1]:
+        return None
     return valid

@@ -3,16 +3,18 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
-                     frozen_running_stats, rewrite_extra_args, sequence_first_layers)
-from ._masks import find_masks
+                     check_fresh_caches, frozen_running_stats, rewrite_extra_args, sequence_first_layers,
+                     without_caches)
+from ._masks import argument_names, find_masks, padding_of, zero_padded
 from .smoothing import SmoothingSpec
-from .step import DReSConfig, DReSStep
+from .step import DReSConfig, DReSStep, HoldsStep
 
 __all__ = ["DReSLoss", "SubmoduleDReS"]
 
@@ -20,25 +22,7 @@ __all__ = ["DReSLoss", "SubmoduleDReS"]
 DEFAULT_RUNNING_STATS = "all"
 
 
-class _HoldsStep:
-    """``spec`` and ``step_count`` of the :class:`DReSStep` held as ``self.step``."""
-
-    @property
-    def spec(self) -> SmoothingSpec:
-        return self.step.config.spec
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far when ``every > 1`` (a call of ``DReSLoss``, a step of ``SubmoduleDReS``); a
-        step runs the coded branch when ``step_count % every == 0``."""
-        return self.step.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.step.step_count = value
-
-
-class DReSLoss(_HoldsStep, nn.Module):
+class DReSLoss(HoldsStep, nn.Module):
     """Module form of :func:`dres_fast.dres_loss`: the options are constructor arguments.
 
     ``loss = DReSLoss(num_coded=64)(model.encoder, x, y=features)``
@@ -86,7 +70,7 @@ class DReSLoss(_HoldsStep, nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in options.items() if not isinstance(v, torch.Tensor))
 
 
-class SubmoduleDReS(_HoldsStep):
+class SubmoduleDReS(HoldsStep):
     r"""Record the DReS discrepancy of one named submodule during a model's ordinary forward.
 
     .. code-block:: python
@@ -108,29 +92,27 @@ class SubmoduleDReS(_HoldsStep):
     ``extra_args``: tensor arguments of the submodule besides the batch with ``K`` entries along
     ``batch_dim`` look per-sample (a padding mask, a condition) and have no value for a coded sample.
     ``"error"`` (default) raises, naming the argument; ``"mix"`` mixes floating-point ones with the
-    batch's encoder (``E c``, concatenated to ``c`` in concat mode) and raises for others (masks, ids);
-    ``"pass"`` passes them unchanged. Other arguments are always passed unchanged.
+    batch's encoder (``E c``, concatenated to ``c`` in concat mode; padded positions zeroed first) and
+    raises for others (ids); ``"pass"`` passes them unchanged. Masks are recognised by name and coded
+    (:mod:`dres_fast._masks`); key/value caches are not passed to coded calls (``_hooks.without_caches``).
 
     ``mode``:
 
     * ``"concat"``: the coded batch ``E x`` is appended to the real batch and the submodule runs
       **once** on ``K + N`` samples; only the first ``K`` outputs continue through the model.
-      BatchNorm inside the submodule then normalizes real and coded samples together, and its running
-      statistics see that mixed batch (once per step; ``running_stats="all"`` is the only choice). One
-      call: the fastest on a GPU.
-    * ``"separate"``: the submodule runs on the real batch as usual, then a second time on the coded
-      batch. BatchNorm normalizes each batch with its own statistics, and in training mode updates its
-      running statistics from the real batch only (``running_stats="real"``), or also from the coded
-      batch (``"all"``, the default: twice per step, once with samples of smaller variance when the
-      encoder smooths; docs/EVIDENCE.md has the measurement behind the default). The real branch is
-      exactly what the model computes without DReS.
+      BatchNorm normalizes real and coded samples together and updates its running statistics once
+      from that mixed batch (``running_stats="all"`` only). One call: the fastest on a GPU.
+    * ``"separate"``: the submodule runs on the real batch as usual (exactly the model's own forward),
+      then a second time on the coded batch. BatchNorm normalizes each batch with its own statistics and
+      updates its running statistics from the real batch only (``running_stats="real"``) or from both
+      (``"all"``, the default; docs/EVIDENCE.md has the measurement behind it).
 
     ``loss`` sums over the submodule's calls: inside a ``with`` block, all calls in the block; after
-    :meth:`attach`, the calls in the model's latest forward. A call with gradients disabled or with
-    the submodule in eval mode runs no coded branch and contributes zero (validation costs nothing);
-    so does a batch of fewer than 3 samples (one warning). A fixed ``dof_enc`` / ``dof_dec`` above
-    the knots of a batch (a smaller last batch) is clipped to that batch's knot count (one warning);
-    the functional :func:`dres_fast.dres_loss` raises instead.
+    :meth:`attach`, the calls in the model's latest forward (zero, with one warning, for a forward that
+    skips the submodule: LayerDrop). A call with gradients disabled or with the submodule in eval mode
+    runs no coded branch and contributes zero (validation costs nothing); so does a batch of fewer than 3
+    samples (one warning). A fixed ``dof_enc`` / ``dof_dec`` above the knots of a batch (a smaller last
+    batch) is clipped to that batch's knot count (one warning); :func:`dres_fast.dres_loss` raises instead.
 
     Copies of the model made while the hooks are attached (``copy.deepcopy``, ``AveragedModel``, an
     EMA copy, ``torch.save`` of the whole module) carry inert hooks: no coded branch, no record.
@@ -211,6 +193,7 @@ class SubmoduleDReS(_HoldsStep):
         self._pending: list = []  # concat mode: the coding of each call in flight (None: skipped)
         self._inside = False  # separate mode: set while the coded branch runs
         self._coded_step = True  # whether the current step runs the coded branch
+        self._forwarded = False  # whether the model has run a forward since attach() (never in a `with` block)
 
     @property
     def batch_dim(self) -> int:
@@ -225,8 +208,7 @@ class SubmoduleDReS(_HoldsStep):
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
-        if record_per_forward and self.step.config.every > 1:  # imports torch._dynamo: only when needed
-            self._count_step = torch.compiler.disable(self._begin_forward_step)
+        self._forwarded = False
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
         if record_per_forward:  # registered first: it runs before the others when submodule == model
             self._handles.append(self.model.register_forward_pre_hook(BoundHook(self, "_start_record")))
@@ -250,7 +232,6 @@ class SubmoduleDReS(_HoldsStep):
         return self._install(record_per_forward=False)
 
     def _begin_forward_step(self) -> None:
-        # wrapped in torch.compiler.disable by attach: a graph break beats a recompile per counter value
         if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
             self._coded_step = self.step.begin()
 
@@ -260,6 +241,12 @@ class SubmoduleDReS(_HoldsStep):
     @property
     def loss(self) -> torch.Tensor:
         """The recorded DReS discrepancy (sum over the submodule's calls; see the class docstring)."""
+        if not self._losses and self._forwarded:  # attached: a model forward that did not call the submodule
+            self.step.warn_once("skipped", f"SubmoduleDReS({self.name!r}): the submodule did not run in the model's "
+                                "latest forward, so reg.loss is zero for it: a layer skipped by LayerDrop or an unused "
+                                f"expert, or a submodule that is not on the model's path.{compiled_code_hint()}")
+            like = next(itertools.chain(self.module.parameters(), self.module.buffers()), torch.empty(0))
+            return self.step.zero(like)
         if not self._losses:
             raise RuntimeError(f"submodule {self.name!r} did not run inside the `with` block: no DReS loss "
                                f"recorded.{compiled_code_hint()}")
@@ -277,7 +264,6 @@ class SubmoduleDReS(_HoldsStep):
         # A copy (deepcopy or pickle of a model that holds this object, as SWA/EMA callbacks make) gets the
         # options without the record (non-leaf tensors cannot be copied) and without hooks.
         state = dict(self.__dict__, _losses=[], _pending=[], _handles=[], _inside=False)
-        state.pop("_count_step", None)  # a compiler-disabled bound method: set again by attach()
         return state
 
     def reset(self) -> None:
@@ -294,11 +280,16 @@ class SubmoduleDReS(_HoldsStep):
                 f"SubmoduleDReS({self.name!r}): batch_dim={self.batch_dim} is not an axis of the submodule's "
                 f"input of shape {tuple(args[0].shape)}"
             )
+        if not args[0].is_floating_point():
+            raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule's batch (its first positional argument) is "
+                            f"of dtype {args[0].dtype}; DReS mixes samples, and ids or integers have no value between "
+                            "two samples. Hook the submodule that takes their embeddings.")
         return args[0]
 
-    def _coding(self, module: nn.Module, args, kwargs):
+    def _coding(self, module: nn.Module, args, kwargs, after_call: bool):
         """The coding of this call (:meth:`DReSStep.encode`), or None (and a zero recorded) when it gets no
-        coded branch: a skipped ``every`` step, gradients off, the submodule in eval mode, < 3 samples."""
+        coded branch: a skipped ``every`` step, gradients off, the submodule in eval mode, < 3 samples.
+        ``after_call``: the real call has run (separate mode), so a cache already holds its positions."""
         batch = self._batch_of(args)
         axis = batch_axis(self.batch_dim, batch)
         if not (self._coded_step and torch.is_grad_enabled() and module.training):
@@ -309,47 +300,60 @@ class SubmoduleDReS(_HoldsStep):
                                 "small for DReS (needs 3); it contributes zero.")
             self._losses.append(self.step.zero(batch))
             return None
-        masks = (find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, f"SubmoduleDReS({self.name!r})")
-                 if len(args) > 1 or kwargs else [])
+        masks = []
+        if len(args) > 1 or kwargs:
+            owner = f"SubmoduleDReS({self.name!r})"
+            positions = batch.shape[1 if axis == 0 else 0] if after_call and batch.dim() >= 2 else 0
+            check_fresh_caches(module, args, kwargs, argument_names(module, args, kwargs), positions, owner)
+            masks = find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, owner)
         return self.step.encode(batch, axis, masks)
 
     def _arguments(self, coding, args, kwargs, pick):
-        """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v), axis)``,
-        each mask ``m`` by ``pick(m, [its coded mask for each coded input], axis)`` (:mod:`dres_fast._masks`);
+        """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v'), axis)``
+        (``v'``: ``v`` with its padded positions zero), each mask ``m`` by ``pick(m, [its coded mask for each coded
+        input], axis)`` (:mod:`dres_fast._masks`), each key/value cache by None (``_hooks.without_caches``);
         ``axis``: where the value holds the samples."""
         if len(args) == 1 and not kwargs:  # the batch alone: nothing to rewrite
             return args, kwargs
+        owner = f"SubmoduleDReS({self.name!r})"
+        names = argument_names(self.module, args, kwargs)
 
-        def transform(value):
+        def transform(value, place):
             axis = batch_axis(self.batch_dim, value)
-            return pick(value, coding.mix(value, axis), axis)
+            valid = padding_of(value, axis, names.get(place, ""), coding.masks) if coding.masks else None
+            return pick(value, coding.mix(value if valid is None else zero_padded(value, axis, valid), axis), axis)
 
         args, kwargs = list(args), dict(kwargs)
-        union = coding.valid.any(dim=0) if coding.masks else None  # valid in some sample: valid when coded
+        union = coding.valid.any(dim=0) if coding.valid is not None else None  # valid in some sample: valid when coded
         counts = [coding.num_coded] + [coding.num_samples] * (len(coding.inputs) - 1)  # E x, then D E x
         for mask in coding.masks:
-            coded = pick(mask.tensor, [mask.coded(union, count) for count in counts], mask.axis)
+            coded = pick(mask.tensor, [mask.coded(count, None if mask.cross else union) for count in counts], mask.axis)
             if isinstance(mask.place, int):
                 args[mask.place] = coded
             else:
                 kwargs[mask.place] = coded
-        return rewrite_extra_args(tuple(args), kwargs, policy=self.extra_args, num_samples=coding.num_samples,
-                                  batch_dim=self.batch_dim, transform=transform, owner=f"SubmoduleDReS({self.name!r})",
+        args, kwargs = without_caches(tuple(args), kwargs, names)
+        return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=coding.num_samples,
+                                  batch_dim=self.batch_dim, transform=transform, owner=owner,
                                   skip={mask.place for mask in coding.masks})
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
         if not self._inside:  # the coded branch re-enters the model when the submodule is the model
             self.reset()
+            self._forwarded = True  # a constant stored: torch.compile guards on no counter
             if self.step.config.every > 1:
-                self._count_step()
+                self._begin_forward_step()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
             return None
-        coding = self._coding(module, args, kwargs)
+        coding = self._coding(module, args, kwargs, after_call=True)
         if coding is None:
             return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule must return one tensor, got "
+                            f"{type(output).__name__}; hook the part of it that returns the tensor to regularize")
         self._inside = True
         try:  # the coded call(s): f(E x), and f(D E x) for the reconstructed anchor, each with its arguments
             outputs = []
@@ -364,7 +368,7 @@ class SubmoduleDReS(_HoldsStep):
         return None
 
     def _concat_pre_hook(self, module, args, kwargs):
-        coding = self._coding(module, args, kwargs)
+        coding = self._coding(module, args, kwargs, after_call=False)
         self._pending.append(coding)
         if coding is None:
             return None

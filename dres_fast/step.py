@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 
 from ._hooks import batch_axis, check_batch_dim
-from ._masks import positions_valid
+from ._masks import positions_valid, zero_padded
 from .banded import BandedSpline
 from .cache import coding_weights, default_cache
 from .contract import MIN_SAMPLES, REDUCTIONS, compute_dtype, loss_dtype, traced
@@ -41,7 +41,7 @@ from .ops import banded as banded_path
 from .ops.dispatch import BACKENDS, functions
 from .smoothing import SmoothingSpec, check_anchor, check_every, check_order
 
-__all__ = ["DReSConfig", "DReSStep", "Coding", "step_for", "principal_order"]
+__all__ = ["DReSConfig", "DReSStep", "Coding", "HoldsStep", "step_for", "principal_order"]
 
 #: Power iterations of :func:`principal_order`: the order only needs a good direction, not a converged
 #: one, and every iterate is a function of the batch's covariance, so any count keeps the invariance.
@@ -112,35 +112,43 @@ def _unrows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows if like.dim() == 2 else rows.reshape((rows.shape[0],) + like.shape[1:])
 
 
-def _zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor) -> torch.Tensor:
-    """``x`` with each sample's padded positions set to zero (positions: axis 1 for batch-first ``x``,
-    axis 0 for sequence-first)."""
-    position = 1 if axis == 0 else 0
-    if x.dim() < 2 or position == axis or x.shape[position] != valid.shape[1]:
-        raise ValueError(f"the submodule's input {tuple(x.shape)} has no axis of the mask's {valid.shape[1]} "
-                         "positions next to its samples' axis")
-    layout = valid if position > axis else valid.t()
-    return x * layout.to(x.dtype).view(layout.shape + (1,) * (x.dim() - 2))
-
-
 def _masked_loss(mix, anchor, y_coded, decoder, valid, reduction: str) -> torch.Tensor:
     """The loss over each sample's valid positions only: ``anchor`` and ``y_coded`` with the samples on
     axis 0 and the positions on axis 1, ``valid`` ``(K, T)`` bool (:mod:`dres_fast._masks`). Plain torch
-    around one ``spline_mix`` (the fused op has no mask); ``"mean"`` divides by the valid elements."""
-    if anchor.dim() < 2 or anchor.shape[1] != valid.shape[1]:
-        raise ValueError(f"the submodule's output {tuple(anchor.shape)} (samples first) has no position axis of "
-                         f"the mask's {valid.shape[1]} positions after the samples' axis")
+    around one ``spline_mix`` (the fused op has no mask); ``"mean"`` divides by the valid elements. The
+    padded positions are selected out, not multiplied by zero: a NaN there (a fully masked query row)
+    reaches nothing."""
     dtype = compute_dtype(y_coded.dtype)  # the dense decoder's dtype; a banded one computes in float64
     decoded = _unrows(mix(decoder, _rows(y_coded.to(dtype))), y_coded)
-    weight = valid.to(dtype).view(valid.shape + (1,) * (anchor.dim() - 2))
-    per_sample = ((anchor.to(dtype) - decoded) * weight).square().flatten(1).sum(1)
+    keep = valid.view(valid.shape + (1,) * (anchor.dim() - 2))
+    residual = torch.where(keep, anchor.to(dtype) - decoded, torch.zeros((), dtype=dtype, device=decoded.device))
+    per_sample = residual.square().flatten(1).sum(1)
     if reduction == "none":
         loss = per_sample
     elif reduction == "sum":
         loss = per_sample.sum()
     else:
-        loss = per_sample.sum() / (weight.sum() * (anchor[0, 0].numel())).clamp_min(1)
+        loss = per_sample.sum() / (valid.sum() * anchor[0, 0].numel()).clamp_min(1)
     return loss.to(loss_dtype(anchor.dtype))
+
+
+def _has_positions(output: torch.Tensor, valid: torch.Tensor, input_dim: int, mask_label: str) -> bool:
+    """Whether the submodule's ``output`` (samples first) keeps the batch's positions on axis 1, where the
+    mask applies; False for a pooled output (fewer axes than the input, none of ``T`` positions after the
+    samples: every entry counts). Raises where neither is clear."""
+    positions = valid.shape[1]
+    if output.dim() >= input_dim and output.dim() >= 2 and output.shape[1] == positions:
+        return True
+    if output.dim() < input_dim and (output.dim() < 2 or output.shape[1] != positions):
+        return False
+    reason = ("has fewer axes than the input and as many entries after the samples as the mask has positions: "
+              "pooled features or one value per position? Return (K, T, 1) for one value per position, or hook "
+              "the submodule before the pooling" if output.dim() < input_dim else
+              "keeps the input's axes but not its positions after the samples (a strided or pooling layer): the "
+              "mask cannot say which of its outputs hold data. Hook a submodule that keeps the positions, or one "
+              "whose output is pooled")
+    raise ValueError(f"{mask_label} marks {positions} positions, but the submodule's output {tuple(output.shape)} "
+                     f"(samples first; the input has {input_dim} axes) {reason}")
 
 
 def _functions(backend: str, value: torch.Tensor, weights):
@@ -156,13 +164,14 @@ class Coding:
     on the batch's axis; and, for a submodule called with masks, ``masks`` and ``valid`` (``(K, T)`` bool,
     each real sample's valid positions: the loss counts only those; :mod:`dres_fast._masks`)."""
 
-    __slots__ = ("step", "num_samples", "num_coded", "spec", "sort", "encoder", "decoder", "inputs", "masks", "valid")
+    __slots__ = ("step", "num_samples", "num_coded", "spec", "sort", "encoder", "decoder", "inputs", "masks", "valid",
+                 "input_dim")
 
     def __init__(self, step: "DReSStep", num_samples: int, num_coded: int, spec: SmoothingSpec, sort, encoder, decoder):
         self.step, self.num_samples, self.num_coded, self.spec, self.sort = step, num_samples, num_coded, spec, sort
         self.encoder, self.decoder = encoder, decoder
         self.inputs: List[torch.Tensor] = []
-        self.masks, self.valid = [], None
+        self.masks, self.valid, self.input_dim = [], None, 0
 
     def mix(self, value: torch.Tensor, axis: int) -> List[torch.Tensor]:
         """``[E v]`` (and ``D E v`` for the reconstructed anchor) of ``v``, a tensor with this batch's
@@ -193,8 +202,8 @@ class Coding:
 
 
 class DReSStep:
-    """The DReS step of one :class:`DReSConfig` (module docstring). ``step_count`` counts the steps begun
-    with :meth:`begin` when ``every > 1``."""
+    """The DReS step of one :class:`DReSConfig` (module docstring). ``step_count``: the place of the next
+    step begun with :meth:`begin` in the cycle of ``every`` steps (``every > 1``; 0: it runs the coded branch)."""
 
     def __init__(self, config: DReSConfig):
         self.config = config
@@ -204,11 +213,13 @@ class DReSStep:
 
     # -- every ------------------------------------------------------------------------------------
     def begin(self) -> bool:
-        """Count one step; whether it runs the coded branch (steps 0, every, 2 every, ...)."""
-        if self.config.every == 1:  # no counter: an int that changes would recompile a compiled step
+        """Count one step; whether it runs the coded branch (steps 0, every, 2 every, ...). The counter
+        cycles through ``0 .. every - 1``: torch.compile specializes a compiled step on its value, so a
+        counter that only grew would recompile at every step; a cycle compiles ``every`` variants."""
+        if self.config.every == 1:  # no counter at all: nothing to specialize on
             return True
-        step, self.step_count = self.step_count, self.step_count + 1
-        return step % self.config.every == 0
+        place, self.step_count = self.step_count, (self.step_count + 1) % self.config.every
+        return place == 0
 
     def zero(self, like: torch.Tensor, num_samples: Optional[int] = None) -> torch.Tensor:
         """The loss of a step without coded branch: zeros of the loss's shape and dtype, which
@@ -256,10 +267,10 @@ class DReSStep:
         num_samples, num_coded = spec.sizes(x.shape[axis])
         valid = positions_valid(masks) if masks else None
         if valid is not None:  # before the sort too: what padded positions hold must not move anything
-            x = _zero_padded(x, axis, valid)
+            x = zero_padded(x, axis, valid)
         sort = principal_order(_moved(x, axis, 0)) if self.config.order == "principal" else None
         coding = Coding(self, num_samples, num_coded, spec, sort, None, None)  # weights_for fetches the maps
-        coding.masks, coding.valid = list(masks), valid
+        coding.masks, coding.valid, coding.input_dim = list(masks), valid, x.dim()
         coding.inputs = coding.mix(x, axis)
         return coding
 
@@ -291,7 +302,9 @@ class DReSStep:
             anchor, y_coded = anchor.to(dtype), y_coded.to(dtype)
         decoder = coding.weights_for(y_coded)[1]
         ops = _functions(config.backend, y_coded, decoder)
-        if coding.valid is None:
+        masked = coding.valid is not None and _has_positions(anchor, coding.valid, coding.input_dim,
+                                                              next(m.label for m in coding.masks if not m.cross))
+        if not masked:
             loss = ops.reconstruction_loss(_rows(anchor), _rows(y_coded), decoder, config.reduction)
         else:
             valid = coding.valid if coding.sort is None else coding.valid.index_select(0, coding.sort)
@@ -334,6 +347,25 @@ class DReSStep:
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         return axis
+
+
+class HoldsStep:
+    """``spec`` and ``step_count`` of the :class:`DReSStep` held as ``self.step`` (``DReSLoss``, ``SubmoduleDReS``)."""
+
+    @property
+    def spec(self) -> SmoothingSpec:
+        return self.step.config.spec
+
+    @property
+    def step_count(self) -> int:
+        """With ``every > 1``: the place of the next step (a call of ``DReSLoss``, a step of ``SubmoduleDReS``)
+        in the cycle of ``every`` steps, ``0 .. every - 1``; the step runs the coded branch when it is 0.
+        Setting it to a step number ``s`` sets ``s % every`` (resuming a run)."""
+        return self.step.step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.step.step_count = int(value) % self.step.config.every
 
 
 @functools.lru_cache(maxsize=256, typed=True)

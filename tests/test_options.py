@@ -194,7 +194,7 @@ def test_dres_loss_module_every_counts_and_scales():
     plain = dres_loss(net, x)
     net.calls = 0
     losses = [lazy(net, x, y=torch.zeros(8, 3, dtype=torch.float64) + 0) for _ in range(7)]
-    assert net.calls == 3 and lazy.step_count == 7  # steps 0, 3, 6; nothing runs on the others
+    assert net.calls == 3 and lazy.step_count == 7 % 3  # steps 0, 3, 6; nothing runs on the others
     for step, loss in enumerate(losses):
         if step % 3 == 0:
             torch.testing.assert_close(loss, 3 * dres_loss(net, x, y=torch.zeros(8, 3, dtype=torch.float64)))
@@ -239,7 +239,7 @@ def test_submodule_every_counts_scales_and_runs_nothing_extra(mode, attached):
         with torch.no_grad():
             model(x)  # validation forward: not a step
         reg.detach()
-    assert reg.step_count == 9
+    assert reg.step_count == 9 % 4  # the place of the next step in the cycle
     for step in range(9):
         if step % 4 == 0:
             torch.testing.assert_close(losses[step], 4 * expected)
@@ -331,9 +331,10 @@ def test_bad_options_name_the_argument(kwargs, err, match):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_submodule_every_on_a_compiled_model_compiles_twice_at_most(mode):
-    """The step counter is counted outside the graph: one graph for coded steps, one for plain ones,
-    not a recompile per counter value."""
+def test_submodule_every_on_a_compiled_model_compiles_once_per_place_in_the_cycle(mode):
+    """The step counter is traced (fullgraph=True: no graph break) and cycles through 0 .. every - 1, so a
+    compiled model compiles one variant per place in the cycle, not one per step (a counter that only grew
+    hit the recompile limit after 8 steps)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -341,15 +342,36 @@ def test_submodule_every_on_a_compiled_model_compiles_twice_at_most(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
     reg = SubmoduleDReS(model, "2", mode=mode, every=4, order="principal").attach()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     coded = []
     for _ in range(9):
         out = compiled(torch.randn(32, 5))
         (out.sum() + reg.loss).backward()
         coded.append(reg.loss.item() != 0)
     reg.detach()
-    assert coded == [step % 4 == 0 for step in range(9)] and reg.step_count == 9
-    assert counters["stats"]["unique_graphs"] <= 2
+    assert coded == [step % 4 == 0 for step in range(9)] and reg.step_count == 9 % 4
+    assert counters["stats"]["unique_graphs"] <= 4
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_dres_loss_every_in_a_compiled_step_compiles_once_per_place_in_the_cycle():
+    """DReSLoss(every=4) inside a step compiled with fullgraph=True: 4 graphs for 12 steps, the coded
+    branch on steps 0, 4, 8 with the loss times 4 (a counter that only grew recompiled at every step and
+    hit the recompile limit on the 9th)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net, lazy = _mlp().float(), DReSLoss(every=4)
+    step = torch.compile(lambda x: lazy(net, x), backend="eager", fullgraph=True)
+    x = torch.randn(9, 5)
+    losses = [step(x) for _ in range(12)]
+    expected = 4 * dres_loss(net, x)
+    for i, loss in enumerate(losses):
+        torch.testing.assert_close(loss, expected if i % 4 == 0 else torch.zeros(()), rtol=1e-5, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
 
 

@@ -322,6 +322,54 @@ def test_attach_across_steps_without_reset(mode):
     assert len(set(recorded)) == 3  # three different batches: a stale record would repeat a value
 
 
+class LayerDrop(nn.Module):
+    """Skips its middle layer on the forwards listed in ``skip`` (as LayerDrop or an unused expert would)."""
+
+    def __init__(self, skip):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.skip, self.forwards = set(skip), 0
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if not (i == 1 and self.forwards in self.skip):
+                x = torch.tanh(layer(x))
+        self.forwards += 1
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_forward_that_skips_the_submodule_gives_zero_once_attached(mode):
+    """Attached, a forward that never calls the submodule (LayerDrop) contributes zero, with one warning,
+    whether or not the submodule ran before; in a `with` block that ran no call it stays an error."""
+    model = LayerDrop(skip={0, 2}).double()
+    reg = dres_fast.SubmoduleDReS(model, "layers.1", mode=mode).attach()
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            x = torch.randn(8, 4, dtype=torch.float64)
+            (model(x).square().mean() + reg.loss).backward()
+            losses.append(reg.loss.item())
+    reg.detach()
+    assert [loss == 0 for loss in losses] == [True, False, True, False]
+    assert sum("did not run in the model's latest forward" in str(w.message) for w in caught) == 1
+    with pytest.raises(RuntimeError, match="did not run inside the `with` block"):
+        with dres_fast.SubmoduleDReS(model, "layers.1", mode=mode) as reg:
+            model.skip.add(model.forwards)
+            model(torch.randn(8, 4, dtype=torch.float64))
+        reg.loss
+
+
+def test_an_integer_batch_is_refused_not_interpolated():
+    """Token ids as the submodule's batch: mixing them would make ids of no token (rounded on the way back
+    to int64); the error says to hook the embeddings instead."""
+    model = nn.Sequential(nn.Embedding(20, 4), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"dtype torch.int64.*embeddings"):
+        with dres_fast.SubmoduleDReS(model, "0"):
+            model(torch.randint(0, 20, (6, 5)))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attach_on_the_whole_model_records_the_latest_forward(mode):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()

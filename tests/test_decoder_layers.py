@@ -1,0 +1,275 @@
+"""Masks beyond padding under ``SubmoduleDReS``: causal decoder layers, key/value caches, cross-attention,
+mixed keys and values, pooled outputs (dres_fast/_masks.py states the meaning).
+
+What each case means:
+
+* **causal**: the coded call runs through the same causal layer. Coded query ``q`` attends to key ``t``
+  where some real sample's query ``q`` does and ``t`` holds data in some sample; a causal mask with
+  padding becomes ``causal AND union of the samples' positions``, never a bidirectional one. So the loss
+  of a Hugging Face decoder layer is the hand computation of exactly that, and the same whichever
+  attention implementation (eager: a float mask; sdpa: a bool mask, or none and ``is_causal``) runs.
+* **cache**: Hugging Face decoders pass a key/value cache to each layer (``use_cache`` is on by default
+  in training). The coded samples are not the batch's samples: they get no cache, so they neither
+  attend to the batch's cached keys nor append theirs. The loss is the same with and without
+  ``use_cache``, the returned cache holds the real batch only, and a cache that held positions before
+  the call (generation, prefix tuning) is refused with the argument's name.
+* **cross-attention**: ``encoder_attention_mask`` marks the encoder's positions, not the batch's; the
+  batch's positions all count, and the mixed encoder states have their padded positions zeroed.
+* **mixed keys and values** (``extra_args="mix"``): their padded positions are zeroed like the batch's,
+  so what padded positions hold does not reach the loss.
+* **pooled output**: with fewer axes than the input and no axis of ``T`` positions, every entry counts;
+  where the output could be either, the error says how to make it clear.
+* **non-finite padded rows**: a mask over queries too leaves padded query rows NaN; the loss selects
+  them out (it does not multiply them by zero), so it stays finite (its gradient is the layer's own
+  business: a backward through a fully masked softmax row is NaN with or without DReS).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import dres_fast
+import reference as ref
+
+K, T, C = 6, 5, 8
+LENGTHS = torch.tensor([5, 3, 4, 2, 5, 1])
+
+
+def _valid():
+    return torch.arange(T)[None, :] < LENGTHS[:, None]  # (K, T)
+
+
+def _transformers():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (the 'integrations' extra)")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _gpt2(transformers, attn, **extra):
+    config = transformers.GPT2Config(vocab_size=50, n_embd=C, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn, initializer_range=0.5,
+                                     bos_token_id=0, eos_token_id=0, **extra)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double().train()
+
+
+def _llama(transformers, attn):
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation=attn, initializer_range=0.5)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().train()
+
+
+def _ids():
+    return torch.randint(1, 50, (K, T), generator=torch.Generator().manual_seed(1))
+
+
+def _real_call(layer, run):
+    """(args, kwargs) of the first call of ``layer`` while ``run()`` runs (the real one: the coded call
+    enters the layer again)."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)) and None,
+                                             with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _loss_by_hand(y, y_coded, valid):
+    E, D = ref.dres_weights64(K)
+    r = torch.where(valid[..., None], y - torch.einsum("kn,n...->k...", D, y_coded), torch.zeros((), dtype=y.dtype))
+    return r.square().sum() / (valid.sum() * y.shape[-1])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gpt2_layer_with_padding_stays_causal_for_the_coded_samples(attn):
+    transformers = _transformers()
+    model, valid = _gpt2(transformers, attn), _valid()
+    layer = model.transformer.h[1]
+    reg = dres_fast.SubmoduleDReS(model, "transformer.h.1")
+
+    def run():
+        with reg:
+            model(input_ids=_ids(), attention_mask=valid.long(), use_cache=False)
+
+    args, kwargs = _real_call(layer, run)
+    mask = kwargs["attention_mask"] if "attention_mask" in kwargs else args[2]
+    assert mask.shape == (K, 1, T, T)
+    attend = mask if mask.dtype == torch.bool else mask == 0
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    coded_attend = causal & valid.any(0)  # the stated meaning, written from the causal mask, not from `mask`
+    assert torch.equal(attend.any(0)[0] & valid.any(0), coded_attend)
+    coded_mask = coded_attend.expand(K, 1, T, T)
+    if mask.dtype != torch.bool:
+        zero, masked = torch.zeros((), dtype=mask.dtype), torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
+        coded_mask = torch.where(coded_mask, zero, masked)
+    hidden = args[0].detach()
+    E, _ = ref.dres_weights64(K)
+    with torch.no_grad():
+        y = layer(hidden, attention_mask=mask)
+        y_coded = layer(torch.einsum("nk,k...->n...", E, hidden * valid[..., None]), attention_mask=coded_mask)
+    torch.testing.assert_close(reg.loss.detach(), _loss_by_hand(y, y_coded, valid), rtol=1e-9, atol=1e-12)
+
+
+def test_llama_layer_loss_does_not_depend_on_the_attention_implementation_or_the_cache():
+    """Without padding, sdpa passes no mask (is_causal) and eager a causal float mask: both are causal for
+    the coded call, so the losses agree; use_cache (on by default) changes nothing."""
+    transformers = _transformers()
+    losses = {}
+    for attn in ("eager", "sdpa"):
+        for use_cache in (True, False):
+            model = _llama(transformers, attn)
+            reg = dres_fast.SubmoduleDReS(model, "model.layers.1")
+            with reg:
+                model(input_ids=_ids(), use_cache=use_cache)
+            losses[attn, use_cache] = reg.loss.detach()
+    for attn in ("eager", "sdpa"):
+        torch.testing.assert_close(losses[attn, True], losses[attn, False], rtol=1e-12, atol=0)
+    # the two implementations differ by 4e-7 (relative) in the layer's own output; a bidirectional coded
+    # call (before the fix) differed by 6% here
+    torch.testing.assert_close(losses["sdpa", False], losses["eager", False], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["separate", "concat"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_coded_call_gets_no_cache(attn, mode):
+    transformers = _transformers()
+    results = []
+    for use_cache in (True, False):
+        model = _gpt2(transformers, attn)
+        reg = dres_fast.SubmoduleDReS(model, "transformer.h.1", mode=mode)
+        with reg:
+            out = model(input_ids=_ids(), use_cache=use_cache)
+        results.append(reg.loss.detach())
+        if use_cache and mode == "separate":  # the real call alone filled the cache
+            assert out.past_key_values.get_seq_length(1) == T
+            assert out.past_key_values.layers[1].keys.shape[0] == K
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=0)
+
+
+def test_a_cache_holding_earlier_positions_is_refused():
+    transformers = _transformers()
+    model = _gpt2(transformers, "eager")
+    ids = _ids()
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+    reg = dres_fast.SubmoduleDReS(model, "transformer.h.1")
+    with pytest.raises(ValueError, match=r"holds 2 positions from before this call.*use_cache=False"):
+        with reg:
+            model(input_ids=ids[:, 2:], cache=past, use_cache=True)
+
+
+class _CrossBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(C, C)
+
+    def forward(self, hidden, encoder_hidden_states, encoder_attention_mask):
+        scores = self.query(hidden) @ encoder_hidden_states.transpose(1, 2) + encoder_attention_mask[:, 0]
+        return torch.tanh(hidden + torch.softmax(scores, -1) @ encoder_hidden_states)
+
+
+def test_a_cross_attention_mask_marks_the_encoder_positions_not_the_batch():
+    """S == T on purpose: the sizes cannot tell the two sequences apart, the name does."""
+    torch.manual_seed(0)
+    block = _CrossBlock().double()
+    hidden, states = torch.randn(K, T, C, dtype=torch.float64), torch.randn(K, T, C, dtype=torch.float64)
+    encoder_valid = _valid()
+    mask = torch.zeros(K, 1, 1, T, dtype=torch.float64).masked_fill(~encoder_valid[:, None, None, :], float("-inf"))
+    garbage = torch.where(encoder_valid[..., None], states, 1e3)
+    reg = dres_fast.SubmoduleDReS(block, "", extra_args="mix")
+    with reg:
+        y = block(hidden, encoder_hidden_states=garbage, encoder_attention_mask=mask)
+    E, _ = ref.dres_weights64(K)
+    coded_mask = mask[:1].clone().fill_(0).masked_fill(~encoder_valid.any(0), float("-inf")).expand(K, 1, 1, T)
+    with torch.no_grad():
+        y_coded = block(torch.einsum("nk,k...->n...", E, hidden),  # every position of the batch holds data
+                        torch.einsum("nk,k...->n...", E, states * encoder_valid[..., None]), coded_mask)
+    every_position = torch.ones(K, T, dtype=torch.bool)
+    torch.testing.assert_close(reg.loss.detach(), _loss_by_hand(y.detach(), y_coded, every_position), rtol=1e-9, atol=1e-12)
+
+
+class _ContextAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(C, 2, batch_first=True)
+
+    def forward(self, x, context, key_padding_mask):
+        return self.attention(x, context, context, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("mode", ["separate", "concat"])
+def test_mixed_keys_and_values_have_their_padded_positions_zeroed(mode):
+    torch.manual_seed(0)
+    block, valid = _ContextAttention().double(), _valid()
+    x, context = torch.randn(K, T, C, dtype=torch.float64), torch.randn(K, T, C, dtype=torch.float64)
+    losses = []
+    for fill in (None, 1e3):
+        filled = [t if fill is None else torch.where(valid[..., None], t, fill) for t in (x, context)]
+        reg = dres_fast.SubmoduleDReS(block, "", extra_args="mix", mode=mode)
+        with reg:
+            block(*filled, key_padding_mask=~valid)
+        losses.append(reg.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-14)
+
+
+class _Pooled(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(C, width)
+
+    def forward(self, x, attention_mask):
+        weights = attention_mask[..., None].to(x.dtype)
+        return torch.tanh(self.linear((x * weights).sum(1) / weights.sum(1)))
+
+
+def test_a_pooled_output_counts_every_entry_and_an_ambiguous_one_is_refused():
+    torch.manual_seed(0)
+    x, valid = torch.randn(K, T, C, dtype=torch.float64), _valid()
+    block = _Pooled(3).double()
+    reg = dres_fast.SubmoduleDReS(block, "")
+    with reg:
+        y = block(x, attention_mask=valid.long())
+    E, _ = ref.dres_weights64(K)
+    coded_mask = valid.any(0).long().expand(K, T)
+    with torch.no_grad():
+        y_coded = block(torch.einsum("nk,k...->n...", E, x * valid[..., None]), coded_mask)
+    expected = _loss_by_hand(y.detach()[:, None], y_coded[:, None], torch.ones(K, 1, dtype=torch.bool))
+    torch.testing.assert_close(reg.loss.detach(), expected, rtol=1e-9, atol=1e-12)
+    ambiguous = _Pooled(T).double()  # (K, T): pooled features, or one value per position?
+    with pytest.raises(ValueError, match=r"'attention_mask' marks 5 positions.*\(K, T, 1\)"):
+        with dres_fast.SubmoduleDReS(ambiguous, "") as reg:
+            ambiguous(x, attention_mask=valid.long())
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(C, C)
+
+    def forward(self, x, attention_mask):
+        return torch.softmax(self.query(x) @ x.transpose(1, 2) + attention_mask[:, 0], -1) @ x
+
+
+def test_padded_query_rows_that_come_out_nan_do_not_reach_the_loss():
+    torch.manual_seed(0)
+    block, valid = _SelfAttention().double(), _valid()
+    x = torch.randn(K, T, C, dtype=torch.float64)
+    padded = ~valid
+    mask = torch.zeros(K, 1, T, T, dtype=torch.float64).masked_fill(padded[:, None, None, :] | padded[:, None, :, None],
+                                                                    float("-inf"))
+    reg = dres_fast.SubmoduleDReS(block, "")
+    with reg:
+        y = block(x, attention_mask=mask)
+    assert torch.isnan(y[padded]).all() and torch.isfinite(y[valid]).all()
+    union = valid.any(0)
+    coded_mask = torch.zeros(K, 1, T, T, dtype=torch.float64).masked_fill(~(union[:, None] & union[None, :]), float("-inf"))
+    E, _ = ref.dres_weights64(K)
+    with torch.no_grad():
+        y_coded = block(torch.einsum("nk,k...->n...", E, x * valid[..., None]), coded_mask)
+    loss = reg.loss
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.detach(), _loss_by_hand(y.detach(), y_coded, valid), rtol=1e-9, atol=1e-12)

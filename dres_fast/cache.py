@@ -41,11 +41,15 @@ class WeightCache:
 
     def get(self, num_samples: int, num_coded=None, *, device=None, dtype=torch.float32, **smoothing):
         """``(encoder (N, K), decoder (K, N))`` for the smoothing options given by keyword
-        (``lam_enc=``, ``dof_dec=``, ``alpha=``, ...; see :class:`SmoothingSpec`)."""
-        return self.weights(SmoothingSpec(num_coded=num_coded, **smoothing), num_samples, device, dtype)
+        (``lam_enc=``, ``dof_dec=``, ``alpha=``, ...; see :class:`SmoothingSpec`): copies of the cached pair,
+        so changing them in place changes no later DReS step."""
+        pair = self.weights(SmoothingSpec(num_coded=num_coded, **smoothing), num_samples, device, dtype)
+        return tuple(weights.clone() for weights in pair)
 
     def weights(self, spec: SmoothingSpec, num_samples: int, device=None, dtype=torch.float32):
-        """``(encoder (N, K), decoder (K, N))`` of ``spec`` in the compute dtype for ``dtype``, on ``device``."""
+        """``(encoder (N, K), decoder (K, N))`` of ``spec`` in the compute dtype for ``dtype``, on ``device``:
+        the cached tensors themselves, shared by every DReS step of that configuration (and marked with
+        :data:`FROZEN_ATTR`): read them, never change them in place (:meth:`get` hands out copies)."""
         device = torch.device(device if device is not None else "cpu")
         weight_dtype = compute_dtype(dtype)
 

@@ -257,14 +257,27 @@ def test_bad_fn_and_outputs():
 # -- cache ----------------------------------------------------------------------------------------
 def test_cache_is_bounded_and_reuses_tensors():
     cache = WeightCache(maxsize=3)
-    first = cache.get(5, 5, lam_enc=0.0, lam_dec=0.0)
-    assert cache.get(5, 5, lam_enc=0.0, lam_dec=0.0)[0] is first[0]
+    spec = SmoothingSpec(5, 0.0, 0.0)
+    first = cache.weights(spec, 5)
+    assert cache.weights(spec, 5)[0] is first[0]
     for K in range(6, 12):
         cache.get(K, K)
     assert len(cache) == 3
     enc64, _ = cache.get(5, 5, lam_enc=0.0, lam_dec=0.0, dtype=torch.float64)
     enc16, _ = cache.get(5, 5, lam_enc=0.0, lam_dec=0.0, dtype=torch.float16)
     assert enc64.dtype == torch.float64 and enc16.dtype == torch.float32  # half data accumulates in fp32
+
+
+def test_changing_what_get_returns_changes_no_later_step():
+    """``get`` hands out copies: a user who scales the returned encoder in place (to try a variant) must not
+    change every later DReS step of that configuration (the shared pair would, silently)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 4)
+    before = dres_fast.dres_loss(net, x)
+    encoder, decoder = dres_fast.default_cache.get(8)
+    encoder.mul_(0.5), decoder.zero_()
+    torch.testing.assert_close(dres_fast.dres_loss(net, x), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

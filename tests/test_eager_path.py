@@ -77,6 +77,40 @@ def test_eager_function_and_registered_op_give_the_same_bits(road, reduction):
     assert torch.equal(out_eager, out_op) and torch.equal(grad_eager, grad_op)
 
 
+@pytest.mark.parametrize("road", KERNEL_ROADS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_retained_graph_never_hands_out_what_it_saved(road, reduction):
+    """The forward computes the gradients for a unit incoming gradient and saves them; backward must return
+    new tensors even for ``g = 1`` (as ``loss.backward()`` on the CPU passes). Returning the saved one let a
+    caller's in-place change of the first gradient (a hand-written optimizer step on ``.data``) silently
+    change the second backward through the retained graph."""
+    fn = _road(road)
+    device = "cpu" if road == "torch-function" else ref.backend_device(road)
+    y, y_coded, decoder = _inputs(device, torch.float32)
+    y = y.requires_grad_()
+    loss = fn.reconstruction_loss(y, y_coded, decoder, reduction)
+    (first,) = torch.autograd.grad(loss, (y,), retain_graph=True)
+    expected = first.clone()
+    first.data.zero_()
+    (second,) = torch.autograd.grad(loss, (y,))
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("road", KERNEL_ROADS)
+def test_meta_tensors_run_the_fake_kernels(road):
+    """Meta tensors (shape planning) through a kernel backend: shapes and dtypes forward and backward, as
+    backend "torch" gives, instead of a launch that cannot copy out of a meta tensor."""
+    fn = _road(road)
+    y, y_coded, decoder = (t.to("meta") for t in _inputs("cpu", torch.float16))
+    x = y_coded.clone().requires_grad_()
+    mixed = fn.spline_mix(decoder, x)
+    loss = fn.reconstruction_loss(y.requires_grad_(), x, decoder, "mean")
+    assert mixed.shape == y.shape and mixed.is_meta and loss.shape == () and loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.is_meta and y.grad.dtype == torch.float16
+
+
 def test_torch_backend_off_cuda_is_plain_autograd():
     """No autograd.Function and no op on the CPU: the loss's grad_fn is an ordinary aten node."""
     y, y_coded, decoder = _inputs("cpu", torch.float32)

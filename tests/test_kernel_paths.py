@@ -203,7 +203,7 @@ def test_cached_coding_weights_are_frozen_and_inference_mode_runs():
     """The weight cache marks what it hands out; a half-precision DReS forward under inference_mode (whose
     tensors have no version counter) runs on the Triton backend and matches the torch backend."""
     import dres_fast
-    encoder, decoder = dres_fast.default_cache.get(12, device=DEVICE)
+    encoder, decoder = dres_fast.default_cache.weights(dres_fast.SmoothingSpec(), 12, DEVICE)
     assert getattr(encoder, COMMON.FROZEN_ATTR) and getattr(decoder, COMMON.FROZEN_ATTR)
     y = make((12, 9), torch.float16, seed=8)
     with torch.inference_mode():

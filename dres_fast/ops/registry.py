@@ -21,7 +21,7 @@ Backward, the same on every road:
 * ``spline_mix``: ``grad_x = W^T grad_out``, the same differentiable callable on ``W^T`` (a view), so
   every derivative of this linear map is exact;
 * ``reconstruction_loss``: the forward already computed the gradients for a unit incoming gradient;
-  backward scales them by the incoming gradient ``g`` (skipped when ``g`` is a CPU tensor equal to 1);
+  backward scales them by the incoming gradient ``g`` (a new tensor even for ``g = 1``);
   for ``"none"``, ``grad_y = g_k 2 r_k`` and ``grad_y_coded = -D^T grad_y`` (one ``spline_mix``). When the
   backward itself is differentiated (``create_graph=True``: grad mode is on inside it), the gradients are
   recomputed from the saved inputs with differentiable operations
@@ -106,15 +106,8 @@ def _define_ops(name: str, impl) -> Tuple[str, str]:
     return mix_name, loss_name
 
 
-def _scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    # skipped when it is free to know that g = 1 (a CPU scalar, as loss.backward() makes on the CPU);
-    # otherwise one multiply, with g kept in fp32 for half-precision gradients
-    if grad_loss.device.type == "cpu" and not traced() and not _transforms_active() and grad_loss.item() == 1.0:
-        return grad
-    return _times(grad, grad_loss)
-
-
 def _times(grad: Tensor, factor: Tensor) -> Tensor:
+    # one multiply, with the factor kept in fp32 for half-precision gradients
     if grad.dtype in (torch.float16, torch.bfloat16):  # the product in fp32, rounded once
         return (grad.float() * factor).to(grad.dtype)
     return grad * factor
@@ -125,14 +118,14 @@ def _build(name: str, impl) -> SimpleNamespace:
     mix_op, loss_op = _packet(mix_name), _packet(loss_name)
 
     def spline_mix(weights, x):
-        if traced():
+        if traced() or x.is_meta:  # meta tensors: the registered op's fake kernel gives the shapes
             return mix_op(weights, x)
         if _transforms_active():
             return SplineMixForTransforms.apply(weights, x)
         return SplineMix.apply(weights, x)
 
     def reconstruction_loss(y, y_coded, decoder, reduction):
-        if traced():
+        if traced() or y.is_meta:
             compute_grads = torch.is_grad_enabled() and (y.requires_grad or y_coded.requires_grad)
             return loss_op(y, y_coded, decoder, reduction, compute_grads)[0]
         if _transforms_active():
@@ -155,7 +148,9 @@ def _build(name: str, impl) -> SimpleNamespace:
             grad_y = _times(grad_y, grad_loss[:, None])
             grads = grad_y, spline_mix(decoder.t(), grad_y).neg()
         else:
-            grads = _scaled(grad_y, grad_loss), _scaled(grad_y_coded, grad_loss)
+            # always a product, never the saved tensor itself: a retained graph would hand the caller a gradient
+            # that aliases what the next backward reads
+            grads = _times(grad_y, grad_loss), _times(grad_y_coded, grad_loss)
         return (*grads, None, None, None)[: 5 if ctx.op_form else 4]
 
     def save_loss(ctx, y, y_coded, decoder, reduction, output, op_form):

@@ -122,9 +122,11 @@ def default_weights(K: int, N: int, device: str, dtype: torch.dtype) -> tuple[to
 
     weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     try:
+        from dres_fast import SmoothingSpec
         from dres_fast.cache import default_cache
 
-        return default_cache.get(K, N, device=device, dtype=dtype)
+        # the shared, marked pair a DReS step uses (get() would copy it: fp16/bf16 Triton would then split per call)
+        return default_cache.weights(SmoothingSpec(num_coded=N), K, device, dtype)
     except (ImportError, AttributeError, TypeError):  # internal API moved: same shapes, lam = 0
         alpha, beta = dres_fast.points(K, "chebyshev"), dres_fast.points(N, "lobatto")
         return tuple(dres_fast.spline_weights(src, dst, 0.0).to(device=device, dtype=weight_dtype).contiguous()

@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["BoundHook", "InertHook", "ForwardMark", "EXTRA_ARGS", "batch_axis", "check_batch_dim", "compiled_code_hint",
            "sequence_first_layers", "rewrite_extra_args", "RUNNING_STATS", "frozen_running_stats", "without_caches",
-           "check_fresh_caches"]
+           "check_fresh_caches", "recording_outputs", "unrecorded"]
 
 #: What ``SubmoduleDReS`` does with per-sample tensor arguments of the submodule besides the batch.
 EXTRA_ARGS = ("error", "mix", "pass")
@@ -121,18 +121,28 @@ def check_batch_dim(batch_dim) -> int:
     return int(batch_dim)
 
 
-def _per_sample(args: tuple, kwargs: Dict, num_samples: int, batch_dim: int):
-    """(label, position or keyword, tensor) for each tensor argument besides the batch (``args[0]``)
-    whose size along ``batch_dim`` is ``num_samples``."""
+def _per_sample(args: tuple, kwargs: Dict, num_samples: int, batch_dim: int, names: Dict):
+    """(label, position or keyword, value) for each argument besides the batch (``args[0]``) that is a
+    tensor, or a tuple or list holding one, whose size along ``batch_dim`` is ``num_samples``; labelled by
+    its name (``names``: place -> name) where known."""
     found = []
-    places = [(f"positional argument {i}", i, value) for i, value in enumerate(args) if i > 0]
-    places += [(f"keyword argument {key!r}", key, value) for key, value in kwargs.items()]
-    for label, place, value in places:
-        if isinstance(value, torch.Tensor):
-            axis = batch_axis(batch_dim, value)
-            if axis is not None and value.shape[axis] == num_samples:
+    places = [(i, value) for i, value in enumerate(args) if i > 0] + list(kwargs.items())
+    for place, value in places:
+        tensors = [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+        for tensor in tensors:
+            axis = batch_axis(batch_dim, tensor)
+            if axis is not None and tensor.shape[axis] == num_samples:
+                name = names.get(place)
+                label = (f"argument {name!r}" if name and not name.startswith("argument ") else
+                         f"positional argument {place}" if isinstance(place, int) else f"keyword argument {place!r}")
                 found.append((label, place, value))
+                break
     return found
+
+
+def _position_hint(label: str) -> str:
+    return (" Position ids that differ per sample (left padding) have no value for a coded sample: pad on the right, "
+            "where they are shared by every sample." if "position" in label else "")
 
 
 def rewrite_extra_args(
@@ -145,14 +155,16 @@ def rewrite_extra_args(
     transform: Callable[[torch.Tensor, object], torch.Tensor],
     owner: str,
     skip=(),
+    names: Optional[Dict] = None,
 ) -> Tuple[tuple, Dict]:
-    """The submodule's arguments with each per-sample floating-point tensor replaced by
-    ``transform(tensor, place)`` (``policy="mix"``; ``place``: its position or keyword), unchanged (``"pass"``), or an error that names the
-    argument (``"error"``; and ``"mix"`` for per-sample tensors that are not floating point). Arguments at
-    the places in ``skip`` (positions or keywords: recognised masks) are left as they are."""
+    """The submodule's arguments with each per-sample floating-point tensor replaced by ``transform(tensor,
+    place)`` (``policy="mix"``; ``place``: its position or keyword), unchanged (``"pass"``), or an error that
+    names the argument (``"error"``; and ``"mix"`` for per-sample values that are not floating-point tensors,
+    such as ids or a tuple of rotary embeddings). Arguments at the places in ``skip`` (recognised masks) are
+    left as they are."""
     if policy == "pass":
         return args, kwargs
-    found = [item for item in _per_sample(args, kwargs, num_samples, batch_dim) if item[1] not in skip]
+    found = [item for item in _per_sample(args, kwargs, num_samples, batch_dim, names or {}) if item[1] not in skip]
     if not found:
         return args, kwargs
     if policy == "error":
@@ -161,16 +173,17 @@ def rewrite_extra_args(
             f"{owner}: the submodule's {label} has {num_samples} entries along batch_dim={batch_dim}, like "
             "the batch, so it looks per-sample; the coded samples are new samples and have no value of "
             "it. Pass extra_args='mix' to mix floating-point per-sample arguments with the batch's encoder, "
-            "or extra_args='pass' if it is not per-sample (it is then passed unchanged)."
+            f"or extra_args='pass' if it is the same for every sample (it is then passed unchanged).{_position_hint(label)}"
         )
     for label, _, value in found:
-        if not value.is_floating_point():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = f"of dtype {value.dtype}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__} of tensors"
             raise ValueError(
                 f"{owner}: the submodule's {label} is per-sample ({num_samples} entries along "
-                f"batch_dim={batch_dim}) but of dtype {value.dtype}: extra_args='mix' can only mix "
-                "floating-point values (an id has no value between two samples; padding and attention "
-                "masks are recognised by their name, see README \"Masks\"). Drop it, hook a submodule that "
-                "does not take it, or pass extra_args='pass' if it is not per-sample."
+                f"batch_dim={batch_dim}) but {kind}: extra_args='mix' can only mix floating-point tensors (an id "
+                "has no value between two samples; padding and attention masks are recognised by their name, see "
+                "README \"Masks\"). Drop it, or hook a submodule that does not take it."
+                f"{_position_hint(label)}"
             )
     args, kwargs = list(args), dict(kwargs)
     for _, place, value in found:
@@ -207,16 +220,32 @@ def _cache_places(args: tuple, kwargs: Dict, names: Dict) -> list:
             if _is_cache(name, args[place] if isinstance(place, int) else kwargs.get(place))]
 
 
-def check_fresh_caches(module: nn.Module, args: tuple, kwargs: Dict, names: Dict, positions_added: int, owner: str):
+def _earlier_positions(cache, module: nn.Module, positions_added: int, positions: int) -> int:
+    """Positions ``cache`` held before this call: a ``past_key_value`` tuple holds only earlier ones; a
+    ``Cache`` is asked for this layer's length (its ``layer_idx``; without one, layer 0, which may already
+    hold this forward's ``positions``) less what the real call appended (``positions_added``). 0 when it
+    cannot tell without a host sync (a ``StaticCache`` reports a tensor)."""
+    if isinstance(cache, (tuple, list)):
+        tensors = [t for t in cache if isinstance(t, torch.Tensor) and t.numel() > 0]
+        return int(tensors[0].shape[-2]) if tensors and tensors[0].dim() >= 2 else len(tensors)
+    if not callable(getattr(cache, "get_seq_length", None)):
+        return 0
+    index = _layer_index(module)
+    length = cache.get_seq_length(0 if index is None else index)
+    if isinstance(length, torch.Tensor):
+        return 0
+    return int(length) - (positions_added if index is not None else max(positions_added, positions))
+
+
+def check_fresh_caches(module: nn.Module, args: tuple, kwargs: Dict, names: Dict, positions_added: int, positions: int,
+                       owner: str):
     """Raises when a key/value cache among the submodule's arguments (a Hugging Face ``Cache``, a
     ``past_key_value`` tuple) held positions before this call (``positions_added``: what the real call
-    appended already): generation or prefix tuning, where coded samples have no past of their own."""
+    appended already; ``positions``: the batch's): generation or prefix tuning, where coded samples have
+    no past of their own."""
     for place in _cache_places(args, kwargs, names):
         cache = args[place] if isinstance(place, int) else kwargs[place]
-        index = _layer_index(module)
-        if index is None or not callable(getattr(cache, "get_seq_length", None)):
-            continue
-        earlier = int(cache.get_seq_length(index)) - positions_added
+        earlier = _earlier_positions(cache, module, positions_added, positions)
         if earlier > 0:
             raise ValueError(
                 f"{owner}: the submodule's {names[place]!r} holds {earlier} positions from before this call "
@@ -228,7 +257,8 @@ def check_fresh_caches(module: nn.Module, args: tuple, kwargs: Dict, names: Dict
 def without_caches(args: tuple, kwargs: Dict, names: Dict):
     """The submodule's arguments with each key/value cache replaced by None: the coded samples are not the
     batch's samples, so they must neither attend to the batch's cached keys nor append theirs to its cache
-    (in training the cache starts empty, and the real call alone fills it; :func:`check_fresh_caches`)."""
+    (in training the cache starts empty, and the real call alone fills it; :func:`check_fresh_caches`). In
+    concat mode the one call carries both, so the hooked layer's cache stays empty."""
     places = _cache_places(args, kwargs, names)
     if not places:
         return args, kwargs
@@ -239,6 +269,44 @@ def without_caches(args: tuple, kwargs: Dict, names: Dict):
         else:
             kwargs[place] = None
     return tuple(args), kwargs
+
+
+def _recorded_outputs():
+    """The dict in which a transformers model is recording its layers' outputs right now
+    (``output_hidden_states``, ``output_attentions``, router logits; its forward hooks on every layer fill
+    it, transformers 5), or None."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")  # never imported here
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is None:
+        return None
+    if torch.compiler.is_compiling():  # then transformers keeps it in a global: a ContextVar cannot be traced
+        return getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+    get = getattr(collector, "get", None)
+    return get() if callable(get) else None
+
+
+def recording_outputs() -> bool:
+    """Whether a transformers model is recording its layers' outputs through hooks right now."""
+    return bool(_recorded_outputs())
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Inside the block, transformers' output-recording hooks record nothing: a coded call is not one of
+    the model's layers' outputs (it would add hidden states, shift their indices and enter an MoE's router
+    auxiliary loss)."""
+    recorded = _recorded_outputs()
+    if not recorded:
+        yield
+        return
+    # emptied, not replaced: its hooks skip the keys it lacks, and setting the variable would lose the
+    # recording under torch.compile (where transformers keeps it in a global that reset() clears)
+    saved = dict(recorded)
+    recorded.clear()
+    try:
+        yield
+    finally:
+        recorded.update(saved)
 
 
 @contextlib.contextmanager

@@ -17,10 +17,11 @@ so its meaning is fixed as:
   output with fewer axes than the input and no axis of ``T`` positions after the samples is pooled:
   every entry counts.
 
-**Cross-attention masks** (a name with ``encoder`` or ``memory``: Hugging Face's
-``encoder_attention_mask``, ``nn.TransformerDecoder``'s ``memory_key_padding_mask``) cover another
+**Cross-attention masks** (a name with ``encoder_attention``, ``encoder_hidden`` or ``memory``: Hugging
+Face's ``encoder_attention_mask``, ``nn.TransformerDecoder``'s ``memory_key_padding_mask``) cover another
 sequence: they are coded the same way from their own positions, never mark the batch's positions, and
 zero the padded positions of a mixed argument named like them (``encoder_hidden_states``, ``memory``).
+A mixed argument laid out like the batch (as many axes, ``T`` positions) gets the batch's padding.
 
 Recognised masks (an argument with the batch's ``K`` samples on axis 0, or on ``batch_dim``; ``T`` the
 positions). The argument's name (keyword, or the parameter a positional argument binds to) decides the
@@ -52,8 +53,10 @@ __all__ = ["MaskArgument", "find_masks", "positions_valid", "argument_names", "p
 
 #: additive masks: values at or below this count as masked (older Hugging Face models use -10000)
 MASKED_BELOW = -1e4
-#: a mask or argument whose name holds one of these is about another sequence (cross-attention)
-CROSS_NAMES = ("encoder", "memory")
+#: a mask or argument whose name holds one of these is about another sequence (cross-attention: Hugging
+#: Face's encoder_attention_mask / encoder_hidden_states, nn.TransformerDecoder's memory*); fairseq's
+#: encoder_padding_mask is not among them: its encoder layers pass it as their own padding
+CROSS_NAMES = ("encoder_attention", "encoder_hidden", "memory")
 
 
 def is_cross(name: str) -> bool:
@@ -72,11 +75,11 @@ class MaskArgument:
         if first.dim() == 2:
             attend = self._attend(first)[:, None, :]
         elif first.dim() == 4 and first.shape[1] == 1 and (cross or first.shape[2] in (1, first.shape[3])):
-            attend = self._attend(first[:, 0])
+            attend = _without_unmasked_rows(self._attend(first[:, 0]))
         else:
             raise ValueError(f"{label}: a mask of shape {tuple(tensor.shape)} has no stated meaning for coded "
-                             "samples (supported: (K, T), (K, 1, 1, T), (K, 1, T, T)); hook a submodule that "
-                             "takes no mask (e.g. the layer's feed-forward part)")
+                             "samples (supported: (K, T), (K, 1, 1, T), (K, 1, T, T); (K, 1, Q, S) for a cross-"
+                             "attention mask); hook a submodule that takes no mask (e.g. the layer's feed-forward part)")
         self.attend = attend
         self.valid = attend.any(dim=1)  # a key holds data where some query attends to it
 
@@ -112,6 +115,20 @@ class MaskArgument:
         else:
             values = keys.to(first.dtype)
         return values.contiguous().movedim(0, self.axis)
+
+
+def _without_unmasked_rows(attend: torch.Tensor) -> torch.Tensor:
+    """``attend`` (``(K, Q, T)``) with each row that attends to every key, in a sample whose other rows do
+    not, read as attending to nothing, unless it is the last: a causal or sliding-window row is full only
+    there, and a row that attended to nothing (a left-padded query) is made full by some versions of
+    ``transformers`` for sdpa (``_unmask_unattended``), which would otherwise mark every key valid and make
+    the coded mask bidirectional."""
+    if attend.shape[1] < 2:
+        return attend
+    full = attend.all(dim=2)  # (K, Q)
+    unmasked = full & ~full.all(dim=1, keepdim=True)
+    unmasked[:, -1] = False
+    return attend & ~unmasked[..., None]
 
 
 def _kind(name: str, tensor: torch.Tensor) -> Optional[str]:
@@ -154,6 +171,10 @@ def find_masks(module, args: tuple, kwargs: Dict, num_samples: int, batch_dim: i
     hold the samples (say which by hooking with the mask on the batch's axis)."""
     masks = []
     for name, place, value in _names(module, args, kwargs):
+        if type(value).__name__ == "BlockMask":  # flex_attention's: per-sample blocks, not a tensor to recode
+            raise ValueError(f"{owner}: the submodule's argument {name!r} is a flex_attention BlockMask, which has no "
+                             "stated meaning for coded samples: train with attn_implementation='sdpa' or 'eager' (masks "
+                             "as tensors), or hook a submodule that takes no mask")
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
         kind = _kind(str(name), value)
@@ -207,12 +228,15 @@ def zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor) -> torch.Tensor
     return torch.where(layout.view(layout.shape + (1,) * (x.dim() - 2)), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument]) -> Optional[torch.Tensor]:
+def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument],
+               batch_dims: int) -> Optional[torch.Tensor]:
     """The ``(K, T)`` validity that applies to ``value``, a per-sample argument named ``name`` with its
-    samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``), the batch's
-    otherwise; None when ``value`` has no axis of that many positions next to its samples'."""
-    position = _position_axis(axis)
-    valid = positions_valid(masks, cross=is_cross(name))
+    samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``); else the
+    batch's, for a value laid out like the batch (``batch_dims`` axes: keys and values of self-attention,
+    not a condition vector that happens to have ``T`` entries); None when it has no such axis of positions
+    next to its samples'."""
+    position, cross = _position_axis(axis), is_cross(name)
+    valid = positions_valid(masks, cross=cross)
     if valid is None or value.dim() < 2 or position == axis or value.shape[position] != valid.shape[1]:
         return None
-    return valid
+    return valid if cross or value.dim() == batch_dims else None

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
-                     check_fresh_caches, frozen_running_stats, rewrite_extra_args, sequence_first_layers,
-                     without_caches)
+                     check_fresh_caches, frozen_running_stats, recording_outputs, rewrite_extra_args,
+                     sequence_first_layers, unrecorded, without_caches)
 from ._masks import argument_names, find_masks, padding_of, zero_padded
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep, HoldsStep
@@ -28,8 +28,9 @@ class DReSLoss(HoldsStep, nn.Module):
     ``loss = DReSLoss(num_coded=64)(model.encoder, x, y=features)``
 
     ``every=k`` (lazy DReS, as lazy R1 in StyleGAN2): each call is a step; the coded branch runs on
-    steps 0, k, 2k, ... (counted by :attr:`step_count`) with its loss multiplied by ``k``; the other
-    calls return a zero tensor without calling ``fn``. ``order``, ``anchor``: :func:`dres_fast.dres_loss`.
+    steps 0, k, 2k, ... (:attr:`step_count` cycles through 0 .. k - 1; a compiled step compiles one
+    variant per place) with its loss multiplied by ``k``; the other calls return a zero tensor without
+    calling ``fn``. ``order``, ``anchor``: :func:`dres_fast.dres_loss`.
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class SubmoduleDReS(HoldsStep):
 
     * ``every=k``: lazy DReS. A step is a ``with`` block, or (after :meth:`attach`) a forward of the
       model with gradients enabled in training mode; the coded branch runs on steps 0, k, 2k, ...
-      (:attr:`step_count`) with its loss multiplied by ``k``; on the others ``reg.loss`` is zero.
+      (:attr:`step_count`, the place in the cycle) with its loss multiplied by ``k``; on the others
+      ``reg.loss`` is zero. After :meth:`attach` the count is a graph break in a compiled model.
     * ``order="principal"``: the coded samples come from the batch sorted along its leading principal
       direction, so the loss does not depend on the batch's order (the real batch keeps its order).
     * ``anchor="reconstructed"``: compare ``D f(E x)`` with ``f(D E x)``, not ``f(x)``: zero for an
@@ -172,12 +174,10 @@ class SubmoduleDReS(HoldsStep):
         if batch_dim is None:
             sequence_first = sequence_first_layers(self.module)
             if sequence_first:
-                raise ValueError(
-                    f"SubmoduleDReS({submodule!r}): batch_first=False in {', '.join(sequence_first)}, so the "
-                    "submodule's input may be (seq, batch, ...) and mixing along dim 0 would mix time steps, "
-                    "not samples. Pass batch_dim=1 for sequence-first input, or batch_dim=0 if the "
-                    "submodule's input has the batch first."
-                )
+                raise ValueError(f"SubmoduleDReS({submodule!r}): batch_first=False in {', '.join(sequence_first)}, so "
+                                 "the submodule's input may be (seq, batch, ...) and mixing along dim 0 would mix time "
+                                 "steps, not samples. Pass batch_dim=1 for sequence-first input, or batch_dim=0 if the "
+                                 "submodule's input has the batch first.")
             batch_dim = 0
         spec = SmoothingSpec(num_coded, lam_enc, lam_dec, dof_enc, dof_dec, alpha, beta)
         self.step = DReSStep(DReSConfig(spec, reduction, backend, batch_dim, order, anchor, every, clip_dof=True))
@@ -208,7 +208,8 @@ class SubmoduleDReS(HoldsStep):
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
-        self._forwarded = False
+        if record_per_forward and self.step.config.every > 1:  # imports torch._dynamo: only when needed
+            self._count_step = torch.compiler.disable(self._begin_forward_step)
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
         if record_per_forward:  # registered first: it runs before the others when submodule == model
             self._handles.append(self.model.register_forward_pre_hook(BoundHook(self, "_start_record")))
@@ -232,6 +233,9 @@ class SubmoduleDReS(HoldsStep):
         return self._install(record_per_forward=False)
 
     def _begin_forward_step(self) -> None:
+        # wrapped in torch.compiler.disable by attach(): a compiled model then breaks its graph here and
+        # compiles two variants (a coded step or not), where a traced counter would compile one per place in
+        # the cycle, times eval, times batch sizes, and reach the recompile limit
         if torch.is_grad_enabled() and self.model.training:  # validation forwards are not steps
             self._coded_step = self.step.begin()
 
@@ -241,7 +245,7 @@ class SubmoduleDReS(HoldsStep):
     @property
     def loss(self) -> torch.Tensor:
         """The recorded DReS discrepancy (sum over the submodule's calls; see the class docstring)."""
-        if not self._losses and self._forwarded:  # attached: a model forward that did not call the submodule
+        if not self._losses and getattr(self, "_forwarded", False):  # attached, and a forward skipped the submodule
             self.step.warn_once("skipped", f"SubmoduleDReS({self.name!r}): the submodule did not run in the model's "
                                 "latest forward, so reg.loss is zero for it: a layer skipped by LayerDrop or an unused "
                                 f"expert, or a submodule that is not on the model's path.{compiled_code_hint()}")
@@ -264,49 +268,47 @@ class SubmoduleDReS(HoldsStep):
         # A copy (deepcopy or pickle of a model that holds this object, as SWA/EMA callbacks make) gets the
         # options without the record (non-leaf tensors cannot be copied) and without hooks.
         state = dict(self.__dict__, _losses=[], _pending=[], _handles=[], _inside=False)
+        state.pop("_count_step", None)  # a compiler-disabled bound method: set again by attach()
         return state
 
     def reset(self) -> None:
         """Forget the recorded losses."""
-        self._losses = []
+        self._losses, self._forwarded = [], False
         self._pending.clear()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _batch_of(self, args) -> torch.Tensor:
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule's first positional argument must be the batch tensor")
-        if batch_axis(self.batch_dim, args[0]) is None:
-            raise ValueError(
-                f"SubmoduleDReS({self.name!r}): batch_dim={self.batch_dim} is not an axis of the submodule's "
-                f"input of shape {tuple(args[0].shape)}"
-            )
-        if not args[0].is_floating_point():
-            raise TypeError(f"SubmoduleDReS({self.name!r}): the submodule's batch (its first positional argument) is "
-                            f"of dtype {args[0].dtype}; DReS mixes samples, and ids or integers have no value between "
-                            "two samples. Hook the submodule that takes their embeddings.")
-        return args[0]
-
     def _coding(self, module: nn.Module, args, kwargs, after_call: bool):
         """The coding of this call (:meth:`DReSStep.encode`), or None (and a zero recorded) when it gets no
         coded branch: a skipped ``every`` step, gradients off, the submodule in eval mode, < 3 samples.
         ``after_call``: the real call has run (separate mode), so a cache already holds its positions."""
-        batch = self._batch_of(args)
+        owner = f"SubmoduleDReS({self.name!r})"
+        batch = args[0] if args else None
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"{owner}: the submodule's first positional argument must be the batch tensor")
         axis = batch_axis(self.batch_dim, batch)
-        if not (self._coded_step and torch.is_grad_enabled() and module.training):
+        if axis is None:
+            raise ValueError(f"{owner}: batch_dim={self.batch_dim} is not an axis of the submodule's input of shape "
+                             f"{tuple(batch.shape)}")
+        if not (torch.is_grad_enabled() and module.training and self._coded_step):  # eval reads no step flag
             self._losses.append(self.step.zero(batch))
             return None
         if batch.shape[axis] < 3:
-            self.step.warn_once("small", f"SubmoduleDReS({self.name!r}): a batch of {batch.shape[axis]} samples is too "
-                                "small for DReS (needs 3); it contributes zero.")
+            self.step.warn_once("small", f"{owner}: a batch of {batch.shape[axis]} samples is too small for DReS "
+                                "(needs 3); it contributes zero.")
             self._losses.append(self.step.zero(batch))
             return None
-        masks = []
-        if len(args) > 1 or kwargs:
-            owner = f"SubmoduleDReS({self.name!r})"
-            positions = batch.shape[1 if axis == 0 else 0] if after_call and batch.dim() >= 2 else 0
-            check_fresh_caches(module, args, kwargs, argument_names(module, args, kwargs), positions, owner)
-            masks = find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, owner)
-        return self.step.encode(batch, axis, masks)
+        if not batch.is_floating_point():
+            raise TypeError(f"{owner}: the submodule's batch (its first positional argument) is of dtype {batch.dtype}; "
+                            "DReS mixes samples, and ids have no value between two samples. Hook the submodule that "
+                            "takes their embeddings.")
+        if len(args) == 1 and not kwargs:
+            return self.step.encode(batch, axis)
+        names = argument_names(module, args, kwargs)
+        positions = batch.shape[1 if axis == 0 else 0] if batch.dim() >= 2 else 0
+        check_fresh_caches(module, args, kwargs, names, positions if after_call else 0, positions, owner)
+        coding = self.step.encode(batch, axis, find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, owner))
+        coding.names = names
+        return coding
 
     def _arguments(self, coding, args, kwargs, pick):
         """The submodule's arguments, each per-sample extra one ``v`` replaced by ``pick(v, coding.mix(v'), axis)``
@@ -315,12 +317,11 @@ class SubmoduleDReS(HoldsStep):
         ``axis``: where the value holds the samples."""
         if len(args) == 1 and not kwargs:  # the batch alone: nothing to rewrite
             return args, kwargs
-        owner = f"SubmoduleDReS({self.name!r})"
-        names = argument_names(self.module, args, kwargs)
+        owner, names = f"SubmoduleDReS({self.name!r})", coding.names
 
         def transform(value, place):
             axis = batch_axis(self.batch_dim, value)
-            valid = padding_of(value, axis, names.get(place, ""), coding.masks) if coding.masks else None
+            valid = padding_of(value, axis, names.get(place, ""), coding.masks, coding.input_dim) if coding.masks else None
             return pick(value, coding.mix(value if valid is None else zero_padded(value, axis, valid), axis), axis)
 
         args, kwargs = list(args), dict(kwargs)
@@ -335,7 +336,7 @@ class SubmoduleDReS(HoldsStep):
         args, kwargs = without_caches(tuple(args), kwargs, names)
         return rewrite_extra_args(args, kwargs, policy=self.extra_args, num_samples=coding.num_samples,
                                   batch_dim=self.batch_dim, transform=transform, owner=owner,
-                                  skip={mask.place for mask in coding.masks})
+                                  skip={mask.place for mask in coding.masks}, names=names)
 
     # -- hooks --------------------------------------------------------------------------------------
     def _start_record(self, module, args):
@@ -343,7 +344,7 @@ class SubmoduleDReS(HoldsStep):
             self.reset()
             self._forwarded = True  # a constant stored: torch.compile guards on no counter
             if self.step.config.every > 1:
-                self._begin_forward_step()
+                self._count_step()
 
     def _separate_hook(self, module, args, kwargs, output):
         if self._inside:
@@ -357,7 +358,7 @@ class SubmoduleDReS(HoldsStep):
         self._inside = True
         try:  # the coded call(s): f(E x), and f(D E x) for the reconstructed anchor, each with its arguments
             outputs = []
-            with frozen_running_stats(module, self.running_stats == "real"):
+            with frozen_running_stats(module, self.running_stats == "real"), unrecorded():
                 for i, coded in enumerate(coding.inputs):
                     coded_args, coded_kwargs = self._arguments(coding, args, kwargs, lambda value, mixed, axis: mixed[i])
                     outputs.append(module(coded, *coded_args[1:], **coded_kwargs))
@@ -369,6 +370,9 @@ class SubmoduleDReS(HoldsStep):
 
     def _concat_pre_hook(self, module, args, kwargs):
         coding = self._coding(module, args, kwargs, after_call=False)
+        if coding is not None and recording_outputs():  # transformers' hooks would record K + N samples
+            raise RuntimeError(f"SubmoduleDReS({self.name!r}, mode='concat'): the model records its layers' outputs "
+                               "(hidden states, attentions, router logits): use mode='separate' (not recorded)")
         self._pending.append(coding)
         if coding is None:
             return None

@@ -133,22 +133,18 @@ def _masked_loss(mix, anchor, y_coded, decoder, valid, reduction: str) -> torch.
 
 
 def _has_positions(output: torch.Tensor, valid: torch.Tensor, input_dim: int, mask_label: str) -> bool:
-    """Whether the submodule's ``output`` (samples first) keeps the batch's positions on axis 1, where the
-    mask applies; False for a pooled output (fewer axes than the input, none of ``T`` positions after the
-    samples: every entry counts). Raises where neither is clear."""
+    """Whether the submodule's ``output`` (samples first) keeps the batch's ``T`` positions on axis 1, where
+    the mask applies; False for a pooled output (fewer axes than the input, and not ``T`` entries on axis 1:
+    every entry counts). Raises when it keeps the input's axes but not its positions."""
     positions = valid.shape[1]
-    if output.dim() >= input_dim and output.dim() >= 2 and output.shape[1] == positions:
+    if output.dim() >= 2 and output.shape[1] == positions:
         return True
-    if output.dim() < input_dim and (output.dim() < 2 or output.shape[1] != positions):
+    if output.dim() < input_dim:
         return False
-    reason = ("has fewer axes than the input and as many entries after the samples as the mask has positions: "
-              "pooled features or one value per position? Return (K, T, 1) for one value per position, or hook "
-              "the submodule before the pooling" if output.dim() < input_dim else
-              "keeps the input's axes but not its positions after the samples (a strided or pooling layer): the "
-              "mask cannot say which of its outputs hold data. Hook a submodule that keeps the positions, or one "
-              "whose output is pooled")
     raise ValueError(f"{mask_label} marks {positions} positions, but the submodule's output {tuple(output.shape)} "
-                     f"(samples first; the input has {input_dim} axes) {reason}")
+                     f"(samples first) keeps the input's {input_dim} axes and not its positions (a strided or pooling "
+                     "layer): the mask cannot say which outputs hold data. Hook a submodule that keeps the positions, "
+                     "or one whose output is pooled")
 
 
 def _functions(backend: str, value: torch.Tensor, weights):
@@ -160,18 +156,19 @@ def _functions(backend: str, value: torch.Tensor, weights):
 
 class Coding:
     """One call's coding: sizes, spec, the sort (or None), the dense encoder and decoder (compute dtype of the
-    batch; fetched on first use, so a step on the banded path never builds them), ``inputs``: the tensors to run ``f`` on, ``[E x]`` or ``[E x, D E x]``, each with the samples
-    on the batch's axis; and, for a submodule called with masks, ``masks`` and ``valid`` (``(K, T)`` bool,
-    each real sample's valid positions: the loss counts only those; :mod:`dres_fast._masks`)."""
+    batch; fetched on first use, so the banded path never builds them), ``inputs``: ``[E x]`` or ``[E x,
+    D E x]`` to run ``f`` on, samples on the batch's axis; for a submodule called with masks, ``masks``
+    and ``valid`` (``(K, T)`` bool, the positions the loss counts; :mod:`dres_fast._masks`)."""
 
     __slots__ = ("step", "num_samples", "num_coded", "spec", "sort", "encoder", "decoder", "inputs", "masks", "valid",
-                 "input_dim")
+                 "input_dim", "names")
 
     def __init__(self, step: "DReSStep", num_samples: int, num_coded: int, spec: SmoothingSpec, sort, encoder, decoder):
         self.step, self.num_samples, self.num_coded, self.spec, self.sort = step, num_samples, num_coded, spec, sort
         self.encoder, self.decoder = encoder, decoder
         self.inputs: List[torch.Tensor] = []
         self.masks, self.valid, self.input_dim = [], None, 0
+        self.names: dict = {}  # SubmoduleDReS: the submodule's argument names by place (position or keyword)
 
     def mix(self, value: torch.Tensor, axis: int) -> List[torch.Tensor]:
         """``[E v]`` (and ``D E v`` for the reconstructed anchor) of ``v``, a tensor with this batch's
@@ -213,9 +210,8 @@ class DReSStep:
 
     # -- every ------------------------------------------------------------------------------------
     def begin(self) -> bool:
-        """Count one step; whether it runs the coded branch (steps 0, every, 2 every, ...). The counter
-        cycles through ``0 .. every - 1``: torch.compile specializes a compiled step on its value, so a
-        counter that only grew would recompile at every step; a cycle compiles ``every`` variants."""
+        """Count one step; whether it runs the coded branch (steps 0, every, ...). The counter cycles through
+        ``0 .. every - 1``: torch.compile specializes on its value, so a growing one recompiled every step."""
         if self.config.every == 1:  # no counter at all: nothing to specialize on
             return True
         place, self.step_count = self.step_count, (self.step_count + 1) % self.config.every
@@ -302,8 +298,7 @@ class DReSStep:
             anchor, y_coded = anchor.to(dtype), y_coded.to(dtype)
         decoder = coding.weights_for(y_coded)[1]
         ops = _functions(config.backend, y_coded, decoder)
-        masked = coding.valid is not None and _has_positions(anchor, coding.valid, coding.input_dim,
-                                                              next(m.label for m in coding.masks if not m.cross))
+        masked = coding.valid is not None and self._masks_output(coding, anchor)
         if not masked:
             loss = ops.reconstruction_loss(_rows(anchor), _rows(y_coded), decoder, config.reduction)
         else:
@@ -320,6 +315,18 @@ class DReSStep:
         if unsort is not None:
             decoded = decoded.index_select(0, unsort)
         return loss, _moved(decoded, 0, axes[1])
+
+    def _masks_output(self, coding: Coding, anchor: torch.Tensor) -> bool:
+        """Whether the loss is masked by position (:func:`_has_positions`); one warning for a lower-rank
+        output read per position (a pooled width equal to ``T`` would be misread)."""
+        label = next(m.label for m in coding.masks if not m.cross)
+        positional = _has_positions(anchor, coding.valid, coding.input_dim, label)
+        if positional and anchor.dim() < coding.input_dim:
+            self.warn_once("lower_rank", f"{label}: the submodule's output {tuple(anchor.shape)} (samples first) has "
+                           f"fewer axes than its input and {coding.valid.shape[1]} entries on axis 1, as many as the "
+                           "mask's positions: it is read as one value per position. If those are pooled features, "
+                           "hook the submodule before the pooling.")
+        return positional
 
     # -- the functional form ----------------------------------------------------------------------
     def run(self, fn, x: torch.Tensor, y: Optional[torch.Tensor] = None, return_decoded: bool = False):

@@ -11,14 +11,23 @@ What each case means:
 * **cache**: Hugging Face decoders pass a key/value cache to each layer (``use_cache`` is on by default
   in training). The coded samples are not the batch's samples: they get no cache, so they neither
   attend to the batch's cached keys nor append theirs. The loss is the same with and without
-  ``use_cache``, the returned cache holds the real batch only, and a cache that held positions before
-  the call (generation, prefix tuning) is refused with the argument's name.
+  ``use_cache``, the returned cache holds the real batch only (concat mode: nothing for the hooked
+  layer, whose one call carries both), and a cache that held positions before the call (generation,
+  prefix tuning; a Cache object or a ``layer_past`` tuple) is refused with the argument's name.
+* **unmasked rows**: rows a library made attend to every key because they attended to nothing (left
+  padding under sdpa in some transformers versions) hold no data and keep the coded mask causal.
+* **conditions**: a mixed per-sample argument is zeroed at padded positions only when laid out like the
+  batch; a ``(K, F)`` condition with ``F == T`` is mixed whole.
 * **cross-attention**: ``encoder_attention_mask`` marks the encoder's positions, not the batch's; the
   batch's positions all count, and the mixed encoder states have their padded positions zeroed.
 * **mixed keys and values** (``extra_args="mix"``): their padded positions are zeroed like the batch's,
   so what padded positions hold does not reach the loss.
-* **pooled output**: with fewer axes than the input and no axis of ``T`` positions, every entry counts;
-  where the output could be either, the error says how to make it clear.
+* **pooled output**: with fewer axes than the input and not ``T`` entries on axis 1, every entry counts;
+  a lower-rank output with ``T`` entries there (token scores) is read per position, with a warning.
+* **recorded outputs**: transformers 5 records hidden states, attentions and router logits with hooks on
+  each layer; a coded call adds nothing to them (the MoE auxiliary loss is the plain model's), eager and
+  compiled; concat mode, whose one call carries both batches, refuses to run while they are recorded.
+* **flex_attention**: its ``BlockMask`` is not a tensor to recode; it is refused by name.
 * **non-finite padded rows**: a mask over queries too leaves padded query rows NaN; the loss selects
   them out (it does not multiply them by zero), so it stays finite (its gradient is the layer's own
   business: a backward through a fully masked softmax row is NaN with or without DReS).
@@ -35,8 +44,8 @@ K, T, C = 6, 5, 8
 LENGTHS = torch.tensor([5, 3, 4, 2, 5, 1])
 
 
-def _valid():
-    return torch.arange(T)[None, :] < LENGTHS[:, None]  # (K, T)
+def _valid(lengths=LENGTHS):
+    return torch.arange(T)[None, :] < lengths[:, None]  # (K, T)
 
 
 def _transformers():
@@ -87,7 +96,7 @@ def _loss_by_hand(y, y_coded, valid):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_gpt2_layer_with_padding_stays_causal_for_the_coded_samples(attn):
     transformers = _transformers()
-    model, valid = _gpt2(transformers, attn), _valid()
+    model, valid = _gpt2(transformers, attn), _valid(torch.tensor([4, 3, 4, 2, 4, 1]))  # the last key padded in all
     layer = model.transformer.h[1]
     reg = dres_fast.SubmoduleDReS(model, "transformer.h.1")
 
@@ -101,7 +110,7 @@ def test_gpt2_layer_with_padding_stays_causal_for_the_coded_samples(attn):
     attend = mask if mask.dtype == torch.bool else mask == 0
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     coded_attend = causal & valid.any(0)  # the stated meaning, written from the causal mask, not from `mask`
-    assert torch.equal(attend.any(0)[0] & valid.any(0), coded_attend)
+    assert torch.equal(attend.any(0)[0] & valid.any(0), coded_attend) and not valid.any(0).all()
     coded_mask = coded_attend.expand(K, 1, T, T)
     if mask.dtype != torch.bool:
         zero, masked = torch.zeros((), dtype=mask.dtype), torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
@@ -147,6 +156,8 @@ def test_the_coded_call_gets_no_cache(attn, mode):
         if use_cache and mode == "separate":  # the real call alone filled the cache
             assert out.past_key_values.get_seq_length(1) == T
             assert out.past_key_values.layers[1].keys.shape[0] == K
+        if use_cache and mode == "concat":  # one call carries real and coded samples: the layer's cache stays empty
+            assert out.past_key_values.get_seq_length(1) == 0 and out.past_key_values.get_seq_length(0) == T
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=0)
 
 
@@ -160,6 +171,110 @@ def test_a_cache_holding_earlier_positions_is_refused():
     with pytest.raises(ValueError, match=r"holds 2 positions from before this call.*use_cache=False"):
         with reg:
             model(input_ids=ids[:, 2:], cache=past, use_cache=True)
+
+
+class _TupleCacheBlock(nn.Module):
+    """An older-style layer: ``layer_past`` is a (keys, values) tuple of earlier positions, or None."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+
+    def forward(self, x, layer_past=None):
+        keys = x if layer_past is None else torch.cat([layer_past[0], x], dim=1)
+        return torch.tanh(self.linear(x) + keys.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("mode", ["separate", "concat"])
+def test_a_tuple_cache_is_dropped_when_empty_and_refused_with_a_prefix(mode):
+    torch.manual_seed(0)
+    block, x = _TupleCacheBlock().double(), torch.randn(K, T, C, dtype=torch.float64)
+    with dres_fast.SubmoduleDReS(block, "", mode=mode) as reg:
+        block(x, layer_past=None)
+    torch.testing.assert_close(reg.loss, dres_fast.dres_loss(block, x))
+    prefix = (torch.randn(K, 2, C, dtype=torch.float64),) * 2
+    with pytest.raises(ValueError, match="'layer_past' holds 2 positions from before this call"):
+        with dres_fast.SubmoduleDReS(block, "", mode=mode):
+            block(x, layer_past=prefix)
+
+
+class _CausalAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(C, C)
+
+    def forward(self, x, attention_mask):
+        return torch.softmax(self.query(x) @ x.transpose(1, 2) + attention_mask[:, 0], -1) @ x
+
+
+def test_rows_unmasked_for_sdpa_do_not_make_the_coded_mask_bidirectional():
+    """Left padding: a padded query attends to nothing, and some transformers versions make such rows attend
+    to every key instead (``_unmask_unattended``, for sdpa). Those rows hold no data, so the loss is the one
+    of the plain causal mask, and the coded mask stays causal."""
+    torch.manual_seed(0)
+    block = _CausalAttention().double()
+    x, lengths = torch.randn(K, T, C, dtype=torch.float64), torch.tensor([5, 3, 4, 2, 5, 1])
+    valid = torch.arange(T)[None, :] >= (T - lengths)[:, None]  # left padding
+    attend = torch.tril(torch.ones(T, T, dtype=torch.bool)) & valid[:, None, :]
+    unmasked = attend | ~attend.any(-1, keepdim=True)  # rows that attended to nothing now attend to all
+    seen, losses = [], []
+    block.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    for pattern in (attend, unmasked):
+        mask = torch.zeros(K, 1, T, T, dtype=torch.float64).masked_fill(~pattern[:, None], float("-inf"))
+        with dres_fast.SubmoduleDReS(block, "") as reg:
+            block(x, attention_mask=mask)
+        losses.append(reg.loss.detach())
+    causal_coded = seen[3][0, 0] == 0
+    assert torch.equal(causal_coded, torch.tril(torch.ones(T, T, dtype=torch.bool)))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+
+
+class _Conditioned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+
+    def forward(self, x, condition, attention_mask):
+        return torch.tanh(self.linear(x) * condition.mean(1)[:, None, None] * attention_mask[..., None].to(x.dtype))
+
+
+def test_a_condition_with_t_entries_is_mixed_whole():
+    """A per-sample condition (K, F) is not laid out like the batch (K, T, C): even with F == T it is mixed as
+    it is, not zeroed where the mask pads the batch."""
+    torch.manual_seed(0)
+    block, valid = _Conditioned().double(), _valid()
+    x, condition = torch.randn(K, T, C, dtype=torch.float64), torch.randn(K, T, dtype=torch.float64)
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    with dres_fast.SubmoduleDReS(block, "", extra_args="mix"):
+        block(x, condition, valid)
+    E, _ = ref.dres_weights64(K)
+    torch.testing.assert_close(seen[1], E @ condition, rtol=1e-12, atol=1e-14)
+
+
+class _TokenScores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, 1)
+
+    def forward(self, x, attention_mask):
+        return self.linear(x).squeeze(-1) * attention_mask.to(x.dtype)
+
+
+def test_a_per_position_output_of_lower_rank_is_masked_with_a_warning():
+    """(K, T, C) -> (K, T) token scores: read per position (masked), with one warning that a pooled output of
+    width T would be misread."""
+    torch.manual_seed(0)
+    block, valid = _TokenScores().double(), _valid()
+    x = torch.randn(K, T, C, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="read as one value per position"):
+        with dres_fast.SubmoduleDReS(block, "") as reg:
+            y = block(x, attention_mask=valid)
+    E, _ = ref.dres_weights64(K)
+    with torch.no_grad():
+        y_coded = block(torch.einsum("nk,k...->n...", E, x * valid[..., None]), valid.any(0).expand(K, T))
+    expected = _loss_by_hand(y.detach()[..., None], y_coded[..., None], valid)
+    torch.testing.assert_close(reg.loss.detach(), expected, rtol=1e-9, atol=1e-12)
 
 
 class _CrossBlock(nn.Module):
@@ -226,7 +341,7 @@ class _Pooled(nn.Module):
         return torch.tanh(self.linear((x * weights).sum(1) / weights.sum(1)))
 
 
-def test_a_pooled_output_counts_every_entry_and_an_ambiguous_one_is_refused():
+def test_a_pooled_output_counts_every_entry():
     torch.manual_seed(0)
     x, valid = torch.randn(K, T, C, dtype=torch.float64), _valid()
     block = _Pooled(3).double()
@@ -239,10 +354,6 @@ def test_a_pooled_output_counts_every_entry_and_an_ambiguous_one_is_refused():
         y_coded = block(torch.einsum("nk,k...->n...", E, x * valid[..., None]), coded_mask)
     expected = _loss_by_hand(y.detach()[:, None], y_coded[:, None], torch.ones(K, 1, dtype=torch.bool))
     torch.testing.assert_close(reg.loss.detach(), expected, rtol=1e-9, atol=1e-12)
-    ambiguous = _Pooled(T).double()  # (K, T): pooled features, or one value per position?
-    with pytest.raises(ValueError, match=r"'attention_mask' marks 5 positions.*\(K, T, 1\)"):
-        with dres_fast.SubmoduleDReS(ambiguous, "") as reg:
-            ambiguous(x, attention_mask=valid.long())
 
 
 class _SelfAttention(nn.Module):
@@ -273,3 +384,71 @@ def test_padded_query_rows_that_come_out_nan_do_not_reach_the_loss():
     loss = reg.loss
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.detach(), _loss_by_hand(y.detach(), y_coded, valid), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_coded_call_is_not_among_the_recorded_outputs(compiled):
+    """transformers 5 records hidden states, attentions and router logits with forward hooks on every layer:
+    the coded call of a hooked layer must not add entries (it would shift every later index and enter an
+    MoE's auxiliary loss). Concat mode, whose one call carries both batches, is refused while recording."""
+    transformers = _transformers()
+    model = _llama(transformers, "sdpa")
+    plain = model(input_ids=_ids(), output_hidden_states=True).hidden_states
+    reg = dres_fast.SubmoduleDReS(model, "model.layers.1").attach()
+    run = torch.compile(model, backend="eager") if compiled else model
+    hidden = run(input_ids=_ids(), output_hidden_states=True).hidden_states
+    reg.detach()
+    assert len(hidden) == len(plain) and all(torch.equal(a, b) for a, b in zip(hidden, plain))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="records its layers' outputs.*mode='separate'"):
+        with dres_fast.SubmoduleDReS(model, "model.layers.1", mode="concat"):
+            model(input_ids=_ids(), output_hidden_states=True)
+
+
+def test_an_moe_auxiliary_loss_sees_the_real_batch_only():
+    transformers = _transformers()
+    config = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, output_router_logits=True)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).train()
+    plain = model(input_ids=_ids(), labels=_ids())
+    with dres_fast.SubmoduleDReS(model, "model.layers.1"):
+        hooked = model(input_ids=_ids(), labels=_ids())
+    assert len(hooked.router_logits) == 2
+    torch.testing.assert_close(hooked.aux_loss, plain.aux_loss, rtol=0, atol=0)
+
+
+class _FlexBlock(nn.Module):
+    def forward(self, x, attention_mask):
+        return torch.tanh(x)
+
+
+def test_a_flex_attention_block_mask_is_refused_by_name():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    block_mask = flex.create_block_mask(lambda b, h, q, kv: q >= kv, B=K, H=None, Q_LEN=T, KV_LEN=T, device="cpu")
+    block = _FlexBlock()
+    with pytest.raises(ValueError, match="'attention_mask' is a flex_attention BlockMask.*sdpa"):
+        with dres_fast.SubmoduleDReS(block, ""):
+            block(torch.randn(K, T, C), attention_mask=block_mask)
+
+
+def test_after_a_compiled_transformers_model_a_plain_model_still_compiles_whole():
+    """After a compiled transformers model has recorded outputs, the recorder lookup in the hooks must not add
+    graphs for a model that is not from transformers: fullgraph=True, one graph. (Reading it through
+    transformers' own get() there recompiled: four graphs where two were expected in the every=4 test.)"""
+    from torch._dynamo.utils import counters
+
+    transformers = _transformers()
+    torch.compile(_llama(transformers, "sdpa"), backend="eager")(input_ids=_ids(), output_hidden_states=True)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, 16), nn.Tanh(), nn.Linear(16, 3))
+    reg = dres_fast.SubmoduleDReS(model, "2").attach()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        (compiled(torch.randn(K, C)).sum() + reg.loss).backward()
+    reg.detach()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

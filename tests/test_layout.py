@@ -186,7 +186,7 @@ def test_spec_keys_the_cache():
     cache = WeightCache()
     first = cache.weights(SmoothingSpec(lam_enc=0.0, dof_dec=4.0), 6)
     assert cache.weights(SmoothingSpec(lam_enc=0, dof_dec=4), 6)[0] is first[0]  # equal values: a hit
-    assert cache.get(6, None, lam_enc=0.0, dof_dec=4.0)[1] is first[1]
+    assert torch.equal(cache.get(6, None, lam_enc=0.0, dof_dec=4.0)[1], first[1])  # get() copies the hit
     assert cache.weights(SmoothingSpec(lam_enc=0.0, dof_dec=4.5), 6)[0] is not first[0]
     assert len(cache) == 2
 

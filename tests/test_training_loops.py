@@ -227,9 +227,9 @@ def test_extra_args_error_names_the_argument(mode):
     model = CondModel().double()
     x, cond = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     reg = dres_fast.SubmoduleDReS(model, "block", mode=mode)
-    with reg, pytest.raises(ValueError, match="positional argument 1 has 6 entries.*extra_args='mix'.*extra_args='pass'"):
+    with reg, pytest.raises(ValueError, match="argument 'cond' has 6 entries.*extra_args='mix'.*extra_args='pass'"):
         model(x, cond)
-    with reg, pytest.raises(ValueError, match="keyword argument 'scale'"):
+    with reg, pytest.raises(ValueError, match="argument 'scale'"):
         model(x, torch.randn(1, 2, dtype=torch.float64), scale=torch.rand(6, 1, dtype=torch.float64))
     with reg:  # a tensor that is not per-sample (no batch-sized axis) goes through
         model(x, torch.randn(1, 2, dtype=torch.float64), scale=torch.rand(4, dtype=torch.float64))
@@ -254,12 +254,29 @@ def test_extra_args_mix_encodes_them_with_the_batch(mode):
     assert model.block.cond.weight.grad is not None
 
 
+class Rotary(nn.Module):
+    def forward(self, x, position_embeddings):
+        cos, sin = position_embeddings
+        return x * cos + x.flip(-1) * sin
+
+
+@pytest.mark.parametrize("extra_args", ["error", "mix"])
+def test_a_tuple_of_per_sample_tensors_is_named_not_passed(extra_args):
+    """Rotary embeddings from per-sample position ids (left padding) come as a (cos, sin) tuple: a coded sample
+    has no positions of its own, so the tuple is refused by name (it used to pass unchanged, pairing coded
+    sample n with real sample n's positions, and to fail on a size mismatch when N != K)."""
+    x, angles = torch.randn(6, 5, 4), torch.rand(6, 5, 4)
+    with pytest.raises(ValueError, match="argument 'position_embeddings'.*pad on the right"):
+        with dres_fast.SubmoduleDReS(nn.Sequential(Rotary()), "0", extra_args=extra_args) as reg:
+            reg.module(x, (angles.cos(), angles.sin()))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_extra_args_mix_refuses_masks(mode):
     model = CondModel().double()
     x, cond = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     reg = dres_fast.SubmoduleDReS(model, "block", mode=mode, extra_args="mix")
-    with reg, pytest.raises(ValueError, match="keyword argument 'mask' is per-sample.*torch.bool"):
+    with reg, pytest.raises(ValueError, match="argument 'mask' is per-sample.*torch.bool"):
         model(x, cond, mask=torch.ones(6, dtype=torch.bool))
 
 

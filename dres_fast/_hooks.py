@@ -173,7 +173,8 @@ def rewrite_extra_args(
             f"{owner}: the submodule's {label} has {num_samples} entries along batch_dim={batch_dim}, like "
             "the batch, so it looks per-sample; the coded samples are new samples and have no value of "
             "it. Pass extra_args='mix' to mix floating-point per-sample arguments with the batch's encoder, "
-            f"or extra_args='pass' if it is the same for every sample (it is then passed unchanged).{_position_hint(label)}"
+            "or extra_args='pass' if it is the same for every sample (passed unchanged: it then needs as many coded "
+            f"samples as real ones).{_position_hint(label)}"
         )
     for label, _, value in found:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -220,13 +221,20 @@ def _cache_places(args: tuple, kwargs: Dict, names: Dict) -> list:
             if _is_cache(name, args[place] if isinstance(place, int) else kwargs.get(place))]
 
 
+def _flat(values) -> list:
+    """The tensors in nested tuples and lists."""
+    if isinstance(values, torch.Tensor):
+        return [values]
+    return [t for value in values for t in _flat(value)] if isinstance(values, (tuple, list)) else []
+
+
 def _earlier_positions(cache, module: nn.Module, positions_added: int, positions: int) -> int:
     """Positions ``cache`` held before this call: a ``past_key_value`` tuple holds only earlier ones; a
     ``Cache`` is asked for this layer's length (its ``layer_idx``; without one, layer 0, which may already
     hold this forward's ``positions``) less what the real call appended (``positions_added``). 0 when it
     cannot tell without a host sync (a ``StaticCache`` reports a tensor)."""
-    if isinstance(cache, (tuple, list)):
-        tensors = [t for t in cache if isinstance(t, torch.Tensor) and t.numel() > 0]
+    if isinstance(cache, (tuple, list)):  # (keys, values), or one such pair per layer
+        tensors = [t for t in _flat(cache) if t.numel() > 0]
         return int(tensors[0].shape[-2]) if tensors and tensors[0].dim() >= 2 else len(tensors)
     if not callable(getattr(cache, "get_seq_length", None)):
         return 0
@@ -271,42 +279,48 @@ def without_caches(args: tuple, kwargs: Dict, names: Dict):
     return tuple(args), kwargs
 
 
-def _recorded_outputs():
-    """The dict in which a transformers model is recording its layers' outputs right now
-    (``output_hidden_states``, ``output_attentions``, router logits; its forward hooks on every layer fill
-    it, transformers 5), or None."""
+def _output_collector():
+    """transformers' ``_active_collector`` (transformers 5): the variable through which its forward hooks
+    on every layer record ``output_hidden_states``, ``output_attentions`` and router logits; None where
+    there is none, or where it lacks the ``compiling`` / ``global_var`` switch it reads under torch.compile."""
     capturing = sys.modules.get("transformers.utils.output_capturing")  # never imported here
     collector = getattr(capturing, "_active_collector", None)
+    return collector if hasattr(collector, "compiling") and hasattr(collector, "global_var") else None
+
+
+def recording_outputs(module: nn.Module) -> bool:
+    """Whether transformers records outputs of ``module`` or of a module inside it right now. Under
+    torch.compile it can rarely tell (transformers' context variable cannot be read there): False then."""
+    collector = _output_collector()
     if collector is None:
-        return None
-    if torch.compiler.is_compiling():  # then transformers keeps it in a global: a ContextVar cannot be traced
-        return getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
-    get = getattr(collector, "get", None)
-    return get() if callable(get) else None
-
-
-def recording_outputs() -> bool:
-    """Whether a transformers model is recording its layers' outputs through hooks right now."""
-    return bool(_recorded_outputs())
+        return False
+    if collector.compiling:
+        recorded = collector.global_var
+    elif torch.compiler.is_compiling():
+        return False
+    else:
+        recorded = collector.get()
+    return bool(recorded) and any(getattr(hook, "__name__", "") == "output_capturing_hook"
+                                  for layer in module.modules() for hook in layer._forward_hooks.values())
 
 
 @contextlib.contextmanager
 def unrecorded():
     """Inside the block, transformers' output-recording hooks record nothing: a coded call is not one of
     the model's layers' outputs (it would add hidden states, shift their indices and enter an MoE's router
-    auxiliary loss)."""
-    recorded = _recorded_outputs()
-    if not recorded:
+    auxiliary loss). Done through the switch transformers reads under torch.compile (its hooks then see no
+    recording), so it neither reads its context variable (which Dynamo cannot trace) nor loses a recording,
+    eager or compiled, whole or one layer at a time."""
+    collector = _output_collector()
+    if collector is None:
         yield
         return
-    # emptied, not replaced: its hooks skip the keys it lacks, and setting the variable would lose the
-    # recording under torch.compile (where transformers keeps it in a global that reset() clears)
-    saved = dict(recorded)
-    recorded.clear()
+    saved = collector.compiling, collector.global_var
+    collector.compiling, collector.global_var = True, None
     try:
         yield
     finally:
-        recorded.update(saved)
+        collector.compiling, collector.global_var = saved
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ so its meaning is fixed as:
 Face's ``encoder_attention_mask``, ``nn.TransformerDecoder``'s ``memory_key_padding_mask``) cover another
 sequence: they are coded the same way from their own positions, never mark the batch's positions, and
 zero the padded positions of a mixed argument named like them (``encoder_hidden_states``, ``memory``).
-A mixed argument laid out like the batch (as many axes, ``T`` positions) gets the batch's padding.
+Any other mixed argument with ``T`` entries next to its samples gets the batch's padding (a ``(K, F)``
+vector with ``F == T`` too: a warning says so when it has fewer axes than the batch).
 
 Recognised masks (an argument with the batch's ``K`` samples on axis 0, or on ``batch_dim``; ``T`` the
 positions). The argument's name (keyword, or the parameter a positional argument binds to) decides the
@@ -49,7 +50,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["MaskArgument", "find_masks", "positions_valid", "argument_names", "padding_of", "zero_padded"]
+__all__ = ["MaskArgument", "find_masks", "positions_valid", "argument_names", "padding_of", "padded_argument",
+           "zero_padded"]
 
 #: additive masks: values at or below this count as masked (older Hugging Face models use -10000)
 MASKED_BELOW = -1e4
@@ -118,17 +120,19 @@ class MaskArgument:
 
 
 def _without_unmasked_rows(attend: torch.Tensor) -> torch.Tensor:
-    """``attend`` (``(K, Q, T)``) with each row that attends to every key, in a sample whose other rows do
-    not, read as attending to nothing, unless it is the last: a causal or sliding-window row is full only
-    there, and a row that attended to nothing (a left-padded query) is made full by some versions of
-    ``transformers`` for sdpa (``_unmask_unattended``), which would otherwise mark every key valid and make
-    the coded mask bidirectional."""
-    if attend.shape[1] < 2:
+    """``attend`` (``(K, Q, T)``) with the rows that some versions of ``transformers`` unmask for sdpa
+    (``_unmask_unattended``: a left-padded query that attended to nothing is made to attend to every key)
+    read as attending to nothing; else they would mark every key valid and make the coded mask
+    bidirectional. Such a row is full, and no row that is kept (a row that is not full, or the last row)
+    attends to its own position. A full row that others attend to (a global token, a bidirectional block)
+    is kept. Square masks only."""
+    if attend.shape[1] < 2 or attend.shape[1] != attend.shape[2]:
         return attend
     full = attend.all(dim=2)  # (K, Q)
-    unmasked = full & ~full.all(dim=1, keepdim=True)
-    unmasked[:, -1] = False
-    return attend & ~unmasked[..., None]
+    kept = ~full
+    kept[:, -1] = True
+    seen = (attend & kept[..., None]).any(dim=1)  # (K, T): keys that a kept row attends to
+    return attend & ~(full & ~seen & ~kept)[..., None]
 
 
 def _kind(name: str, tensor: torch.Tensor) -> Optional[str]:
@@ -171,9 +175,11 @@ def find_masks(module, args: tuple, kwargs: Dict, num_samples: int, batch_dim: i
     hold the samples (say which by hooking with the mask on the batch's axis)."""
     masks = []
     for name, place, value in _names(module, args, kwargs):
-        if type(value).__name__ == "BlockMask":  # flex_attention's: per-sample blocks, not a tensor to recode
+        blocks = getattr(value, "kv_num_blocks", None)  # flex_attention's BlockMask: (B, H, ...) block counts
+        if type(value).__name__ == "BlockMask" and not (isinstance(blocks, torch.Tensor) and blocks.shape[0] == 1):
             raise ValueError(f"{owner}: the submodule's argument {name!r} is a flex_attention BlockMask, which has no "
-                             "stated meaning for coded samples: train with attn_implementation='sdpa' or 'eager' (masks "
+                             "stated meaning for coded samples unless all samples share it (batch 1): train with "
+                             "attn_implementation='sdpa' or 'eager' (masks "
                              "as tensors), or hook a submodule that takes no mask")
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
@@ -216,27 +222,39 @@ def _position_axis(axis: int) -> int:
     return 1 if axis == 0 else 0  # the axis after the samples' (batch-first), or before it (sequence-first)
 
 
-def zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor) -> torch.Tensor:
+def zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor, label: str = "the mask") -> torch.Tensor:
     """``x`` (samples along ``axis``) with each sample's padded positions set to zero (positions: axis 1
     for batch-first ``x``, axis 0 for sequence-first). A select, not a product: ``inf`` or NaN in a padded
-    position reaches nothing."""
+    position reaches nothing. ``label``: the mask, named in the error where ``x`` has no such positions."""
     position = _position_axis(axis)
     if x.dim() < 2 or position == axis or x.shape[position] != valid.shape[1]:
-        raise ValueError(f"the submodule's input {tuple(x.shape)} has no axis of the mask's {valid.shape[1]} "
-                         "positions next to its samples' axis")
+        raise ValueError(f"{label} marks {valid.shape[1]} positions, but the submodule's input {tuple(x.shape)} has no "
+                         "such axis next to its samples: a mask over another sequence? Name it like a cross-attention "
+                         "mask (encoder_attention_mask, memory_key_padding_mask), or hook a submodule without it")
     layout = valid if position > axis else valid.t()
     return torch.where(layout.view(layout.shape + (1,) * (x.dim() - 2)), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument],
-               batch_dims: int) -> Optional[torch.Tensor]:
+def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument]) -> Optional[torch.Tensor]:
     """The ``(K, T)`` validity that applies to ``value``, a per-sample argument named ``name`` with its
-    samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``); else the
-    batch's, for a value laid out like the batch (``batch_dims`` axes: keys and values of self-attention,
-    not a condition vector that happens to have ``T`` entries); None when it has no such axis of positions
-    next to its samples'."""
-    position, cross = _position_axis(axis), is_cross(name)
-    valid = positions_valid(masks, cross=cross)
+    samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``), the batch's
+    otherwise; None when ``value`` has no axis of that many positions next to its samples'."""
+    position = _position_axis(axis)
+    valid = positions_valid(masks, cross=is_cross(name))
     if valid is None or value.dim() < 2 or position == axis or value.shape[position] != valid.shape[1]:
         return None
-    return valid if cross or value.dim() == batch_dims else None
+    return valid
+
+
+def padded_argument(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgument], batch_dims: int, warn,
+                    owner: str) -> torch.Tensor:
+    """``value``, an argument mixed with the batch (``extra_args="mix"``), with the padded positions that
+    apply to it (:func:`padding_of`) set to zero; ``warn(key, message)`` once where it has fewer axes than
+    the batch (``batch_dims``), so that a ``(K, F)`` vector with ``F == T`` is read per position."""
+    valid = padding_of(value, axis, name, masks) if masks else None
+    if valid is None:
+        return value
+    if value.dim() < batch_dims:
+        warn(f"padded {name}", f"{owner}: the submodule's argument {name!r} {tuple(value.shape)} is read as one value "
+             "per position and zeroed where the mask pads; a per-sample vector whose width equals T is misread so.")
+    return zero_padded(value, axis, valid)

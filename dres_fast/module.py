@@ -3,7 +3,9 @@ of a larger model inside an ordinary training loop, without rewriting the model)
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 from typing import List, Optional
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
                      check_fresh_caches, frozen_running_stats, recording_outputs, rewrite_extra_args,
                      sequence_first_layers, unrecorded, without_caches)
-from ._masks import argument_names, find_masks, padding_of, zero_padded
+from ._masks import argument_names, find_masks, padded_argument
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep, HoldsStep
 
@@ -208,6 +210,7 @@ class SubmoduleDReS(HoldsStep):
         if self._handles:
             raise RuntimeError("SubmoduleDReS is already attached")
         self.reset()
+        self._forwarded = False
         if record_per_forward and self.step.config.every > 1:  # imports torch._dynamo: only when needed
             self._count_step = torch.compiler.disable(self._begin_forward_step)
         # Hooks are BoundHook objects, not bound methods: a copy of the model gets inert hooks.
@@ -254,10 +257,7 @@ class SubmoduleDReS(HoldsStep):
         if not self._losses:
             raise RuntimeError(f"submodule {self.name!r} did not run inside the `with` block: no DReS loss "
                                f"recorded.{compiled_code_hint()}")
-        total = self._losses[0]
-        for extra in self._losses[1:]:
-            total = total + extra
-        return total
+        return functools.reduce(operator.add, self._losses)  # in call order: the same sum on every run
 
     @property
     def attached(self) -> bool:
@@ -273,7 +273,7 @@ class SubmoduleDReS(HoldsStep):
 
     def reset(self) -> None:
         """Forget the recorded losses."""
-        self._losses, self._forwarded = [], False
+        self._losses = []
         self._pending.clear()
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -319,10 +319,10 @@ class SubmoduleDReS(HoldsStep):
             return args, kwargs
         owner, names = f"SubmoduleDReS({self.name!r})", coding.names
 
-        def transform(value, place):
-            axis = batch_axis(self.batch_dim, value)
-            valid = padding_of(value, axis, names.get(place, ""), coding.masks, coding.input_dim) if coding.masks else None
-            return pick(value, coding.mix(value if valid is None else zero_padded(value, axis, valid), axis), axis)
+        def transform(value, place):  # mixed with padded positions zeroed (:func:`_masks.padded_argument`)
+            axis, name = batch_axis(self.batch_dim, value), names.get(place, str(place))
+            return pick(value, coding.mix(padded_argument(value, axis, name, coding.masks, coding.input_dim,
+                                                          self.step.warn_once, owner), axis), axis)
 
         args, kwargs = list(args), dict(kwargs)
         union = coding.valid.any(dim=0) if coding.valid is not None else None  # valid in some sample: valid when coded
@@ -370,7 +370,7 @@ class SubmoduleDReS(HoldsStep):
 
     def _concat_pre_hook(self, module, args, kwargs):
         coding = self._coding(module, args, kwargs, after_call=False)
-        if coding is not None and recording_outputs():  # transformers' hooks would record K + N samples
+        if coding is not None and recording_outputs(module):  # transformers' hooks would record K + N samples
             raise RuntimeError(f"SubmoduleDReS({self.name!r}, mode='concat'): the model records its layers' outputs "
                                "(hidden states, attentions, router logits): use mode='separate' (not recorded)")
         self._pending.append(coding)

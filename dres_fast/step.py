@@ -263,7 +263,7 @@ class DReSStep:
         num_samples, num_coded = spec.sizes(x.shape[axis])
         valid = positions_valid(masks) if masks else None
         if valid is not None:  # before the sort too: what padded positions hold must not move anything
-            x = zero_padded(x, axis, valid)
+            x = zero_padded(x, axis, valid, next(mask.label for mask in masks if not mask.cross))
         sort = principal_order(_moved(x, axis, 0)) if self.config.order == "principal" else None
         coding = Coding(self, num_samples, num_coded, spec, sort, None, None)  # weights_for fetches the maps
         coding.masks, coding.valid, coding.input_dim = list(masks), valid, x.dim()

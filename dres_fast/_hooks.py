@@ -281,16 +281,28 @@ def without_caches(args: tuple, kwargs: Dict, names: Dict):
 
 def _output_collector():
     """transformers' ``_active_collector`` (transformers 5): the variable through which its forward hooks
-    on every layer record ``output_hidden_states``, ``output_attentions`` and router logits; None where
-    there is none, or where it lacks the ``compiling`` / ``global_var`` switch it reads under torch.compile."""
+    on every layer record ``output_hidden_states``, ``output_attentions`` and router logits (a context
+    variable, or under torch.compile the ``global_var`` it switches to with ``compiling``); None where
+    there is none."""
     capturing = sys.modules.get("transformers.utils.output_capturing")  # never imported here
     collector = getattr(capturing, "_active_collector", None)
-    return collector if hasattr(collector, "compiling") and hasattr(collector, "global_var") else None
+    parts = ("compiling", "global_var", "context_var")
+    return collector if all(hasattr(collector, part) for part in parts) else None
+
+
+def _recorded_key(hook):
+    """The output a transformers capturing hook records (its closure's ``key``); "" for other hooks, None
+    where that cannot be read."""
+    if getattr(hook, "__name__", "") != "output_capturing_hook":
+        return ""
+    names = getattr(getattr(hook, "__code__", None), "co_freevars", ())
+    return hook.__closure__[names.index("key")].cell_contents if "key" in names and hook.__closure__ else None
 
 
 def recording_outputs(module: nn.Module) -> bool:
-    """Whether transformers records outputs of ``module`` or of a module inside it right now. Under
-    torch.compile it can rarely tell (transformers' context variable cannot be read there): False then."""
+    """Whether transformers records an output of ``module`` or of a module inside it right now. Under
+    torch.compile it can only tell when the compiled code started the recording (transformers' context
+    variable cannot be read there): False otherwise."""
     collector = _output_collector()
     if collector is None:
         return False
@@ -299,28 +311,39 @@ def recording_outputs(module: nn.Module) -> bool:
     elif torch.compiler.is_compiling():
         return False
     else:
-        recorded = collector.get()
-    return bool(recorded) and any(getattr(hook, "__name__", "") == "output_capturing_hook"
-                                  for layer in module.modules() for hook in layer._forward_hooks.values())
+        recorded = collector.context_var.get()
+    if not recorded:
+        return False
+    keys = {_recorded_key(hook) for layer in module.modules() for hook in layer._forward_hooks.values()}
+    return None in keys or bool(keys & set(recorded))
 
 
 @contextlib.contextmanager
 def unrecorded():
     """Inside the block, transformers' output-recording hooks record nothing: a coded call is not one of
     the model's layers' outputs (it would add hidden states, shift their indices and enter an MoE's router
-    auxiliary loss). Done through the switch transformers reads under torch.compile (its hooks then see no
-    recording), so it neither reads its context variable (which Dynamo cannot trace) nor loses a recording,
-    eager or compiled, whole or one layer at a time."""
+    auxiliary loss). A transformers model called inside the block still records its own outputs."""
     collector = _output_collector()
     if collector is None:
         yield
-        return
-    saved = collector.compiling, collector.global_var
-    collector.compiling, collector.global_var = True, None
-    try:
-        yield
-    finally:
-        collector.compiling, collector.global_var = saved
+    elif collector.compiling:  # the recording was started by compiled code: transformers reads its global
+        saved, collector.global_var = collector.global_var, None
+        try:
+            yield
+        finally:
+            collector.global_var = saved
+    elif not torch.compiler.is_compiling():  # eager: its context variable (per thread, nests)
+        token = collector.context_var.set(None)
+        try:
+            yield
+        finally:
+            collector.context_var.reset(token)
+    else:  # a layer compiled alone, the recording outside it: Dynamo cannot set a context variable, so switch
+        collector.compiling, collector.global_var = True, None  # transformers to its (empty) global meanwhile
+        try:
+            yield
+        finally:
+            collector.compiling, collector.global_var = False, None
 
 
 @contextlib.contextmanager

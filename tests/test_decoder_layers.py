@@ -508,3 +508,47 @@ def test_after_a_compiled_transformers_model_a_plain_model_still_compiles_whole(
     reg.detach()
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+class _PooledBackbone(nn.Module):
+    """A head that pools every hidden state of a transformers backbone (a reward model's pattern)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return torch.stack(self.backbone(inputs_embeds=x, output_hidden_states=True).hidden_states).mean(0)
+
+
+def test_a_transformers_model_inside_the_hooked_module_records_its_own_outputs():
+    """The coded call of a module that contains a transformers model: that model's own recording (its
+    hidden states, which the module pools) still works, and no recording state is left behind."""
+    transformers = _transformers()
+    from transformers.utils import output_capturing
+
+    block = _PooledBackbone(_llama(transformers, "eager").model)
+    x = torch.randn(K, T, 16, dtype=torch.float64)
+    with dres_fast.SubmoduleDReS(block, "") as reg:
+        block(x)
+    torch.testing.assert_close(reg.loss, dres_fast.dres_loss(block, x), rtol=1e-12, atol=0)
+    collector = output_capturing._active_collector
+    assert collector.context_var.get() is None and not collector.compiling and collector.global_var is None
+
+
+def test_concat_runs_when_nothing_inside_the_hooked_module_records_what_is_asked():
+    """Mixtral's sparse block holds a router whose hook records router logits; with only hidden states asked
+    for, nothing inside it records, so concat mode runs (and the hidden states equal the plain model's)."""
+    transformers = _transformers()
+    config = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).train()
+    plain = model(input_ids=_ids(), output_hidden_states=True).hidden_states
+    with dres_fast.SubmoduleDReS(model, "model.layers.1.mlp", mode="concat") as reg:
+        hidden = model(input_ids=_ids(), output_hidden_states=True).hidden_states
+    assert torch.isfinite(reg.loss) and len(hidden) == len(plain)
+    with pytest.raises(RuntimeError, match="records its layers' outputs"):
+        with dres_fast.SubmoduleDReS(model, "model.layers.1.mlp", mode="concat"):
+            model(input_ids=_ids(), output_router_logits=True)

@@ -249,7 +249,7 @@ def test_a_lower_rank_argument_with_t_entries_is_zeroed_per_position_with_a_warn
     seen = []
     block.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
     with pytest.warns(UserWarning, match="'condition' .* is read as one value per position"):
-        with dres_fast.SubmoduleDReS(block, "", extra_args="mix") as reg:
+        with dres_fast.SubmoduleDReS(block, "", extra_args="mix"):
             block(x, condition.masked_fill(~valid, 1e3), valid)
     E, _ = ref.dres_weights64(K)
     torch.testing.assert_close(seen[1], E @ (condition * valid), rtol=1e-12, atol=1e-14)

@@ -46,12 +46,12 @@ between PyTorch modules; per-head masks) gets an error whose fix is to hook a ma
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
 __all__ = ["MaskArgument", "find_masks", "positions_valid", "argument_names", "padding_of", "padded_argument",
-           "zero_padded"]
+           "position_axis", "zero_padded"]
 
 #: additive masks: values at or below this count as masked (older Hugging Face models use -10000)
 MASKED_BELOW = -1e4
@@ -151,30 +151,24 @@ def _kind(name: str, tensor: torch.Tensor) -> Optional[str]:
 
 
 def argument_names(module, args: tuple, kwargs: Dict) -> Dict[object, str]:
-    """Place (position or keyword) -> name of each argument besides the batch."""
-    return {place: str(name) for name, place, _ in _names(module, args, kwargs)}
-
-
-def _names(module, args: tuple, kwargs: Dict) -> List[Tuple[str, object, object]]:
-    """(name, place, value) of the arguments besides the batch; positional ones named by the signature."""
+    """Place (position or keyword) -> name of each argument besides the batch; positional ones named by the
+    signature (``"argument i"`` where it does not say)."""
     try:
         parameters = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         parameters = []
-    found = []
-    for i, value in enumerate(args[1:], start=1):
-        name = parameters[i] if i < len(parameters) and parameters[i] not in ("args", "kwargs") else f"argument {i}"
-        found.append((name, i, value))
-    found += [(key, key, value) for key, value in kwargs.items()]
-    return found
+    names = {i: parameters[i] if i < len(parameters) and parameters[i] not in ("args", "kwargs") else f"argument {i}"
+             for i in range(1, len(args))}
+    return dict(names, **{key: key for key in kwargs})
 
 
-def find_masks(module, args: tuple, kwargs: Dict, num_samples: int, batch_dim: int, owner: str) -> List[MaskArgument]:
-    """The masks among the submodule's arguments with ``num_samples`` samples on axis 0 or ``batch_dim``
-    (module docstring). Raises for a per-sample mask without a stated meaning, and when both axes could
-    hold the samples (say which by hooking with the mask on the batch's axis)."""
+def find_masks(names: Dict, args: tuple, kwargs: Dict, num_samples: int, batch_dim: int, owner: str) -> List[MaskArgument]:
+    """The masks among the submodule's arguments (``names``: :func:`argument_names`) with ``num_samples``
+    samples on axis 0 or ``batch_dim`` (module docstring). Raises for a per-sample mask without a stated
+    meaning, and when both axes could hold the samples (say which by hooking with the mask on the batch's axis)."""
     masks = []
-    for name, place, value in _names(module, args, kwargs):
+    for place, name in names.items():
+        value = args[place] if isinstance(place, int) else kwargs[place]
         blocks = getattr(value, "kv_num_blocks", None)  # flex_attention's BlockMask: (B, H, ...) block counts
         if type(value).__name__ == "BlockMask" and not (isinstance(blocks, torch.Tensor) and blocks.shape[0] == 1):
             raise ValueError(f"{owner}: the submodule's argument {name!r} is a flex_attention BlockMask, which has no "
@@ -218,7 +212,7 @@ def positions_valid(masks: List[MaskArgument], cross: bool = False) -> Optional[
     return valid
 
 
-def _position_axis(axis: int) -> int:
+def position_axis(axis: int) -> int:
     return 1 if axis == 0 else 0  # the axis after the samples' (batch-first), or before it (sequence-first)
 
 
@@ -226,7 +220,7 @@ def zero_padded(x: torch.Tensor, axis: int, valid: torch.Tensor, label: str = "t
     """``x`` (samples along ``axis``) with each sample's padded positions set to zero (positions: axis 1
     for batch-first ``x``, axis 0 for sequence-first). A select, not a product: ``inf`` or NaN in a padded
     position reaches nothing. ``label``: the mask, named in the error where ``x`` has no such positions."""
-    position = _position_axis(axis)
+    position = position_axis(axis)
     if x.dim() < 2 or position == axis or x.shape[position] != valid.shape[1]:
         raise ValueError(f"{label} marks {valid.shape[1]} positions, but the submodule's input {tuple(x.shape)} has no "
                          "such axis next to its samples: a mask over another sequence? Name it like a cross-attention "
@@ -239,7 +233,7 @@ def padding_of(value: torch.Tensor, axis: int, name: str, masks: List[MaskArgume
     """The ``(K, T)`` validity that applies to ``value``, a per-sample argument named ``name`` with its
     samples along ``axis``: the cross-attention masks' for a name like theirs (``CROSS_NAMES``), the batch's
     otherwise; None when ``value`` has no axis of that many positions next to its samples'."""
-    position = _position_axis(axis)
+    position = position_axis(axis)
     valid = positions_valid(masks, cross=is_cross(name))
     if valid is None or value.dim() < 2 or position == axis or value.shape[position] != valid.shape[1]:
         return None

@@ -14,7 +14,7 @@ from torch import nn
 from ._hooks import (EXTRA_ARGS, RUNNING_STATS, BoundHook, ForwardMark, batch_axis, compiled_code_hint,
                      check_fresh_caches, frozen_running_stats, recording_outputs, rewrite_extra_args,
                      sequence_first_layers, unrecorded, without_caches)
-from ._masks import argument_names, find_masks, padded_argument
+from ._masks import argument_names, find_masks, padded_argument, position_axis
 from .smoothing import SmoothingSpec
 from .step import DReSConfig, DReSStep, HoldsStep
 
@@ -304,9 +304,9 @@ class SubmoduleDReS(HoldsStep):
         if len(args) == 1 and not kwargs:
             return self.step.encode(batch, axis)
         names = argument_names(module, args, kwargs)
-        positions = batch.shape[1 if axis == 0 else 0] if batch.dim() >= 2 else 0
+        positions = batch.shape[position_axis(axis)] if batch.dim() >= 2 else 0
         check_fresh_caches(module, args, kwargs, names, positions if after_call else 0, positions, owner)
-        coding = self.step.encode(batch, axis, find_masks(module, args, kwargs, batch.shape[axis], self.batch_dim, owner))
+        coding = self.step.encode(batch, axis, find_masks(names, args, kwargs, batch.shape[axis], self.batch_dim, owner))
         coding.names = names
         return coding
 

@@ -199,7 +199,7 @@ def test_a_tuple_cache_is_dropped_when_empty_and_refused_with_a_prefix(mode):
             block(x, layer_past=prefix)
 
 
-class _CausalAttention(nn.Module):
+class _SelfAttention(nn.Module):  # causal or not: the mask says
     def __init__(self):
         super().__init__()
         self.query = nn.Linear(C, C)
@@ -213,7 +213,7 @@ def test_rows_unmasked_for_sdpa_do_not_make_the_coded_mask_bidirectional():
     to every key instead (``_unmask_unattended``, for sdpa). Those rows hold no data, so the loss is the one
     of the plain causal mask, and the coded mask stays causal."""
     torch.manual_seed(0)
-    block = _CausalAttention().double()
+    block = _SelfAttention().double()
     x, lengths = torch.randn(K, T, C, dtype=torch.float64), torch.tensor([5, 3, 4, 2, 5, 1])
     valid = torch.arange(T)[None, :] >= (T - lengths)[:, None]  # left padding
     attend = torch.tril(torch.ones(T, T, dtype=torch.bool)) & valid[:, None, :]
@@ -359,15 +359,6 @@ def test_a_pooled_output_counts_every_entry():
     torch.testing.assert_close(reg.loss.detach(), expected, rtol=1e-9, atol=1e-12)
 
 
-class _SelfAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Linear(C, C)
-
-    def forward(self, x, attention_mask):
-        return torch.softmax(self.query(x) @ x.transpose(1, 2) + attention_mask[:, 0], -1) @ x
-
-
 def test_padded_query_rows_that_come_out_nan_do_not_reach_the_loss():
     torch.manual_seed(0)
     block, valid = _SelfAttention().double(), _valid()
@@ -455,7 +446,7 @@ def test_a_global_row_that_attends_everywhere_is_kept():
     """A global token (row 0 attends to every key, every row attends to it) in a causal mask: a full row that
     other rows attend to is data, not a row a library unmasked; the coded mask keeps it full."""
     torch.manual_seed(0)
-    block = _CausalAttention().double()
+    block = _SelfAttention().double()
     attend = torch.tril(torch.ones(T, T, dtype=torch.bool))
     attend[0] = True
     mask = torch.zeros(K, 1, T, T, dtype=torch.float64).masked_fill(~attend, float("-inf"))

@@ -543,3 +543,20 @@ def test_concat_runs_when_nothing_inside_the_hooked_module_records_what_is_asked
     with pytest.raises(RuntimeError, match="records its layers' outputs"):
         with dres_fast.SubmoduleDReS(model, "model.layers.1.mlp", mode="concat"):
             model(input_ids=_ids(), output_router_logits=True)
+
+
+def test_second_derivatives_through_a_masked_causal_step():
+    """A gradient penalty on top of DReS (create_graph=True) on a masked causal block: the masked loss is plain
+    torch around one spline_mix, so gradcheck and gradgradcheck hold in float64."""
+    torch.manual_seed(0)
+    block, valid = _SelfAttention().double(), _valid()
+    attend = torch.tril(torch.ones(T, T, dtype=torch.bool)) & valid[:, None, :]
+    mask = torch.zeros(K, 1, T, T, dtype=torch.float64).masked_fill(~attend[:, None], float("-inf"))
+
+    def loss_of(x):
+        with dres_fast.SubmoduleDReS(block, "") as reg:
+            block(x, attention_mask=mask)
+        return reg.loss
+
+    x = torch.randn(K, T, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss_of, (x,)) and torch.autograd.gradgradcheck(loss_of, (x,))
